@@ -1,0 +1,117 @@
+"""`charon demo | run --config PATH | check PATH`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from importlib import resources
+
+from charon.config import Config, ConfigError, load_config_text
+from charon.supervisor.arbiter import Arbiter
+from charon.supervisor.sockets import ListenError
+
+DEMO_BACKEND_PORT = 8081
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="charon", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("demo", help="run the proxy on its embedded config with a demo backend")
+    run = commands.add_parser("run", help="run the proxy on a config file")
+    run.add_argument("--config", required=True, metavar="PATH")
+    check = commands.add_parser("check", help="validate a config file")
+    check.add_argument("path")
+    args = parser.parse_args(argv)
+
+    if args.command == "check":
+        sys.exit(_check(args.path))
+    _setup_logging()
+    if args.command == "run":
+        sys.exit(_run(*_read(args.config)))
+    sys.exit(_demo())
+
+
+def _read(path: str) -> tuple[Config, str]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as exc:
+        _die(f"{path}: cannot read: {exc.strerror}")
+    try:
+        return load_config_text(text, path), text
+    except ConfigError as exc:
+        _die(str(exc))
+
+
+def _check(path: str) -> int:
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = load_config_text(f.read(), path)
+    except OSError as exc:
+        print(f"{path}: cannot read: {exc.strerror}", file=sys.stderr)
+        return 1
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    print(f"{path}: ok ({len(config.hosts)} proxy hosts)")
+    return 0
+
+
+def _run(config: Config, text: str) -> int:
+    try:
+        return asyncio.run(Arbiter(config, text).run())
+    except ListenError as exc:
+        _die(str(exc))
+
+
+def _demo() -> int:
+    text = resources.files("charon.config").joinpath("default.toml").read_text("utf-8")
+    config = load_config_text(text, "<default>")
+    backend = subprocess.Popen(
+        [sys.executable, "-m", "charon.demo.backend", "--port", str(DEMO_BACKEND_PORT)]
+    )
+    try:
+        _wait_for(f"http://127.0.0.1:{DEMO_BACKEND_PORT}/healthz", backend)
+        listen = config.server.listen[0]
+        print(f"\n  Charon demo: open http://{listen}/ (proxied to the demo backend)", flush=True)
+        if config.admin.listen is not None:
+            print(f"  Admin:       http://{config.admin.listen}/healthz\n", flush=True)
+        return _run(config, text)
+    finally:
+        backend.terminate()
+        try:
+            backend.wait(5)
+        except subprocess.TimeoutExpired:
+            backend.kill()
+
+
+def _wait_for(url: str, process: subprocess.Popen[bytes], seconds: float = 15.0) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            _die(f"the demo backend exited with {process.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=1):
+                return
+        except OSError:
+            time.sleep(0.1)
+    _die(f"the demo backend did not answer on {url} within {seconds:.0f}s")
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(
+        level=logging.INFO,
+        stream=sys.stderr,
+        format=f"%(asctime)s supervisor[{os.getpid()}] %(levelname)s %(message)s",
+    )
+
+
+def _die(message: str) -> None:  # type: ignore[misc]
+    print(f"charon: {message}", file=sys.stderr)
+    sys.exit(1)

@@ -1,0 +1,110 @@
+"""The validated configuration: plain frozen dataclasses, built only by `charon.config.loader`.
+
+Durations are seconds as floats; 0 means "off" where a setting allows it.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from dataclasses import dataclass, field
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@dataclass(frozen=True)
+class ListenAddress:
+    host: str  # an IP literal, without brackets
+    port: int
+
+    @property
+    def family(self) -> int:
+        return socket.AF_INET6 if ":" in self.host else socket.AF_INET
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    connect: float = 5.0  # backend TCP connect
+    header: float = 10.0  # client must send a whole request head within this
+    first_byte: float = 60.0  # backend's first response byte after the request was sent
+    idle: float = 60.0  # keep-alive idle (client and pooled backend connections), body idle
+
+
+@dataclass(frozen=True)
+class Upstream:
+    """One backend address. Only plain http:// for now.
+
+    The path of the request is never rewritten.
+    """
+
+    url: str
+    host: str
+    port: int
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return (self.host, self.port)
+
+
+@dataclass(frozen=True)
+class WebSocketSettings:
+    max_frame_size: int = 16 * 1024 * 1024
+    idle_timeout: float = 0.0  # off
+    ping_interval: float = 0.0  # off
+
+
+@dataclass(frozen=True)
+class Location:
+    path: str  # a path prefix, starting with "/"
+    upstream: Upstream
+    timeouts: Timeouts
+    websocket: WebSocketSettings
+
+
+@dataclass(frozen=True)
+class ProxyHost:
+    domains: tuple[str, ...]  # lowercase; exact names or "*.suffix" wildcards
+    upstream: Upstream
+    locations: tuple[Location, ...]  # longest path first
+    timeouts: Timeouts
+    websocket: WebSocketSettings
+    line: int = 0  # where the [[hosts]] table starts, for messages
+
+    @property
+    def name(self) -> str:
+        """The label used in logs and metrics: the first domain."""
+        return self.domains[0]
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_request_target: int = 8192  # bytes; longer gets 414
+    max_header_bytes: int = 32768  # whole header section; larger gets 431
+    max_header_count: int = 100  # more fields gets 431
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    listen: tuple[ListenAddress, ...]
+    workers: int
+    trusted_proxies: tuple[IPNetwork, ...] = ()
+    shutdown_timeout: float = 30.0  # SIGTERM: how long in-flight requests may finish
+    heartbeat_timeout: float = 10.0  # a worker silent this long is killed and replaced
+    limits: Limits = field(default_factory=Limits)
+
+
+@dataclass(frozen=True)
+class AdminConfig:
+    listen: ListenAddress | None  # None: no admin listener
+
+
+@dataclass(frozen=True)
+class Config:
+    path: str  # where it was read from ("<default>" for the embedded one)
+    server: ServerConfig
+    admin: AdminConfig
+    timeouts: Timeouts
+    hosts: tuple[ProxyHost, ...]

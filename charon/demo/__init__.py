@@ -1,0 +1,1 @@
+"""The built-in demo backend that `charon demo` runs behind the proxy."""

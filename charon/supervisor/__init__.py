@@ -1,0 +1,1 @@
+"""The supervisor process: binds listeners, runs workers, serves the admin endpoint."""

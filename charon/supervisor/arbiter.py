@@ -1,0 +1,197 @@
+"""The supervisor's loop, after gunicorn's arbiter: signals only enqueue, the loop acts.
+
+One asyncio loop owns everything the supervisor does: the listening sockets (bound once, handed
+to every worker), the worker processes (spawned, watched through a heartbeat pipe, replaced with
+back-off when they die, killed when their loop is stuck) and the admin listener. Each turn of
+the loop takes one signal from the queue, or wakes up after TICK, then reaps, checks heartbeats
+and respawns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import socket
+import time
+from dataclasses import dataclass
+
+from charon.admin.server import AdminServer
+from charon.config import Config
+from charon.supervisor.sockets import bind_listener
+from charon.supervisor.workers import WorkerProcess
+
+log = logging.getLogger("charon.supervisor")
+
+TICK = 0.5
+EARLY_DEATH = 5.0  # a worker that dies sooner than this after start counts as a start-up failure
+MAX_EARLY_DEATHS = 5  # consecutive ones with no worker serving: give up
+MAX_BACKOFF = 30.0
+FAST_STOP_WAIT = 5.0
+
+_STOP_SIGNALS = {signal.SIGTERM: True, signal.SIGINT: False, signal.SIGQUIT: False}
+
+
+class StartupFailure(Exception):
+    pass
+
+
+@dataclass
+class Slot:
+    """A worker position: the process in it, or when the next one may start."""
+
+    worker_id: int
+    process: WorkerProcess | None = None
+    respawn_at: float = 0.0
+
+
+class Arbiter:
+    def __init__(self, config: Config, config_text: str) -> None:
+        self.config = config
+        self.config_text = config_text
+        self.listeners: list[socket.socket] = []
+        self.slots = [Slot(i) for i in range(config.server.workers)]
+        self.early_deaths = 0
+        self.restarts = 0
+        self.signals: asyncio.Queue[int] = asyncio.Queue()
+        self.admin: AdminServer | None = None
+
+    async def run(self) -> int:
+        """Serve until a stop signal; the process exit code."""
+        loop = asyncio.get_running_loop()
+        self.listeners = [bind_listener(addr) for addr in self.config.server.listen]
+        if self.config.admin.listen is not None:
+            self.admin = AdminServer(self.config.admin.listen, self)
+            await self.admin.start()
+        for signum in (*_STOP_SIGNALS, signal.SIGCHLD, signal.SIGHUP):
+            loop.add_signal_handler(signum, self.signals.put_nowait, signum)
+        log.info(
+            "listening on %s with %d workers",
+            ", ".join(str(a) for a in self.config.server.listen),
+            len(self.slots),
+        )
+        try:
+            self._spawn_missing()
+            while True:
+                signum = await self._next_signal()
+                if signum in _STOP_SIGNALS:
+                    await self._stop(graceful=_STOP_SIGNALS[signum])
+                    return 0
+                if signum == signal.SIGHUP:
+                    log.warning("SIGHUP: configuration reload is not implemented yet; ignored")
+                self._reap()
+                self._kill_stuck()
+                self._spawn_missing()
+        except StartupFailure as exc:
+            log.error("%s", exc)
+            await self._stop(graceful=False)
+            return 1
+        finally:
+            if self.admin is not None:
+                await self.admin.stop()
+            for sock in self.listeners:
+                sock.close()
+
+    # -- the loop's steps --------------------------------------------------------------------
+
+    async def _next_signal(self) -> int | None:
+        try:
+            return await asyncio.wait_for(self.signals.get(), TICK)
+        except TimeoutError:
+            return None
+
+    def _reap(self) -> None:
+        now = time.monotonic()
+        for slot in self.slots:
+            proc = slot.process
+            if proc is None or proc.exit_code() is None:
+                continue
+            self._forget(proc)
+            slot.process = None
+            lived = now - proc.started_at
+            if lived < EARLY_DEATH or not proc.ready:
+                self.early_deaths += 1
+            else:
+                self.early_deaths = 0
+            self.restarts += 1
+            delay = 0.0 if self.early_deaths == 0 else min(0.5 * 2 ** (self.early_deaths - 1), MAX_BACKOFF)
+            slot.respawn_at = now + delay
+            log.warning(
+                "worker %d (pid %d) exited with %s after %.1fs; restarting in %.1fs",
+                slot.worker_id, proc.pid, _describe_exit(proc.exit_code()), lived, delay,
+            )
+        if self.early_deaths >= MAX_EARLY_DEATHS and self.ready_workers() == 0:
+            raise StartupFailure(
+                f"workers keep dying at start-up ({self.early_deaths} in a row); giving up"
+            )
+
+    def _kill_stuck(self) -> None:
+        limit = self.config.server.heartbeat_timeout
+        now = time.monotonic()
+        for slot in self.slots:
+            proc = slot.process
+            if proc is not None and not proc.stopping and now - proc.last_beat > limit:
+                log.error(
+                    "worker %d (pid %d) sent no heartbeat for %.1fs: its loop is stuck; killing it",
+                    slot.worker_id, proc.pid, now - proc.last_beat,
+                )
+                proc.stopping = True
+                proc.kill()
+
+    def _spawn_missing(self) -> None:
+        now = time.monotonic()
+        for slot in self.slots:
+            if slot.process is None and now >= slot.respawn_at:
+                slot.process = self._spawn(slot.worker_id)
+
+    def _spawn(self, worker_id: int) -> WorkerProcess:
+        proc = WorkerProcess(
+            worker_id, self.config_text, self.config.path, [s.fileno() for s in self.listeners]
+        )
+        asyncio.get_running_loop().add_reader(proc.heartbeat_fd, self._on_heartbeat, proc)
+        log.info("worker %d started (pid %d)", worker_id, proc.pid)
+        return proc
+
+    def _on_heartbeat(self, proc: WorkerProcess) -> None:
+        if not proc.read_heartbeat():
+            asyncio.get_running_loop().remove_reader(proc.heartbeat_fd)
+
+    def _forget(self, proc: WorkerProcess) -> None:
+        asyncio.get_running_loop().remove_reader(proc.heartbeat_fd)
+        proc.close()
+
+    async def _stop(self, graceful: bool) -> None:
+        procs = [slot.process for slot in self.slots if slot.process is not None]
+        log.info("stopping %d workers (%s)", len(procs), "graceful" if graceful else "fast")
+        for proc in procs:
+            proc.stopping = True
+            proc.signal(signal.SIGTERM if graceful else signal.SIGQUIT)
+        # Workers bound their own drain by shutdown_timeout; this is the backstop.
+        wait = self.config.server.shutdown_timeout + 5.0 if graceful else FAST_STOP_WAIT
+        deadline = time.monotonic() + wait
+        while any(p.exit_code() is None for p in procs) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for proc in procs:
+            if proc.exit_code() is None:
+                log.warning("worker pid %d did not stop in %.0fs; killing it", proc.pid, wait)
+                proc.kill()
+                proc.process.wait()
+            self._forget(proc)
+        for slot in self.slots:
+            slot.process = None
+
+    # -- what the admin endpoint reports -------------------------------------------------------
+
+    def ready_workers(self) -> int:
+        return sum(1 for s in self.slots if s.process is not None and s.process.ready)
+
+    def worker_pids(self) -> list[int]:
+        return [s.process.pid for s in self.slots if s.process is not None]
+
+
+def _describe_exit(code: int | None) -> str:
+    if code is None:
+        return "no status"
+    if code < 0:
+        return f"signal {signal.Signals(-code).name}"
+    return f"code {code}"

@@ -1,0 +1,81 @@
+"""One worker process as the supervisor sees it: its PID, heartbeat pipe and age."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+
+class WorkerProcess:
+    """A `python -m charon.worker` child that inherits the listening sockets."""
+
+    def __init__(self, worker_id: int, config_text: str, config_path: str, fds: list[int]):
+        self.worker_id = worker_id
+        read_fd, write_fd = os.pipe()
+        os.set_blocking(read_fd, False)
+        self.heartbeat_fd = read_fd
+        args = [
+            sys.executable,
+            "-m",
+            "charon.worker",
+            "--listen-fds",
+            ",".join(str(fd) for fd in fds),
+            "--heartbeat-fd",
+            str(write_fd),
+            "--config-path",
+            config_path,
+            "--worker-id",
+            str(worker_id),
+        ]
+        try:
+            self.process = subprocess.Popen(
+                args, stdin=subprocess.PIPE, pass_fds=(*fds, write_fd), close_fds=True
+            )
+        finally:
+            os.close(write_fd)
+        assert self.process.stdin is not None
+        try:
+            self.process.stdin.write(config_text.encode("utf-8"))
+            self.process.stdin.close()
+        except BrokenPipeError:
+            pass  # it died at once; the supervisor's loop sees the exit
+        self.pid = self.process.pid
+        self.started_at = time.monotonic()
+        self.last_beat = self.started_at
+        self.ready = False
+        self.stopping = False
+
+    def read_heartbeat(self) -> bool:
+        """Consume the beats waiting in the pipe; False once the pipe is closed."""
+        try:
+            data = os.read(self.heartbeat_fd, 4096)
+        except BlockingIOError:
+            return True
+        if not data:
+            return False
+        self.last_beat = time.monotonic()
+        if b"R" in data:
+            self.ready = True
+        return True
+
+    def exit_code(self) -> int | None:
+        return self.process.poll()
+
+    def signal(self, signum: int) -> None:
+        try:
+            os.kill(self.pid, signum)
+        except ProcessLookupError:
+            pass
+
+    def kill(self) -> None:
+        self.signal(signal.SIGKILL)
+
+    def close(self) -> None:
+        """Release the supervisor's side once the process has been reaped."""
+        try:
+            os.close(self.heartbeat_fd)
+        except OSError:
+            pass

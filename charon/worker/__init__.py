@@ -1,0 +1,1 @@
+"""The worker process: accepts client connections and proxies them to backends."""

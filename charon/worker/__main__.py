@@ -1,0 +1,3 @@
+from charon.worker.main import main
+
+main()

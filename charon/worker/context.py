@@ -1,0 +1,44 @@
+"""What every connection of a worker shares: config-derived tables, pools, the loop."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING
+
+from charon.config.model import Config, Upstream
+from charon.worker.http.headers import ForwardedPolicy
+from charon.worker.routing import Router
+from charon.worker.upstreams.pool import UpstreamPool
+
+if TYPE_CHECKING:
+    from charon.worker.http.client import ClientConnection
+
+
+class WorkerContext:
+    def __init__(self, loop: asyncio.AbstractEventLoop, config: Config) -> None:
+        self.loop = loop
+        self.config = config
+        self.router = Router(config.hosts)
+        self.forwarded = ForwardedPolicy(config.server.trusted_proxies)
+        self.limits = config.server.limits
+        self.timeouts = config.timeouts
+        self.scheme = b"http"
+        self.connections: set[ClientConnection] = set()
+        self.draining = False
+        self._pools: dict[tuple[str, int], UpstreamPool] = {}
+
+    def pool(self, upstream: Upstream) -> UpstreamPool:
+        pool = self._pools.get(upstream.key)
+        if pool is None:
+            pool = UpstreamPool(self.loop, upstream, self.timeouts.idle)
+            self._pools[upstream.key] = pool
+        return pool
+
+    def close_expired_upstreams(self) -> None:
+        now = self.loop.time()
+        for pool in self._pools.values():
+            pool.close_expired(now)
+
+    def close_idle_upstreams(self) -> None:
+        for pool in self._pools.values():
+            pool.close_all()

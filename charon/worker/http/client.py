@@ -1,0 +1,269 @@
+"""The client side of the proxy: one asyncio Protocol per accepted connection.
+
+It parses requests with llhttp (httptools), turns each request head into an Exchange and runs
+the exchanges one at a time, in order (pipelined requests wait their turn, bounded by pausing
+reads). Callbacks named `on_*` are llhttp's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from typing import TYPE_CHECKING
+
+import httptools
+
+from charon.worker.deadlines import HEADER, KEEPALIVE, NONE
+from charon.worker.http.errors import HttpError, error_response
+from charon.worker.http.exchange import Exchange
+from charon.worker.http.request import BODY_NONE, plan_request
+
+if TYPE_CHECKING:
+    from charon.worker.context import WorkerContext
+
+log = logging.getLogger("charon.worker")
+
+# Why reading from the client is paused; reading resumes when no reason is left.
+_PAUSE_BACKEND = 1  # the backend reads the request body slower than the client sends it
+_PAUSE_BODY = 2  # request body waiting for the backend connection to open
+_PAUSE_QUEUE = 4  # pipelined requests waiting their turn
+
+MAX_QUEUED = 16  # pipelined requests parsed ahead of the active one
+
+
+class ClientConnection(asyncio.Protocol):
+    def __init__(self, ctx: WorkerContext) -> None:
+        self.ctx = ctx
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpRequestParser(self)
+        self.peer_ip = ""
+        self.exchanges: deque[Exchange] = deque()
+        self.deadline = 0.0
+        self.deadline_kind = NONE
+        self.closing = False
+        self._paused = 0
+        self._write_paused = False
+        # The request head being parsed.
+        self._url: list[bytes] = []
+        self._url_size = 0
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._header_size = 0
+        self._in_head = False
+
+    # -- asyncio.Protocol ------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        peer = transport.get_extra_info("peername")
+        self.peer_ip = peer[0] if peer else ""
+        self.ctx.connections.add(self)
+        self.set_deadline(HEADER, self.ctx.timeouts.header)
+
+    def data_received(self, data: bytes) -> None:
+        if self.closing:
+            return
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserCallbackError as exc:
+            cause = exc.__context__
+            if isinstance(cause, HttpError):
+                self._reject(cause)
+            else:
+                log.error("request handling failed", exc_info=cause)
+                self._reject(HttpError(500, "internal error"))
+        except httptools.HttpParserUpgrade as exc:
+            # llhttp stops after any request with `Connection: upgrade`; the request was
+            # forwarded as a plain one (Upgrade is hop-by-hop), so parsing simply goes on.
+            tail = data[exc.args[0] :]
+            if tail:
+                self.data_received(tail)
+        except httptools.HttpParserError:
+            self._reject(HttpError(400, "malformed request"))
+
+    def eof_received(self) -> bool:
+        # A client that half-closes after its request still gets the response.
+        if not self.exchanges:
+            return False
+        self.closing = True
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.ctx.connections.discard(self)
+        self.deadline_kind = NONE
+        self.closing = True
+        while self.exchanges:
+            self.exchanges.popleft().client_lost()
+        self.transport = None
+
+    def pause_writing(self) -> None:
+        # The client reads the response slower than the backend sends it.
+        self._write_paused = True
+        if self.exchanges and (upstream := self.exchanges[0].upstream) is not None:
+            upstream.pause_reading()
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        if self.exchanges and (upstream := self.exchanges[0].upstream) is not None:
+            upstream.resume_reading()
+
+    # -- llhttp callbacks ------------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self._url = []
+        self._url_size = 0
+        self._headers = []
+        self._header_size = 0
+        self._in_head = True
+        if not self.exchanges:
+            self.set_deadline(HEADER, self.ctx.timeouts.header)
+
+    def on_url(self, part: bytes) -> None:
+        self._url.append(part)
+        self._url_size += len(part)
+        if self._url_size > self.ctx.limits.max_request_target:
+            raise HttpError(414, "request target too long")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if not self._in_head:
+            return  # a trailer field of a chunked body: dropped, the proxy re-frames
+        self._headers.append((name, value))
+        self._header_size += len(name) + len(value) + 4
+        limits = self.ctx.limits
+        if self._header_size > limits.max_header_bytes:
+            raise HttpError(431, "request header section too large")
+        if len(self._headers) > limits.max_header_count:
+            raise HttpError(431, "too many request header fields")
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        parser = self.parser
+        version = parser.get_http_version()
+        keep_alive = parser.should_keep_alive() and not self.ctx.draining
+        method = parser.get_method()
+        target = self._url[0] if len(self._url) == 1 else b"".join(self._url)
+        try:
+            plan = plan_request(
+                method,
+                target,
+                version,
+                self._headers,
+                self.peer_ip,
+                self.ctx.scheme,
+                self.ctx.router,
+                self.ctx.forwarded,
+            )
+        except HttpError as error:
+            if error.close:
+                raise
+            if parser.should_upgrade():
+                raise HttpError(error.status, error.detail) from None
+            exchange = Exchange(self, None, version == "1.1", keep_alive, error)
+        else:
+            if plan.body != BODY_NONE and parser.should_upgrade():
+                # llhttp skips the body of an upgrade request; it would be read as a new request.
+                raise HttpError(400, "an upgrade request cannot carry a body")
+            exchange = Exchange(self, plan, version == "1.1", keep_alive)
+        self._enqueue(exchange)
+
+    def on_body(self, data: bytes) -> None:
+        self.exchanges[-1].request_body(data)
+
+    def on_message_complete(self) -> None:
+        self.exchanges[-1].request_complete()
+
+    # -- exchanges -------------------------------------------------------------------------
+
+    def _enqueue(self, exchange: Exchange) -> None:
+        self.exchanges.append(exchange)
+        if len(self.exchanges) == 1:
+            exchange.start()
+        elif len(self.exchanges) >= MAX_QUEUED:
+            self._pause(_PAUSE_QUEUE)
+
+    def exchange_finished(self, exchange: Exchange, keep_alive: bool) -> None:
+        """The active exchange's response is complete (or was answered by the proxy)."""
+        if self.exchanges and self.exchanges[0] is exchange:
+            self.exchanges.popleft()
+        self._resume(_PAUSE_QUEUE | _PAUSE_BODY | _PAUSE_BACKEND)
+        transport = self.transport
+        if transport is None:
+            return
+        if not keep_alive or self.closing or self.ctx.draining:
+            self.closing = True
+            self.deadline_kind = NONE
+            self.exchanges.clear()
+            transport.close()
+            return
+        if self.exchanges:
+            self.exchanges[0].start()
+        else:
+            self.set_deadline(KEEPALIVE, self.ctx.timeouts.idle)
+
+    def _reject(self, error: HttpError) -> None:
+        """A request the proxy cannot parse or accept: answer it in turn, then close."""
+        self.closing = True
+        self._pause(_PAUSE_QUEUE)
+        last = self.exchanges[-1] if self.exchanges else None
+        if last is not None and not last.request_done and not self._in_head:
+            last.request_failed(error)  # e.g. a malformed chunked body of an accepted request
+            return
+        exchange = Exchange(self, None, True, False, HttpError(error.status, error.detail))
+        exchange.request_done = True
+        self._enqueue(exchange)
+
+    # -- flow control, deadlines, shutdown -------------------------------------------------
+
+    def pause_reading_for_backend(self) -> None:
+        self._pause(_PAUSE_BACKEND)
+
+    def resume_reading_for_backend(self) -> None:
+        self._resume(_PAUSE_BACKEND)
+
+    def pause_reading_for_body(self) -> None:
+        self._pause(_PAUSE_BODY)
+
+    def resume_reading_for_body(self) -> None:
+        self._resume(_PAUSE_BODY)
+
+    def _pause(self, reason: int) -> None:
+        if not self._paused and self.transport is not None:
+            self.transport.pause_reading()
+        self._paused |= reason
+
+    def _resume(self, reasons: int) -> None:
+        was = self._paused
+        self._paused &= ~reasons
+        if was and not self._paused and self.transport is not None and not self.closing:
+            self.transport.resume_reading()
+
+    def set_deadline(self, kind: int, seconds: float) -> None:
+        self.deadline_kind = kind
+        self.deadline = self.ctx.loop.time() + seconds
+
+    def on_deadline(self, kind: int) -> None:
+        if kind in (HEADER, KEEPALIVE):
+            if kind == HEADER and self._in_head and self.transport is not None:
+                self.transport.write(error_response(408, "request header timeout"))
+            self.close()
+        elif self.exchanges:
+            self.exchanges[0].on_deadline(kind)
+
+    def abort_after_flush(self) -> None:
+        """Cut the connection after what was written: a response that broke midway."""
+        self.closing = True
+        self.deadline_kind = NONE
+        self.exchanges.clear()
+        if self.transport is not None:
+            self.transport.close()
+
+    def close(self) -> None:
+        self.closing = True
+        self.deadline_kind = NONE
+        if self.transport is not None:
+            self.transport.close()
+
+    def shutdown(self) -> None:
+        """Graceful stop: an idle connection closes now, a busy one after its response."""
+        if not self.exchanges:
+            self.close()

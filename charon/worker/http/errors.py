@@ -1,0 +1,40 @@
+"""Responses the proxy writes itself: short plain text, never echoing input (decision 10)."""
+
+from __future__ import annotations
+
+from http import HTTPStatus
+
+
+class HttpError(Exception):
+    """A request the proxy answers itself with `status`; `close` ends the client connection after."""
+
+    def __init__(self, status: int, detail: str = "", close: bool = True) -> None:
+        super().__init__(f"{status} {detail}")
+        self.status = status
+        self.detail = detail
+        self.close = close
+
+
+_cache: dict[tuple[int, str, bool, bool], bytes] = {}
+
+
+def error_response(status: int, detail: str = "", close: bool = True, head_only: bool = False) -> bytes:
+    """A complete response for `status`; `detail` must be a fixed string, not client input."""
+    key = (status, detail, close, head_only)
+    cached = _cache.get(key)
+    if cached is not None:
+        return cached
+    phrase = HTTPStatus(status).phrase
+    body = f"{status} {phrase}{': ' + detail if detail else ''}\n".encode()
+    head = (
+        f"HTTP/1.1 {status} {phrase}\r\n"
+        "Content-Type: text/plain; charset=utf-8\r\n"
+        f"Content-Length: {len(body)}\r\n"
+        "Cache-Control: no-store\r\n"
+        f"{'Connection: close' if close else 'Connection: keep-alive'}\r\n"
+    ).encode()
+    extra = b"Sec-WebSocket-Version: 13\r\n" if status == 426 else b""
+    response = head + extra + b"\r\n" + (b"" if head_only else body)
+    if len(_cache) < 256:
+        _cache[key] = response
+    return response

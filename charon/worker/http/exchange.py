@@ -1,0 +1,359 @@
+"""One proxied request and its response.
+
+The client connection feeds the request side (`request_body`, `request_complete`); the backend
+connection feeds the response side (`upstream_data`, which drives a fresh llhttp response parser
+whose callbacks are the `on_*` methods here). Bytes for the client are batched per backend read
+and written once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING
+
+import httptools
+
+from charon.worker.deadlines import (
+    BODY_IDLE,
+    CONNECT,
+    FIRST_BYTE,
+    RESPONSE_IDLE,
+)
+from charon.worker.http.errors import HttpError, error_response
+from charon.worker.http.request import BODY_CHUNKED, BODY_NONE, IDEMPOTENT, RequestPlan
+from charon.worker.http.response import (
+    OUT_CHUNKED,
+    OUT_NONE,
+    OUT_UNTIL_CLOSE,
+    final_head,
+    has_no_body,
+    interim_head,
+)
+
+if TYPE_CHECKING:
+    from charon.worker.http.client import ClientConnection
+    from charon.worker.upstreams.connection import UpstreamConnection
+
+log = logging.getLogger("charon.worker")
+
+PENDING_BODY_LIMIT = 256 * 1024  # request body held while the backend connection opens
+
+
+class Exchange:
+    def __init__(
+        self,
+        client: ClientConnection,
+        plan: RequestPlan | None,
+        http11: bool,
+        keep_alive: bool,
+        error: HttpError | None = None,
+    ) -> None:
+        self.client = client
+        self.plan = plan
+        self.error = error
+        self.http11 = http11
+        self.keep_alive = keep_alive
+        self.request_done = False
+        self.pending: list[bytes] = []
+        self.pending_size = 0
+        self.upstream: UpstreamConnection | None = None
+        self.connecting: asyncio.Task[None] | None = None
+        self.finished = False
+        # Response side.
+        self.parser: httptools.HttpResponseParser | None = None
+        self.reason = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.in_head = True
+        self.interim = False
+        self.framing = OUT_NONE
+        self.delimited = True
+        self.response_started = False  # a byte of the final response reached the client
+        self.response_done = False
+        self.upstream_reusable = True
+        self.out: list[bytes] = []
+        self.retried = False
+
+    # -- lifecycle, driven by the client connection ------------------------------------------
+
+    def start(self) -> None:
+        """Become the active exchange of the client connection."""
+        if self.error is not None:
+            self._answer_locally(self.error)
+            return
+        assert self.plan is not None
+        pool = self.client.ctx.pool(self.plan.route.upstream)
+        conn = pool.take_idle()
+        if conn is not None:
+            self._attach(conn, reused=True)
+        else:
+            self._connect()
+
+    def client_lost(self) -> None:
+        self.finished = True
+        if self.connecting is not None:
+            self.connecting.cancel()
+        if self.upstream is not None and not self.response_done:
+            self.upstream.abort()
+            self.upstream = None
+
+    def on_deadline(self, kind: int) -> None:
+        if kind == CONNECT:
+            self._fail(504, "the backend did not accept the connection in time")
+        elif kind == FIRST_BYTE:
+            self._fail(504, "the backend did not answer in time")
+        elif kind == BODY_IDLE:
+            self._fail(408, "the request body stalled")
+        else:  # RESPONSE_IDLE
+            self._fail(504, "the backend stalled")
+
+    # -- request side ------------------------------------------------------------------------
+
+    def request_body(self, data: bytes) -> None:
+        if self.plan is None or self.finished:
+            return  # a locally answered request: its body is read and dropped
+        chunk: list[bytes] = [b"%x\r\n" % len(data), data, b"\r\n"] if (
+            self.plan.body == BODY_CHUNKED
+        ) else [data]
+        if self.upstream is not None:
+            self.upstream.transport.writelines(chunk)
+            self.client.set_deadline(BODY_IDLE, self.plan.route.timeouts.idle)
+        else:
+            self.pending += chunk
+            self.pending_size += len(data)
+            if self.pending_size > PENDING_BODY_LIMIT:
+                self.client.pause_reading_for_body()
+
+    def request_failed(self, error: HttpError) -> None:
+        """The client's request body turned out malformed: the exchange ends with `error`."""
+        self.request_done = True
+        self.keep_alive = False
+        if self.client.exchanges and self.client.exchanges[0] is self:
+            self._fail(error.status, error.detail)
+        else:
+            self.plan, self.error = None, error
+
+    def request_complete(self) -> None:
+        self.request_done = True
+        if self.plan is None:
+            if self.finished and self.client.exchanges and self.client.exchanges[0] is self:
+                self.client.exchange_finished(self, self.keep_alive)
+            return
+        if self.plan.body == BODY_CHUNKED:
+            if self.upstream is not None:
+                self.upstream.transport.write(b"0\r\n\r\n")
+            else:
+                self.pending.append(b"0\r\n\r\n")
+        if self.upstream is not None and not self.response_started:
+            self.client.set_deadline(FIRST_BYTE, self.plan.route.timeouts.first_byte)
+
+    # -- backend connection ----------------------------------------------------------------
+
+    def _connect(self) -> None:
+        assert self.plan is not None
+        self.client.set_deadline(CONNECT, self.plan.route.timeouts.connect)
+        self.connecting = self.client.ctx.loop.create_task(self._open_connection())
+
+    async def _open_connection(self) -> None:
+        assert self.plan is not None
+        pool = self.client.ctx.pool(self.plan.route.upstream)
+        try:
+            conn = await pool.connect()
+        except OSError:
+            self.connecting = None
+            self._fail(502, "cannot connect to the backend")
+            return
+        self.connecting = None
+        if self.finished:
+            pool.release(conn)
+            return
+        self._attach(conn, reused=False)
+
+    def _attach(self, conn: UpstreamConnection, reused: bool) -> None:
+        assert self.plan is not None
+        self.upstream = conn
+        self.reused = reused
+        conn.exchange = self
+        self.parser = httptools.HttpResponseParser(self)
+        self.in_head = True
+        self.headers = []
+        conn.transport.write(self.plan.head)
+        if self.pending:
+            conn.transport.writelines(self.pending)
+            self.pending = []
+            self.pending_size = 0
+            self.client.resume_reading_for_body()
+        timeouts = self.plan.route.timeouts
+        if self.request_done or self.plan.body == BODY_NONE:
+            self.client.set_deadline(FIRST_BYTE, timeouts.first_byte)
+        else:
+            self.client.set_deadline(BODY_IDLE, timeouts.idle)
+
+    def upstream_data(self, data: bytes) -> None:
+        if self.response_done or self.parser is None:
+            self.upstream_reusable = False  # bytes after a complete response: never forwarded
+            return
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._fail(502, "the backend switched protocols unasked")
+        except httptools.HttpParserError:
+            self.upstream_reusable = False
+            self._fail(502, "the backend sent an invalid response")
+        self._flush()
+        if self.response_done:
+            self._release_upstream()
+        elif self.plan is not None and self.response_started:
+            self.client.set_deadline(RESPONSE_IDLE, self.plan.route.timeouts.idle)
+
+    def upstream_closed(self) -> None:
+        """The backend closed or reset its connection while this exchange used it."""
+        self.upstream = None
+        if self.response_done or self.finished:
+            return
+        if not self.in_head and not self.delimited and not self.interim:
+            self._complete_response()  # a read-until-close body ends here
+            self._flush()
+            return
+        if self.in_head and not self.response_started and self._may_retry():
+            self.retried = True
+            self.parser = None
+            self._connect()
+            return
+        self._fail(502, "the backend closed the connection early")
+
+    def _may_retry(self) -> bool:
+        # Decision 11: a reused connection the backend closed before answering; only a request
+        # with no body can be sent again whole, and only an idempotent one may be.
+        plan = self.plan
+        return (
+            plan is not None
+            and self.reused
+            and not self.retried
+            and plan.body == BODY_NONE
+            and plan.method in IDEMPOTENT
+        )
+
+    def _release_upstream(self) -> None:
+        conn, self.upstream = self.upstream, None
+        if conn is None:
+            return
+        conn.exchange = None
+        parser = self.parser
+        if (
+            self.upstream_reusable
+            and self.request_done
+            and parser is not None
+            and parser.should_keep_alive()
+            and self.delimited
+        ):
+            conn.pool.release(conn)
+        else:
+            conn.close()
+
+    # -- response parser callbacks ------------------------------------------------------------
+
+    def on_status(self, reason: bytes) -> None:
+        self.reason = reason
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self.in_head:
+            self.headers.append((name, value))
+        # Trailers are dropped: the proxy re-frames the body.
+
+    def on_headers_complete(self) -> None:
+        assert self.parser is not None and self.plan is not None
+        status = self.parser.get_status_code()
+        self.in_head = False
+        if 100 <= status < 200 and status != 101:
+            self.interim = True
+            if self.http11:
+                self.out.append(interim_head(status, self.reason, self.headers))
+            self.headers = []
+            self.reason = b""
+            return
+        if status == 101:
+            return  # the parser raises HttpParserUpgrade next
+        no_body = has_no_body(status, self.plan.method)
+        keep_alive = self.keep_alive and not self.client.ctx.draining
+        head, self.framing, self.keep_alive = final_head(
+            status, self.reason, self.headers, no_body, self.http11, keep_alive
+        )
+        self.delimited = no_body or any(
+            n.lower() in (b"content-length", b"transfer-encoding") for n, _ in self.headers
+        )
+        self.out.append(head)
+        self.response_started = True
+        if self.plan.method == b"HEAD":
+            self._complete_response()
+
+    def on_body(self, data: bytes) -> None:
+        if self.response_done:
+            self.upstream_reusable = False
+            return
+        if self.framing == OUT_CHUNKED:
+            self.out += (b"%x\r\n" % len(data), data, b"\r\n")
+        else:
+            self.out.append(data)
+
+    def on_message_complete(self) -> None:
+        if self.interim:
+            self.interim = False
+            self.in_head = True
+            return
+        if not self.response_done and not self.in_head:
+            self._complete_response()
+
+    # -- endings -----------------------------------------------------------------------------
+
+    def _complete_response(self) -> None:
+        self.response_done = True
+        if self.framing == OUT_CHUNKED:
+            self.out.append(b"0\r\n\r\n")
+        if self.framing == OUT_UNTIL_CLOSE:
+            self.keep_alive = False
+        self.finished = True
+        self.client.exchange_finished(self, self.keep_alive and self.request_done)
+
+    def _flush(self) -> None:
+        out = self.out
+        if out:
+            self.out = []
+            transport = self.client.transport
+            if transport is not None and not transport.is_closing():
+                transport.writelines(out) if len(out) > 1 else transport.write(out[0])
+
+    def _fail(self, status: int, detail: str) -> None:
+        """End the exchange on an error: an error response if nothing was sent yet, else a cut."""
+        if self.finished:
+            return
+        if self.connecting is not None:
+            self.connecting.cancel()
+            self.connecting = None
+        if self.upstream is not None:
+            self.upstream.exchange = None
+            self.upstream.abort()
+            self.upstream = None
+        if self.response_started:
+            self.finished = True
+            self._flush()
+            self.client.abort_after_flush()
+            return
+        self.out = []
+        self._answer_locally(HttpError(status, detail, close=True))
+
+    def _answer_locally(self, error: HttpError) -> None:
+        head_only = self.plan is not None and self.plan.method == b"HEAD"
+        keep_alive = self.keep_alive and not error.close and not self.client.ctx.draining
+        transport = self.client.transport
+        if transport is not None and not transport.is_closing():
+            transport.write(error_response(error.status, error.detail, not keep_alive, head_only))
+        self.response_started = True
+        self.response_done = True
+        self.finished = True
+        self.keep_alive = keep_alive
+        if error.status >= 500:
+            log.info("answered %d: %s", error.status, error.detail)
+        if self.request_done or not keep_alive:
+            self.client.exchange_finished(self, keep_alive and self.request_done)
+        # else: request_complete() finishes it once the unread body has been dropped

@@ -1,0 +1,129 @@
+"""Header rules shared by both directions: hop-by-hop removal and the forwarded headers.
+
+Protocol notes, decisions 5 and 6. Names are compared lowercased; values are raw bytes.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Iterable
+
+from charon.config.model import IPNetwork
+
+Header = tuple[bytes, bytes]
+
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+    }
+)
+
+# Naming these in `Connection` must not remove them: the proxy writes them itself.
+NEVER_DROPPED = frozenset(
+    {
+        b"host",
+        b"content-length",
+        b"x-forwarded-for",
+        b"x-forwarded-proto",
+        b"x-forwarded-host",
+        b"forwarded",
+        b"via",
+    }
+)
+
+# Tokens of `Connection` that name nothing beyond the standard hop-by-hop set.
+_PLAIN_CONNECTION_TOKENS = frozenset({b"close", b"keep-alive", b"upgrade"})
+
+_TOKEN = re.compile(rb"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+
+# RFC 9110 uri-host [":" port]: reg-name (unreserved / pct-encoded / sub-delims), IPv4, or [IPv6].
+_HOST = re.compile(rb"^(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~!$&'()*+,;=%-]+)(?::[0-9]{0,5})?$")
+
+
+def connection_tokens(values: Iterable[bytes]) -> frozenset[bytes]:
+    """The lowercased tokens named by one or more `Connection` header values."""
+    tokens: set[bytes] = set()
+    for value in values:
+        for part in value.split(b","):
+            token = part.strip().lower()
+            if token:
+                tokens.add(token)
+    return frozenset(tokens)
+
+
+def droppable_by_connection(tokens: frozenset[bytes]) -> frozenset[bytes]:
+    """The extra header names a `Connection` header removes, minus the ones it may not."""
+    if tokens <= _PLAIN_CONNECTION_TOKENS:
+        return frozenset()
+    return frozenset(t for t in tokens if t not in NEVER_DROPPED and _TOKEN.match(t))
+
+
+def split_host(value: bytes) -> bytes | None:
+    """The lowercased host name of a Host value ("Example.com:8080" -> b"example.com").
+
+    None when the value is not a valid `uri-host [":" port]`.
+    """
+    if not _HOST.match(value):
+        return None
+    if value.startswith(b"["):
+        return value[: value.index(b"]") + 1].lower()
+    name, _, _ = value.partition(b":")
+    if not name:
+        return None
+    return name.lower()
+
+
+class ForwardedPolicy:
+    """Builds X-Forwarded-For/-Proto/-Host from the peer and, for trusted peers, what they sent."""
+
+    def __init__(self, trusted: tuple[IPNetwork, ...]) -> None:
+        self._trusted = trusted
+        self._cache: dict[str, bool] = {}
+
+    def is_trusted(self, ip: str) -> bool:
+        if not self._trusted:
+            return False
+        known = self._cache.get(ip)
+        if known is None:
+            known = _in_networks(ip, self._trusted)
+            if len(self._cache) > 4096:
+                self._cache.clear()
+            self._cache[ip] = known
+        return known
+
+    def client_ip(self, peer_ip: str, xff: bytes | None) -> str:
+        """The rightmost untrusted address of the chain (decision 6), for logs and access rules."""
+        if xff is None or not self.is_trusted(peer_ip):
+            return peer_ip
+        for hop in reversed(xff.split(b",")):
+            candidate = hop.strip().decode("latin-1")
+            if not candidate:
+                continue
+            if not _is_ip(candidate) or not self.is_trusted(candidate):
+                return candidate
+        return peer_ip
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _in_networks(ip: str, networks: tuple[IPNetwork, ...]) -> bool:
+    try:
+        address = ipaddress.ip_address(ip)
+    except ValueError:
+        return False
+    return any(address in net for net in networks)

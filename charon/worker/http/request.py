@@ -1,0 +1,191 @@
+"""From a parsed client request head to what goes to the backend (decisions 3, 5-8).
+
+`plan_request` validates the head, routes it and writes the upstream request head in one pass
+over the headers. It raises HttpError for anything the proxy must answer itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from charon.worker.http.errors import HttpError
+from charon.worker.http.headers import (
+    Header,
+    ForwardedPolicy,
+    connection_tokens,
+    droppable_by_connection,
+    split_host,
+)
+from charon.worker.routing import Route, Router
+
+BODY_NONE = 0
+BODY_LENGTH = 1
+BODY_CHUNKED = 2
+
+IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
+
+# What each specially treated request header is; every other header is forwarded as is.
+_HOST, _LENGTH, _TE, _CONNECTION, _XFF, _XFP, _XFH, _FORWARDED, _VIA, _UPGRADE, _DROP = range(11)
+_SPECIAL = {
+    b"host": _HOST,
+    b"content-length": _LENGTH,
+    b"transfer-encoding": _TE,
+    b"connection": _CONNECTION,
+    b"x-forwarded-for": _XFF,
+    b"x-forwarded-proto": _XFP,
+    b"x-forwarded-host": _XFH,
+    b"forwarded": _FORWARDED,
+    b"via": _VIA,
+    b"upgrade": _UPGRADE,
+    b"keep-alive": _DROP,
+    b"proxy-connection": _DROP,
+    b"te": _DROP,
+    b"trailer": _DROP,
+    b"proxy-authenticate": _DROP,
+    b"proxy-authorization": _DROP,
+}
+
+
+@dataclass(slots=True)
+class RequestPlan:
+    route: Route
+    method: bytes
+    head: bytes  # the request head for the backend, framing and final CRLF included
+    body: int  # BODY_NONE / BODY_LENGTH / BODY_CHUNKED
+    length: int  # with BODY_LENGTH
+    client_ip: str
+    path: bytes
+    upgrade: bytes | None  # the Upgrade value when Connection names upgrade
+
+
+def plan_request(
+    method: bytes,
+    target: bytes,
+    version: str,
+    headers: list[Header],
+    peer_ip: str,
+    scheme: bytes,
+    router: Router,
+    policy: ForwardedPolicy,
+) -> RequestPlan:
+    if version[0] != "1":
+        raise HttpError(505, "only HTTP/1.x is supported")
+    if method == b"CONNECT":
+        raise HttpError(405, "CONNECT is not supported")
+
+    host_values: list[bytes] = []
+    length: bytes | None = None
+    te: bytes | None = None
+    conn_values: list[bytes] = []
+    xff: list[bytes] = []
+    xfp: bytes | None = None
+    xfh: bytes | None = None
+    forwarded: list[bytes] = []
+    via: list[bytes] = []
+    upgrade: bytes | None = None
+    kept: list[Header] = []
+    special = _SPECIAL
+    for name, value in headers:
+        kind = special.get(name.lower())
+        if kind is None:
+            kept.append((name, value))
+        elif kind == _HOST:
+            host_values.append(value)
+        elif kind == _LENGTH:
+            length = value
+        elif kind == _TE:
+            te = value
+        elif kind == _CONNECTION:
+            conn_values.append(value)
+        elif kind == _XFF:
+            xff.append(value)
+        elif kind == _XFP:
+            xfp = value
+        elif kind == _XFH:
+            xfh = value
+        elif kind == _FORWARDED:
+            forwarded.append(value)
+        elif kind == _VIA:
+            via.append(value)
+        elif kind == _UPGRADE:
+            upgrade = value
+
+    host_value, host_name, path = _authority_and_path(target, method, host_values)
+    route = router.route(host_name, path)
+    if route is None:
+        raise HttpError(404, "no proxy host for this name", close=False)
+
+    body, body_length = _body_framing(length, te)
+    tokens = connection_tokens(conn_values) if conn_values else frozenset()
+    dropped = droppable_by_connection(tokens)
+    if upgrade is not None and b"upgrade" not in tokens:
+        upgrade = None
+
+    out = [method, b" ", target, b" HTTP/1.1\r\nHost: ", host_value, b"\r\n"]
+    for name, value in kept:
+        if dropped and name.lower() in dropped:
+            continue
+        out += (name, b": ", value, b"\r\n")
+
+    peer = peer_ip.encode("latin-1")
+    trusted = policy.is_trusted(peer_ip)
+    joined_xff = b", ".join(xff) if xff else None
+    out += (b"X-Forwarded-For: ", joined_xff + b", " + peer if trusted and joined_xff else peer)
+    out += (b"\r\nX-Forwarded-Proto: ", xfp if trusted and xfp else scheme)
+    out += (b"\r\nX-Forwarded-Host: ", xfh if trusted and xfh else host_value, b"\r\n")
+    if trusted and forwarded:
+        node = b'"[' + peer + b']"' if b":" in peer else peer
+        out += (b"Forwarded: ", b", ".join(forwarded), b", for=", node, b"\r\n")
+    out += (b"Via: ", b", ".join(via) + b", 1.1 charon" if via else b"1.1 charon", b"\r\n")
+    if body == BODY_LENGTH:
+        out += (b"Content-Length: ", length or b"0", b"\r\n")
+    elif body == BODY_CHUNKED:
+        out.append(b"Transfer-Encoding: chunked\r\n")
+    out.append(b"\r\n")
+
+    client_ip = policy.client_ip(peer_ip, joined_xff) if trusted else peer_ip
+    return RequestPlan(
+        route, method, b"".join(out), body, body_length, client_ip, path, upgrade
+    )
+
+
+def _authority_and_path(
+    target: bytes, method: bytes, host_values: list[bytes]
+) -> tuple[bytes, bytes, bytes]:
+    """(Host value to forward, lowercased host name to route by, path) - decision 7."""
+    if len(host_values) != 1:
+        raise HttpError(400, "exactly one Host header is required")
+    host_value = host_values[0].strip()
+    if target[:1] == b"/":
+        path = target
+    elif target == b"*" and method == b"OPTIONS":
+        path = b"*"
+    elif target[:7].lower() == b"http://" or target[:8].lower() == b"https://":
+        rest = target[target.index(b"//") + 2 :]
+        end = len(rest)
+        for stop in (b"/", b"?", b"#"):
+            at = rest.find(stop)
+            if at != -1 and at < end:
+                end = at
+        # For absolute-form the target's authority wins over the Host header (RFC 9112 3.2.2).
+        host_value, path = rest[:end], rest[end:] or b"/"
+        if b"@" in host_value:
+            raise HttpError(400, "userinfo is not allowed in the request target")
+    else:
+        raise HttpError(400, "invalid request target")
+    name = split_host(host_value)
+    if name is None:
+        raise HttpError(400, "invalid Host header")
+    return host_value, name, path
+
+
+def _body_framing(length: bytes | None, te: bytes | None) -> tuple[int, int]:
+    # llhttp already refused CL with TE, repeated or invalid CL, and TE not ending in chunked.
+    if te is not None:
+        coding = te.strip().lower()
+        if coding == b"chunked":
+            return BODY_CHUNKED, 0
+        raise HttpError(501, "only the chunked transfer coding is supported")
+    if length is not None:
+        return BODY_LENGTH, int(length)
+    return BODY_NONE, 0

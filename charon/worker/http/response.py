@@ -1,0 +1,95 @@
+"""From a backend response head to what the client gets (decisions 4, 5, 9).
+
+The proxy writes the framing itself: Content-Length is kept when the backend sent one, chunked
+or read-until-close bodies are re-chunked for HTTP/1.1 clients and close-delimited for HTTP/1.0.
+"""
+
+from __future__ import annotations
+
+from http import HTTPStatus
+
+from charon.worker.http.headers import (
+    HOP_BY_HOP,
+    Header,
+    connection_tokens,
+    droppable_by_connection,
+)
+
+# How the body goes to the client.
+OUT_NONE = 0  # no body (HEAD, 1xx, 204, 304)
+OUT_RAW = 1  # Content-Length framed: bytes pass as they are
+OUT_CHUNKED = 2  # re-chunked for an HTTP/1.1 client
+OUT_UNTIL_CLOSE = 3  # HTTP/1.0 client: the body ends when the connection closes
+
+_STATUS_LINES: dict[int, bytes] = {
+    s.value: b"HTTP/1.1 %d %s\r\n" % (s.value, s.phrase.encode()) for s in HTTPStatus
+}
+
+
+def status_line(status: int, reason: bytes) -> bytes:
+    line = _STATUS_LINES.get(status)
+    if line is not None and (not reason or line[13:-2] == reason):
+        return line
+    return b"HTTP/1.1 %d %s\r\n" % (status, reason)
+
+
+def has_no_body(status: int, request_method: bytes) -> bool:
+    return request_method == b"HEAD" or status in (204, 304) or status < 200
+
+
+def interim_head(status: int, reason: bytes, headers: list[Header]) -> bytes:
+    """A 1xx response (100 Continue, 103 Early Hints) for an HTTP/1.1 client."""
+    out = [status_line(status, reason)]
+    for name, value in _end_to_end(headers):
+        out += (name, b": ", value, b"\r\n")
+    out.append(b"\r\n")
+    return b"".join(out)
+
+
+def final_head(
+    status: int,
+    reason: bytes,
+    headers: list[Header],
+    no_body: bool,
+    client_http11: bool,
+    keep_alive: bool,
+) -> tuple[bytes, int, bool]:
+    """(response head, OUT_* framing, keep the client connection open?)"""
+    out = [status_line(status, reason)]
+    length: bytes | None = None
+    for name, value in _end_to_end(headers):
+        if name.lower() == b"content-length":
+            length = value
+            continue
+        out += (name, b": ", value, b"\r\n")
+
+    if no_body:
+        framing = OUT_NONE
+        if length is not None:  # HEAD and 304 describe the representation's size
+            out += (b"Content-Length: ", length, b"\r\n")
+    elif length is not None:
+        framing = OUT_RAW
+        out += (b"Content-Length: ", length, b"\r\n")
+    elif client_http11:
+        framing = OUT_CHUNKED
+        out.append(b"Transfer-Encoding: chunked\r\n")
+    else:
+        framing = OUT_UNTIL_CLOSE
+        keep_alive = False
+
+    if not keep_alive:
+        out.append(b"Connection: close\r\n")
+    elif not client_http11:
+        out.append(b"Connection: keep-alive\r\n")
+    out.append(b"\r\n")
+    return b"".join(out), framing, keep_alive
+
+
+def _end_to_end(headers: list[Header]) -> list[Header]:
+    conn = [value for name, value in headers if name.lower() == b"connection"]
+    dropped = droppable_by_connection(connection_tokens(conn)) if conn else frozenset()
+    return [
+        (name, value)
+        for name, value in headers
+        if (lname := name.lower()) not in HOP_BY_HOP and lname not in dropped
+    ]

@@ -1,0 +1,111 @@
+"""The worker process: `python -m charon.worker`, started by the supervisor.
+
+It reads the config text the supervisor validated from stdin, serves the listening sockets it
+inherited (their fds are given on the command line) on a uvloop event loop, and writes a
+heartbeat byte to a pipe every second so the supervisor can tell a stuck loop from a busy one.
+
+Signals: TERM drains (stop accepting, finish in-flight requests within shutdown_timeout),
+INT and QUIT stop at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import errno
+import logging
+import os
+import signal
+import socket
+import sys
+
+import uvloop
+
+from charon.config import Config, load_config_text
+from charon.worker.context import WorkerContext
+from charon.worker.deadlines import DeadlineSweeper
+from charon.worker.http.client import ClientConnection
+
+log = logging.getLogger("charon.worker")
+
+HEARTBEAT_INTERVAL = 1.0
+
+
+class Worker:
+    def __init__(self, config: Config, listen_fds: list[int], heartbeat_fd: int) -> None:
+        self.config = config
+        self.listen_fds = listen_fds
+        self.heartbeat_fd = heartbeat_fd
+        self.parent_pid = os.getppid()
+        self._stop: asyncio.Future[bool] | None = None
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._stop = loop.create_future()
+        ctx = WorkerContext(loop, self.config)
+        servers = []
+        for fd in self.listen_fds:
+            sock = socket.socket(fileno=fd)
+            servers.append(
+                await loop.create_server(lambda: ClientConnection(ctx), sock=sock, backlog=4096)
+            )
+        loop.add_signal_handler(signal.SIGTERM, self._request_stop, True)
+        loop.add_signal_handler(signal.SIGINT, self._request_stop, False)
+        loop.add_signal_handler(signal.SIGQUIT, self._request_stop, False)
+        sweeper = DeadlineSweeper(loop, lambda: ctx.connections)
+        sweeper.start()
+        self._heartbeat(loop, ctx, b"R")  # R: serving; the supervisor counts the worker ready
+
+        graceful = await self._stop
+        for server in servers:
+            server.close()  # our copy of the socket; the supervisor's keeps the accept queue
+        ctx.draining = True
+        if graceful:
+            for conn in list(ctx.connections):
+                conn.shutdown()
+            deadline = loop.time() + self.config.server.shutdown_timeout
+            while ctx.connections and loop.time() < deadline:
+                await asyncio.sleep(0.05)
+            if ctx.connections:
+                log.warning("%d connections still open after shutdown_timeout", len(ctx.connections))
+        sweeper.stop()
+        for conn in list(ctx.connections):
+            if conn.transport is not None:
+                conn.transport.abort()
+        ctx.close_idle_upstreams()
+
+    def _request_stop(self, graceful: bool) -> None:
+        if self._stop is not None and not self._stop.done():
+            self._stop.set_result(graceful)
+
+    def _heartbeat(self, loop: asyncio.AbstractEventLoop, ctx: WorkerContext, beat: bytes) -> None:
+        if os.getppid() != self.parent_pid:
+            self._request_stop(True)  # the supervisor is gone: nobody would replace us
+        try:
+            os.write(self.heartbeat_fd, beat)
+        except BlockingIOError:
+            pass  # the supervisor is not reading (stopped?): the beat is simply skipped
+        except OSError as exc:
+            if exc.errno == errno.EPIPE:
+                self._request_stop(True)
+        ctx.close_expired_upstreams()
+        loop.call_later(HEARTBEAT_INTERVAL, self._heartbeat, loop, ctx, b".")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="charon-worker")
+    parser.add_argument("--listen-fds", required=True, help="comma-separated inherited fds")
+    parser.add_argument("--heartbeat-fd", type=int, required=True)
+    parser.add_argument("--config-path", default="<stdin>")
+    parser.add_argument("--worker-id", type=int, default=0)
+    args = parser.parse_args(argv)
+
+    logging.basicConfig(
+        level=logging.INFO,
+        stream=sys.stderr,
+        format=f"%(asctime)s worker[{args.worker_id}:{os.getpid()}] %(levelname)s %(message)s",
+    )
+    config = load_config_text(sys.stdin.buffer.read().decode("utf-8"), args.config_path)
+    fds = [int(fd) for fd in args.listen_fds.split(",") if fd]
+    os.set_blocking(args.heartbeat_fd, False)
+    uvloop.run(Worker(config, fds, args.heartbeat_fd).run())
