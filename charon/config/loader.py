@@ -62,7 +62,7 @@ class ConfigError(Exception):
         self.path = path
         self.line = line  # 0 if unknown
         self.message = message
-        super().__init__(str(self))
+        super().__init__(path, line, message)  # args match __init__: picklable
 
     def __str__(self) -> str:
         where = f"{self.path}:{self.line}" if self.line else self.path
@@ -152,7 +152,7 @@ class _Table:
                 raise self.error_at((*self.path, key), self._unknown(key, value, allowed))
 
     def _unknown(self, key: str, value: Any, allowed: Collection[str]) -> str:
-        close = difflib.get_close_matches(key, allowed, n=1)
+        close = difflib.get_close_matches(key, allowed, n=1, cutoff=0.7)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         if self.path:
             return f"unknown key '{key}' in {self.name}{hint}"

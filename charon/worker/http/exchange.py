@@ -239,14 +239,7 @@ class Exchange:
         if conn is None:
             return
         conn.exchange = None
-        parser = self.parser
-        if (
-            self.upstream_reusable
-            and self.request_done
-            and parser is not None
-            and parser.should_keep_alive()
-            and self.delimited
-        ):
+        if self.upstream_reusable and self.request_done and self.delimited:
             conn.pool.release(conn)
         else:
             conn.close()
@@ -285,6 +278,8 @@ class Exchange:
         self.out.append(head)
         self.response_started = True
         if self.plan.method == b"HEAD":
+            if not self.parser.should_keep_alive():
+                self.upstream_reusable = False
             self._complete_response()
 
     def on_body(self, data: bytes) -> None:
@@ -302,6 +297,10 @@ class Exchange:
             self.in_head = True
             return
         if not self.response_done and not self.in_head:
+            assert self.parser is not None
+            # Asked now: llhttp forgets the message's keep-alive state once it returns.
+            if not self.parser.should_keep_alive():
+                self.upstream_reusable = False
             self._complete_response()
 
     # -- endings -----------------------------------------------------------------------------
@@ -313,6 +312,7 @@ class Exchange:
         if self.framing == OUT_UNTIL_CLOSE:
             self.keep_alive = False
         self.finished = True
+        self._flush()  # before the client connection may close or start the next exchange
         self.client.exchange_finished(self, self.keep_alive and self.request_done)
 
     def _flush(self) -> None:
