@@ -1,0 +1,3 @@
+from charon.cli import main
+
+main()
