@@ -6,12 +6,14 @@ import asyncio
 from typing import TYPE_CHECKING
 
 from charon.config.model import Config, Upstream
+from charon.worker.events import EventSink
 from charon.worker.http.headers import ForwardedPolicy
 from charon.worker.routing import Router
 from charon.worker.upstreams.pool import UpstreamPool
 
 if TYPE_CHECKING:
     from charon.worker.http.client import ClientConnection
+    from charon.worker.websocket.tunnel import Tunnel
 
 
 class WorkerContext:
@@ -24,6 +26,8 @@ class WorkerContext:
         self.timeouts = config.timeouts
         self.scheme = b"http"
         self.connections: set[ClientConnection] = set()
+        self.tunnels: set[Tunnel] = set()
+        self.events = EventSink()
         self.draining = False
         self._pools: dict[tuple[str, int], UpstreamPool] = {}
 

@@ -21,8 +21,7 @@ CONNECT = 3  # backend connect
 BODY_IDLE = 4  # client request body stalled
 FIRST_BYTE = 5  # backend's first response byte
 RESPONSE_IDLE = 6  # backend response stalled, or the client not reading it
-TUNNEL_IDLE = 7  # WebSocket tunnel with no traffic
-TUNNEL_PING = 8  # WebSocket ping answer due
+TUNNEL_IDLE = 7  # WebSocket tunnel: idle limit reached or a ping due
 
 
 class HasDeadline(Protocol):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import errno
+import itertools
 import logging
 import os
 import signal
@@ -52,7 +53,7 @@ class Worker:
         loop.add_signal_handler(signal.SIGTERM, self._request_stop, True)
         loop.add_signal_handler(signal.SIGINT, self._request_stop, False)
         loop.add_signal_handler(signal.SIGQUIT, self._request_stop, False)
-        sweeper = DeadlineSweeper(loop, lambda: ctx.connections)
+        sweeper = DeadlineSweeper(loop, lambda: itertools.chain(ctx.connections, ctx.tunnels))
         sweeper.start()
         self._heartbeat(loop, ctx, b"R")  # R: serving; the supervisor counts the worker ready
 
@@ -60,6 +61,8 @@ class Worker:
         for server in servers:
             server.close()  # our copy of the socket; the supervisor's keeps the accept queue
         ctx.draining = True
+        for tunnel in list(ctx.tunnels):
+            tunnel.shutdown()  # Close 1001 at a frame boundary
         if graceful:
             for conn in list(ctx.connections):
                 conn.shutdown()

@@ -30,6 +30,7 @@ _PAUSE_BODY = 2  # request body waiting for the backend connection to open
 _PAUSE_QUEUE = 4  # pipelined requests waiting their turn
 
 MAX_QUEUED = 16  # pipelined requests parsed ahead of the active one
+HELD_LIMIT = 64 * 1024  # bytes read past a WebSocket handshake before the backend answers
 
 
 class ClientConnection(asyncio.Protocol):
@@ -50,6 +51,7 @@ class ClientConnection(asyncio.Protocol):
         self._headers: list[tuple[bytes, bytes]] = []
         self._header_size = 0
         self._in_head = False
+        self._held: bytearray | None = None
 
     # -- asyncio.Protocol ------------------------------------------------------------------
 
@@ -61,6 +63,9 @@ class ClientConnection(asyncio.Protocol):
         self.set_deadline(HEADER, self.ctx.timeouts.header)
 
     def data_received(self, data: bytes) -> None:
+        if self._held is not None:
+            self._hold(data)
+            return
         if self.closing:
             return
         try:
@@ -73,10 +78,16 @@ class ClientConnection(asyncio.Protocol):
                 log.error("request handling failed", exc_info=cause)
                 self._reject(HttpError(500, "internal error"))
         except httptools.HttpParserUpgrade as exc:
-            # llhttp stops after any request with `Connection: upgrade`; the request was
-            # forwarded as a plain one (Upgrade is hop-by-hop), so parsing simply goes on.
+            # llhttp stops after any request with `Connection: upgrade`.
             tail = data[exc.args[0] :]
-            if tail:
+            last = self.exchanges[-1] if self.exchanges else None
+            if last is not None and last.plan is not None and last.plan.websocket_key:
+                # Bytes past a WebSocket handshake wait for the backend's answer: frames for
+                # the tunnel after a 101, the next HTTP request after anything else.
+                self._held = bytearray()
+                self._hold(tail)
+            elif tail:
+                # Another protocol's upgrade went to the backend as a plain request.
                 self.data_received(tail)
         except httptools.HttpParserError:
             self._reject(HttpError(400, "malformed request"))
@@ -199,6 +210,31 @@ class ClientConnection(asyncio.Protocol):
             self.exchanges[0].start()
         else:
             self.set_deadline(KEEPALIVE, self.ctx.timeouts.idle)
+        if self._held is not None and exchange.plan is not None and exchange.plan.websocket_key:
+            # The backend refused the upgrade: what the client sent after it is HTTP again.
+            held, self._held = bytes(self._held), None
+            if held:
+                self.data_received(held)
+
+    def _hold(self, data: bytes) -> None:
+        assert self._held is not None
+        self._held += data
+        if len(self._held) > HELD_LIMIT:
+            self._pause(_PAUSE_QUEUE)
+
+    def become_tunnel(self) -> bytes:
+        """Leave the connection to a WebSocket tunnel; the bytes held past the handshake."""
+        held = bytes(self._held or b"")
+        self._held = None
+        self.ctx.connections.discard(self)
+        self.closing = True
+        self.deadline_kind = NONE
+        self.exchanges.clear()
+        if self._paused and self.transport is not None:
+            self.transport.resume_reading()
+        self._paused = 0
+        self.transport = None
+        return held
 
     def _reject(self, error: HttpError) -> None:
         """A request the proxy cannot parse or accept: answer it in turn, then close."""

@@ -30,6 +30,8 @@ from charon.worker.http.response import (
     has_no_body,
     interim_head,
 )
+from charon.worker.websocket.handshake import check_response, switching_head
+from charon.worker.websocket.tunnel import Tunnel, TunnelInfo
 
 if TYPE_CHECKING:
     from charon.worker.http.client import ClientConnection
@@ -195,7 +197,10 @@ class Exchange:
             return
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
+        except httptools.HttpParserUpgrade as exc:
+            if self.plan is not None and self.plan.websocket_key is not None:
+                self._open_tunnel(data[exc.args[0] :])
+                return
             self._fail(502, "the backend switched protocols unasked")
         except httptools.HttpParserError:
             self.upstream_reusable = False
@@ -205,6 +210,34 @@ class Exchange:
             self._release_upstream()
         elif self.plan is not None and self.response_started:
             self.client.set_deadline(RESPONSE_IDLE, self.plan.route.timeouts.idle)
+
+    def _open_tunnel(self, backend_tail: bytes) -> None:
+        """The backend answered 101: check it, then hand both connections to a Tunnel."""
+        plan, conn, client = self.plan, self.upstream, self.client
+        assert plan is not None and plan.websocket_key is not None and conn is not None
+        if not check_response(self.headers, plan.websocket_key):
+            self.upstream_reusable = False
+            self._fail(502, "the backend's 101 is not a valid WebSocket handshake")
+            return
+        transport = client.transport
+        if transport is None or transport.is_closing():
+            self._fail(502, "the client left")
+            return
+        transport.write(switching_head(self.headers))
+        self.response_started = self.response_done = self.finished = True
+        conn.exchange = None
+        self.upstream = None
+        subprotocol = next(
+            (v for n, v in self.headers if n.lower() == b"sec-websocket-protocol"), b""
+        )
+        info = TunnelInfo(
+            plan.route.host.name,
+            plan.client_ip,
+            plan.path.decode("latin-1"),
+            subprotocol.decode("latin-1"),
+        )
+        tunnel = Tunnel(client.ctx, transport, conn.transport, plan.route.websocket, info)
+        tunnel.start(client.become_tunnel(), backend_tail)
 
     def upstream_closed(self) -> None:
         """The backend closed or reset its connection while this exchange used it."""

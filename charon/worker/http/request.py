@@ -10,13 +10,14 @@ from dataclasses import dataclass
 
 from charon.worker.http.errors import HttpError
 from charon.worker.http.headers import (
-    Header,
     ForwardedPolicy,
+    Header,
     connection_tokens,
     droppable_by_connection,
     split_host,
 )
 from charon.worker.routing import Route, Router
+from charon.worker.websocket.handshake import check_request, is_websocket_upgrade
 
 BODY_NONE = 0
 BODY_LENGTH = 1
@@ -25,7 +26,8 @@ BODY_CHUNKED = 2
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 
 # What each specially treated request header is; every other header is forwarded as is.
-_HOST, _LENGTH, _TE, _CONNECTION, _XFF, _XFP, _XFH, _FORWARDED, _VIA, _UPGRADE, _DROP = range(11)
+(_HOST, _LENGTH, _TE, _CONNECTION, _XFF, _XFP, _XFH, _FORWARDED, _VIA, _UPGRADE, _DROP, _WS_KEY,
+ _WS_VERSION) = range(13)
 _SPECIAL = {
     b"host": _HOST,
     b"content-length": _LENGTH,
@@ -43,6 +45,8 @@ _SPECIAL = {
     b"trailer": _DROP,
     b"proxy-authenticate": _DROP,
     b"proxy-authorization": _DROP,
+    b"sec-websocket-key": _WS_KEY,
+    b"sec-websocket-version": _WS_VERSION,
 }
 
 
@@ -55,7 +59,7 @@ class RequestPlan:
     length: int  # with BODY_LENGTH
     client_ip: str
     path: bytes
-    upgrade: bytes | None  # the Upgrade value when Connection names upgrade
+    websocket_key: bytes | None  # set for a valid WebSocket handshake
 
 
 def plan_request(
@@ -83,6 +87,8 @@ def plan_request(
     forwarded: list[bytes] = []
     via: list[bytes] = []
     upgrade: bytes | None = None
+    ws_key: bytes | None = None
+    ws_version: bytes | None = None
     kept: list[Header] = []
     special = _SPECIAL
     for name, value in headers:
@@ -109,6 +115,12 @@ def plan_request(
             via.append(value)
         elif kind == _UPGRADE:
             upgrade = value
+        elif kind == _WS_KEY:
+            ws_key = value
+            kept.append((name, value))
+        elif kind == _WS_VERSION:
+            ws_version = value
+            kept.append((name, value))
 
     host_value, host_name, path = _authority_and_path(target, method, host_values)
     route = router.route(host_name, path)
@@ -118,8 +130,11 @@ def plan_request(
     body, body_length = _body_framing(length, te)
     tokens = connection_tokens(conn_values) if conn_values else frozenset()
     dropped = droppable_by_connection(tokens)
-    if upgrade is not None and b"upgrade" not in tokens:
-        upgrade = None
+    websocket = b"upgrade" in tokens and is_websocket_upgrade(upgrade)
+    if websocket:
+        if body != BODY_NONE:
+            raise HttpError(400, "a WebSocket handshake cannot carry a body")
+        check_request(method, version, ws_key, ws_version)
 
     out = [method, b" ", target, b" HTTP/1.1\r\nHost: ", host_value, b"\r\n"]
     for name, value in kept:
@@ -141,11 +156,14 @@ def plan_request(
         out += (b"Content-Length: ", length or b"0", b"\r\n")
     elif body == BODY_CHUNKED:
         out.append(b"Transfer-Encoding: chunked\r\n")
+    if websocket:
+        out.append(b"Connection: Upgrade\r\nUpgrade: websocket\r\n")
     out.append(b"\r\n")
 
     client_ip = policy.client_ip(peer_ip, joined_xff) if trusted else peer_ip
     return RequestPlan(
-        route, method, b"".join(out), body, body_length, client_ip, path, upgrade
+        route, method, b"".join(out), body, body_length, client_ip, path,
+        ws_key.strip() if websocket and ws_key else None,
     )
 
 

@@ -1,0 +1,1 @@
+"""WebSocket: handshake checks, frame-header walking, the byte-copying tunnel."""
