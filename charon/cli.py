@@ -11,6 +11,7 @@ import sys
 import time
 import urllib.request
 from importlib import resources
+from typing import NoReturn
 
 from charon.config import Config, ConfigError, load_config_text
 from charon.supervisor.arbiter import Arbiter
@@ -112,6 +113,6 @@ def _setup_logging() -> None:
     )
 
 
-def _die(message: str) -> None:  # type: ignore[misc]
+def _die(message: str) -> NoReturn:
     print(f"charon: {message}", file=sys.stderr)
     sys.exit(1)

@@ -63,8 +63,8 @@ class Arbiter:
         if self.config.admin.listen is not None:
             self.admin = AdminServer(self.config.admin.listen, self)
             await self.admin.start()
-        for signum in (*_STOP_SIGNALS, signal.SIGCHLD, signal.SIGHUP):
-            loop.add_signal_handler(signum, self.signals.put_nowait, signum)
+        for handled in (*_STOP_SIGNALS, signal.SIGCHLD, signal.SIGHUP):
+            loop.add_signal_handler(handled, self.signals.put_nowait, handled)
         log.info(
             "listening on %s with %d workers",
             ", ".join(str(a) for a in self.config.server.listen),
@@ -74,8 +74,8 @@ class Arbiter:
             self._spawn_missing()
             while True:
                 signum = await self._next_signal()
-                if signum in _STOP_SIGNALS:
-                    await self._stop(graceful=_STOP_SIGNALS[signum])
+                if signum is not None and signum in _STOP_SIGNALS:
+                    await self._stop(graceful=_STOP_SIGNALS[signal.Signals(signum)])
                     return 0
                 if signum == signal.SIGHUP:
                     log.warning("SIGHUP: configuration reload is not implemented yet; ignored")
@@ -114,7 +114,7 @@ class Arbiter:
             else:
                 self.early_deaths = 0
             self.restarts += 1
-            delay = 0.0 if self.early_deaths == 0 else min(0.5 * 2 ** (self.early_deaths - 1), MAX_BACKOFF)
+            delay = _backoff(self.early_deaths)
             slot.respawn_at = now + delay
             log.warning(
                 "worker %d (pid %d) exited with %s after %.1fs; restarting in %.1fs",
@@ -187,6 +187,11 @@ class Arbiter:
 
     def worker_pids(self) -> list[int]:
         return [s.process.pid for s in self.slots if s.process is not None]
+
+
+def _backoff(early_deaths: int) -> float:
+    """0 after a worker that served a while, then 0.5 s doubling up to MAX_BACKOFF."""
+    return 0.0 if early_deaths == 0 else min(0.5 * 2 ** (early_deaths - 1), MAX_BACKOFF)
 
 
 def _describe_exit(code: int | None) -> str:

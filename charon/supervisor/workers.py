@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -65,17 +66,13 @@ class WorkerProcess:
         return self.process.poll()
 
     def signal(self, signum: int) -> None:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(self.pid, signum)
-        except ProcessLookupError:
-            pass
 
     def kill(self) -> None:
         self.signal(signal.SIGKILL)
 
     def close(self) -> None:
         """Release the supervisor's side once the process has been reaped."""
-        try:
+        with contextlib.suppress(OSError):
             os.close(self.heartbeat_fd)
-        except OSError:
-            pass

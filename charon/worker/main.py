@@ -70,7 +70,7 @@ class Worker:
             while ctx.connections and loop.time() < deadline:
                 await asyncio.sleep(0.05)
             if ctx.connections:
-                log.warning("%d connections still open after shutdown_timeout", len(ctx.connections))
+                log.warning("%d connections open after shutdown_timeout", len(ctx.connections))
         sweeper.stop()
         for conn in list(ctx.connections):
             if conn.transport is not None:

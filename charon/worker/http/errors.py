@@ -6,7 +6,7 @@ from http import HTTPStatus
 
 
 class HttpError(Exception):
-    """A request the proxy answers itself with `status`; `close` ends the client connection after."""
+    """A request the proxy answers itself with `status`; `close`: end the connection after it."""
 
     def __init__(self, status: int, detail: str = "", close: bool = True) -> None:
         super().__init__(f"{status} {detail}")
@@ -18,7 +18,9 @@ class HttpError(Exception):
 _cache: dict[tuple[int, str, bool, bool], bytes] = {}
 
 
-def error_response(status: int, detail: str = "", close: bool = True, head_only: bool = False) -> bytes:
+def error_response(
+    status: int, detail: str = "", close: bool = True, head_only: bool = False
+) -> bytes:
     """A complete response for `status`; `detail` must be a fixed string, not client input."""
     key = (status, detail, close, head_only)
     cached = _cache.get(key)

@@ -60,7 +60,7 @@ def check_response(headers: list[Header], key: bytes) -> bool:
 
 
 def switching_head(headers: list[Header]) -> bytes:
-    """The 101 for the client: the backend's end-to-end headers (subprotocol, extensions, accept)."""
+    """The 101 for the client, with the backend's end-to-end headers (protocol, extensions)."""
     out = [b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"]
     for name, value in headers:
         lname = name.lower()
