@@ -156,6 +156,16 @@ class FrameWalker:
         return int(_U16.unpack(payload)[0])
 
 
+def pong_size(data: bytes, pos: int) -> int | None:
+    """The whole size of the Pong frame starting at data[pos], or None if it is not one."""
+    if len(data) - pos < 2 or data[pos] != 0x80 | OP_PONG:
+        return None
+    length = data[pos + 1] & 0x7F
+    if length > 125:
+        return None
+    return 2 + length + (4 if data[pos + 1] & 0x80 else 0)
+
+
 def close_frame(code: int, reason: bytes = b"", masked: bool = False) -> bytes:
     return _control_frame(OP_CLOSE, _U16.pack(code) + reason[:123], masked)
 

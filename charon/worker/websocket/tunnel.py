@@ -20,6 +20,7 @@ from charon.worker.websocket.frames import (
     FrameWalker,
     close_frame,
     ping_frame,
+    pong_size,
 )
 
 if TYPE_CHECKING:
@@ -77,10 +78,11 @@ class Tunnel:
         "deadline",
         "deadline_kind",
         "_ping_due",
+        "_pong_due",
+        "_dropping",
         "_next_ping",
         "_last_traffic",
         "_pongs_at_ping",
-        "_pending_to_client",
         "_closed_by",
         "_done",
     )
@@ -106,9 +108,10 @@ class Tunnel:
         now = ctx.loop.time()
         self._next_ping = now + settings.ping_interval
         self._last_traffic = now
+        self._pong_due = False  # the next client Pong answers our Ping: it is not forwarded
+        self._dropping = 0  # bytes of that Pong frame still to drop
         self._ping_due = False  # a ping waits for a frame boundary toward the client
         self._pongs_at_ping = -1  # client pongs counted when the last ping went out; -1: none
-        self._pending_to_client: bytes = b""
         self._closed_by = ""
         self._done = False
 
@@ -134,6 +137,9 @@ class Tunnel:
             return
         if from_client:
             walker, out = self.upstream, self.backend
+            if self._pong_due or self._dropping:
+                self._forward_taking_pong(data)
+                return
         else:
             walker, out = self.downstream, self.client
             if self._ping_due:
@@ -149,6 +155,33 @@ class Tunnel:
             return
         if self.settings.idle_timeout:
             self._last_traffic = self.ctx.loop.time()
+
+    def _forward_taking_pong(self, data: bytes) -> None:
+        """Client->backend data while our Ping awaits its Pong: that Pong is not forwarded."""
+        walker = self.upstream
+        pos, end = 0, len(data)
+        while pos < end:
+            if self._dropping:
+                take = min(self._dropping, end - pos)
+                self._dropping -= take
+                pos += take
+                continue
+            if self._pong_due and walker.at_boundary:
+                size = pong_size(data, pos)
+                if size is not None:
+                    walker.pongs += 1
+                    self._pong_due = False
+                    take = min(size, end - pos)
+                    self._dropping = size - take
+                    pos += take
+                    continue
+            stop = walker.walk(data, pos, stop_at_boundary=True)
+            if stop > pos:
+                self.backend.write(data[pos:stop])
+            if walker.error:
+                self._refuse(walker.error)
+                return
+            pos = stop
 
     def _forward_to_boundary(self, data: bytes) -> None:
         """Backend->client data while a Ping waits: send it at the first frame boundary."""
@@ -257,6 +290,7 @@ class Tunnel:
     def _send_ping(self) -> None:
         self._ping_due = False
         self._pongs_at_ping = self.upstream.pongs
+        self._pong_due = True
         self.client.write(ping_frame(b"charon"))
 
     def shutdown(self) -> None:
