@@ -16,6 +16,7 @@ import errno
 import itertools
 import logging
 import os
+import resource
 import signal
 import socket
 import sys
@@ -95,6 +96,15 @@ class Worker:
         loop.call_later(HEARTBEAT_INTERVAL, self._heartbeat, loop, ctx, b".")
 
 
+def _raise_fd_limit() -> None:
+    """Each WebSocket tunnel holds two sockets: allow as many as the hard limit permits."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        hard = 1 << 20
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="charon-worker")
     parser.add_argument("--listen-fds", required=True, help="comma-separated inherited fds")
@@ -111,4 +121,5 @@ def main(argv: list[str] | None = None) -> None:
     config = load_config_text(sys.stdin.buffer.read().decode("utf-8"), args.config_path)
     fds = [int(fd) for fd in args.listen_fds.split(",") if fd]
     os.set_blocking(args.heartbeat_fd, False)
+    _raise_fd_limit()
     uvloop.run(Worker(config, fds, args.heartbeat_fd).run())
