@@ -103,6 +103,12 @@ class ProcStat:
     ppid: int
     ticks: int  # utime + stime + cutime + cstime
     start: int  # starttime, to tell a PID from a reused one
+    comm: str = ""
+    own: int = 0  # utime + stime only
+
+    @property
+    def kernel_thread(self) -> bool:
+        return self.pid == 2 or self.ppid == 2  # kthreadd and its children
 
 
 def read_stat(pid: int) -> ProcStat | None:
@@ -120,17 +126,25 @@ def read_stat(pid: int) -> ProcStat | None:
         start = int(rest[19])
     except (IndexError, ValueError):
         return None
-    return ProcStat(pid, ppid, utime + stime + cutime + cstime, start)
+    comm = data[data.find("(") + 1 : data.rfind(")")]
+    return ProcStat(pid, ppid, utime + stime + cutime + cstime, start, comm, utime + stime)
 
 
-def process_tree(root: int) -> list[ProcStat]:
-    """`root` and all its descendants (one /proc scan)."""
+def all_stats() -> dict[int, ProcStat]:
+    """Every process on the machine (one /proc scan)."""
     stats: dict[int, ProcStat] = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             st = read_stat(int(entry))
             if st is not None:
                 stats[st.pid] = st
+    return stats
+
+
+def process_tree(root: int, stats: dict[int, ProcStat] | None = None) -> list[ProcStat]:
+    """`root` and all its descendants."""
+    if stats is None:
+        stats = all_stats()
     if root not in stats:
         return []
     children: dict[int, list[int]] = {}
@@ -231,15 +245,15 @@ class Managed:
     def alive(self) -> bool:
         return self.proc.poll() is None
 
-    def refresh(self) -> list[ProcStat]:
-        tree = process_tree(self.pid)
+    def refresh(self, stats: dict[int, ProcStat] | None = None) -> list[ProcStat]:
+        tree = process_tree(self.pid, stats)
         for st in tree:
             if st.pid != self.pid:
                 self.known[st.pid] = st.start
         return tree
 
-    def cpu_seconds(self) -> float:
-        return sum(st.ticks for st in self.refresh()) / CLK_TCK
+    def cpu_seconds(self, stats: dict[int, ProcStat] | None = None) -> float:
+        return sum(st.ticks for st in self.refresh(stats)) / CLK_TCK
 
     def pin_all(self, cpus: str) -> int:
         """Re-pin the process and every descendant; returns how many were pinned."""
@@ -506,14 +520,23 @@ class Measurement:
     load_cpu_s: float | None = None  # load generator + backend CPU during the run
     wall_s: float = 0.0  # between the two CPU samples
     cpus: dict[int, CpuUse] = field(default_factory=dict)  # per CPU, in cores over wall_s
+    kernel_threads_s: float = 0.0  # ksoftirqd, kworkers...: mostly serving our traffic
+    others: list[tuple[str, float]] = field(default_factory=list)  # top other processes, cores
 
     @property
     def other_cores(self) -> float:
-        """Process CPU (user + system) on any CPU that was not ours: other people's load."""
+        """CPU used on the machine beyond ours (proxy, wrk, backend): other people's load.
+
+        Process times from /proc/PID/stat include the softirq work done in their context,
+        which /proc/stat books as irq, so "busy" here is task + irq. Kernel threads
+        (ksoftirqd, kworkers) count as ours: on a quiet machine they serve our traffic.
+        """
         if self.wall_s <= 0:
             return 0.0
-        ours = ((self.proxy_cpu_s or 0.0) + (self.load_cpu_s or 0.0)) / self.wall_s
-        return max(0.0, sum(c.task for c in self.cpus.values()) - ours)
+        ours = (
+            (self.proxy_cpu_s or 0.0) + (self.load_cpu_s or 0.0) + self.kernel_threads_s
+        ) / self.wall_s
+        return max(0.0, sum(c.task + c.irq for c in self.cpus.values()) - ours)
 
     @property
     def is_proxy_target(self) -> bool:
@@ -681,6 +704,43 @@ def children_cpu_seconds() -> float:
     return ru.ru_utime + ru.ru_stime
 
 
+def _others(
+    before: dict[int, ProcStat], after: dict[int, ProcStat], ours: set[int]
+) -> tuple[float, list[tuple[str, float]]]:
+    """CPU seconds of processes that are not ours, alive at the end of the window:
+    (kernel threads total, [(name, seconds)] of the others, biggest first).
+
+    Only utime + stime: a parent's cutime jumps by a child's whole life when it reaps it.
+    Processes that start and exit inside the window are missed here but still show in the
+    /proc/stat totals (Measurement.other_cores)."""
+    kernel, user = 0.0, []
+    for pid, st in after.items():
+        if pid in ours:
+            continue
+        b = before.get(pid)
+        d = (st.own - (b.own if b is not None and b.start == st.start else 0)) / CLK_TCK
+        if d <= 0:
+            continue
+        if st.kernel_thread:
+            kernel += d
+        else:
+            user.append((f"{st.comm}[{pid}]", d))
+    user.sort(key=lambda x: -x[1])
+    return kernel, [(_cmdline(name), d) for name, d in user[:3]]
+
+
+def _cmdline(label: str) -> str:
+    """'comm[pid]' -> 'comm[pid] (first words of its command line)' when still readable."""
+    pid = label[label.rfind("[") + 1 : -1]
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            words = f.read(300).decode("utf-8", "replace").split("\0")
+    except OSError:
+        return label
+    cmd = " ".join(w for w in words if w)
+    return f"{label} `{cmd[:60]}`" if cmd else label
+
+
 def run_one(bench: Bench, scenario: Scenario, target: Target, backend: Managed) -> Measurement:
     if target.proc is not None and not target.proc.alive():
         return Measurement(scenario.name, target.name, None, failure="proxy is not running")
@@ -689,26 +749,36 @@ def run_one(bench: Bench, scenario: Scenario, target: Target, backend: Managed) 
     try:
         scenario.warmup(bench, target)
         time.sleep(0.5)
-        proxy0 = target.proc.cpu_seconds() if target.proc else None
-        backend0, kids0, t0 = backend.cpu_seconds(), children_cpu_seconds(), time.monotonic()
-        sys0 = cpu_ticks()
+        # One /proc snapshot on each side of the measured run: proxy, backend, everyone else.
+        all0, sys0, kids0 = all_stats(), cpu_ticks(), children_cpu_seconds()
+        t0 = time.monotonic()
         result = scenario.measure(bench, target)
-        sys1 = cpu_ticks()
-        t1, kids1, backend1 = time.monotonic(), children_cpu_seconds(), backend.cpu_seconds()
-        proxy1 = target.proc.cpu_seconds() if target.proc else None
+        t1 = time.monotonic()
+        all1, sys1, kids1 = all_stats(), cpu_ticks(), children_cpu_seconds()
     except (RuntimeError, OSError, subprocess.TimeoutExpired) as e:
         return Measurement(scenario.name, target.name, None, failure=str(e).splitlines()[0])
-    proxy_cpu = None if proxy0 is None or proxy1 is None else proxy1 - proxy0
+    ours = {os.getpid()}
+    for proc in (backend, target.proc):
+        if proc is not None:
+            for snap in (all0, all1):
+                ours.update(st.pid for st in proc.refresh(snap))
+    proxy_cpu = None
+    if target.proc is not None:
+        proxy_cpu = target.proc.cpu_seconds(all1) - target.proc.cpu_seconds(all0)
     # The measured run's load generator is our only child reaped in the window.
-    load_cpu = (kids1 - kids0) + (backend1 - backend0)
+    load_cpu = (kids1 - kids0) + (backend.cpu_seconds(all1) - backend.cpu_seconds(all0))
+    kernel_s, others = _others(all0, all1, ours)
+    wall = t1 - t0
     return Measurement(
         scenario.name,
         target.name,
         result,
         proxy_cpu_s=proxy_cpu,
         load_cpu_s=load_cpu,
-        wall_s=t1 - t0,
-        cpus=cpu_use(sys0, sys1, t1 - t0),
+        wall_s=wall,
+        cpus=cpu_use(sys0, sys1, wall),
+        kernel_threads_s=kernel_s,
+        others=[(name, sec / wall) for name, sec in others] if wall > 0 else [],
     )
 
 
@@ -778,12 +848,20 @@ def _busy(m: Measurement, cpus: list[int]) -> tuple[float, float]:
     return sum(u.busy for u in use), sum(u.irq for u in use)
 
 
+def _state(own: float, own_cores: int, busy: float, cpus: int) -> str:
+    """'own': our processes used >= 90% of what they may use; 'shared': the CPUs were >= 90%
+    busy but not with our processes; 'free': neither."""
+    if own >= 0.9 * own_cores:
+        return "own"
+    return "shared" if busy >= 0.9 * cpus else "free"
+
+
 def bound_notes(results: list[Measurement], scenarios: list[Scenario], args) -> list[str]:
     """One line per scenario: what limited each target's figure.
 
-    A side is "saturated" when its processes used >= 90% of the cores they may use, or when its
-    pinned CPUs were >= 90% busy in total (process time + interrupt time: the kernel's loopback
-    TCP work is partly accounted as softirq, not to any process).
+    A side is "saturated" when its processes used >= 90% of the cores they may use (process
+    time includes the softirq work of loopback TCP done in their context). The busy figures are
+    the pinned CPUs' totals from /proc/stat, whoever used them, with the irq share.
     """
     proxy_set, load_set = parse_cpulist(args.proxy_cpus), parse_cpulist(args.load_cpus)
     proxy_cores = min(args.workers, len(proxy_set))  # what the proxy can use at most
@@ -800,28 +878,34 @@ def bound_notes(results: list[Measurement], scenarios: list[Scenario], args) -> 
                 continue
             load_u = (m.load_cpu_s or 0.0) / m.wall_s
             load_busy, load_irq = _busy(m, load_set)
-            load_sat = load_u >= 0.9 * load_cores or load_busy >= 0.9 * load_cores
+            load_state = _state(load_u, load_cores, load_busy, len(load_set))
             figures = [
                 f"wrk+backend {load_u:.2f} core, CPU {cpu_names['load']} "
                 f"{load_busy:.2f} busy (irq {load_irq:.2f})"
             ]
             if m.proxy_cpu_s is None:
-                verdict = "load side saturated" if load_sat else "load side not saturated"
+                verdict = {
+                    "own": "load side saturated",
+                    "shared": "load CPUs full, shared with other processes",
+                    "free": "load side not saturated",
+                }[load_state]
             else:
                 proxy_u = m.proxy_cpu_s / m.wall_s
                 proxy_busy, proxy_irq = _busy(m, proxy_set)
-                proxy_sat = proxy_u >= 0.9 * proxy_cores or proxy_busy >= 0.9 * len(proxy_set)
+                proxy_state = _state(proxy_u, proxy_cores, proxy_busy, len(proxy_set))
                 figures.insert(
                     0,
                     f"proxy {proxy_u:.2f}/{proxy_cores} core, CPU {cpu_names['proxy']} "
                     f"{proxy_busy:.2f} busy (irq {proxy_irq:.2f})",
                 )
-                if proxy_sat and load_sat:
+                if proxy_state == "own" and load_state == "own":
                     verdict = "proxy AND load side saturated"
-                elif proxy_sat:
+                elif proxy_state == "own":
                     verdict = "proxy CPU-bound"
-                elif load_sat:
+                elif load_state == "own":
                     verdict = "load side bound, proxy has headroom"
+                elif "shared" in (proxy_state, load_state):
+                    verdict = "CPUs full, shared with other processes"
                 else:
                     verdict = "neither side saturated (latency/concurrency bound)"
             if m.other_cores >= 0.1:
@@ -835,12 +919,19 @@ def bound_notes(results: list[Measurement], scenarios: list[Scenario], args) -> 
 
 def contention_warnings(results: list[Measurement]) -> list[str]:
     worst = max((m.other_cores for m in results if m.load), default=0.0)
+    seen: dict[str, float] = {}
+    for m in results:
+        if m.load and m.other_cores >= 0.1:
+            for n, c in m.others:
+                seen[n] = max(c, seen.get(n, 0.0))
+    names = [n for n, c in sorted(seen.items(), key=lambda x: -x[1]) if c >= 0.02][:5]
     steal = max((sum(c.steal for c in m.cpus.values()) for m in results if m.load), default=0.0)
     out = []
     if worst >= 0.15:
         out.append(
             f"other processes used up to {worst:.2f} core during the measured runs: "
             "the figures are disturbed; rerun on a quiet machine"
+            + (f" (biggest: {'; '.join(names)})" if names else "")
         )
     if steal >= 0.05:
         out.append(f"the hypervisor stole up to {steal:.2f} core during the measured runs")
@@ -923,6 +1014,8 @@ def write_json(path: Path, env, results: list[Measurement], skipped, warnings) -
             "wall_s": m.wall_s,
             "cpu_us_per_req": m.cpu_us_per_req,
             "other_cores": m.other_cores,
+            "kernel_threads_s": m.kernel_threads_s,
+            "others": m.others,
             "cpus": {str(c): u.__dict__ for c, u in m.cpus.items()},
         }
         if m.load:
