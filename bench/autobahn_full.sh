@@ -21,7 +21,6 @@ listen = "127.0.0.1:$ADMIN_PORT"
 [[hosts]]
 domains = ["127.0.0.1"]
 upstream = "http://127.0.0.1:$BACKEND_PORT"
-websocket_max_frame_size = "64MiB"
 TOML
 
 charon_pid=""

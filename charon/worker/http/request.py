@@ -79,7 +79,7 @@ def plan_request(
 
     host_values: list[bytes] = []
     length: bytes | None = None
-    te: bytes | None = None
+    te: list[bytes] = []
     conn_values: list[bytes] = []
     xff: list[bytes] = []
     xfp: bytes | None = None
@@ -100,7 +100,7 @@ def plan_request(
         elif kind == _LENGTH:
             length = value
         elif kind == _TE:
-            te = value
+            te.append(value)  # several lines form one list (RFC 9110 5.3)
         elif kind == _CONNECTION:
             conn_values.append(value)
         elif kind == _XFF:
@@ -197,13 +197,16 @@ def _authority_and_path(
     return host_value, name, path
 
 
-def _body_framing(length: bytes | None, te: bytes | None) -> tuple[int, int]:
-    # llhttp already refused CL with TE, repeated or invalid CL, and TE not ending in chunked.
-    if te is not None:
-        coding = te.strip().lower()
-        if coding == b"chunked":
-            return BODY_CHUNKED, 0
-        raise HttpError(501, "only the chunked transfer coding is supported")
+def _body_framing(length: bytes | None, te: list[bytes]) -> tuple[int, int]:
+    # llhttp already refused CL with TE, repeated or invalid CL. It reports a Transfer-Encoding
+    # not ending in chunked only after on_headers_complete, i.e. after this ran.
+    if te:
+        codings = [c.strip().lower() for value in te for c in value.split(b",")]
+        if codings[-1] != b"chunked" or codings.count(b"chunked") != 1:
+            raise HttpError(400, "Transfer-Encoding must end in a single chunked")
+        if len(codings) > 1:
+            raise HttpError(501, "only the chunked transfer coding is supported")
+        return BODY_CHUNKED, 0
     if length is not None:
         return BODY_LENGTH, int(length)
     return BODY_NONE, 0

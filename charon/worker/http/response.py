@@ -65,14 +65,21 @@ def final_head(
 
     if no_body:
         framing = OUT_NONE
-        if length is not None:  # HEAD and 304 describe the representation's size
+        # HEAD and 304 describe the representation's size; 1xx and 204 never carry one.
+        if length is not None and status >= 200 and status != 204:
             out += (b"Content-Length: ", length, b"\r\n")
     elif length is not None:
         framing = OUT_RAW
         out += (b"Content-Length: ", length, b"\r\n")
     elif client_http11:
         framing = OUT_CHUNKED
-        out.append(b"Transfer-Encoding: chunked\r\n")
+        # llhttp removes only the chunked coding: other codings (gzip, ...) stay on the body
+        # and must stay declared, or the client takes the coded bytes for the content.
+        codings = _transfer_codings(headers)
+        if codings:
+            out += (b"Transfer-Encoding: ", b", ".join(codings), b", chunked\r\n")
+        else:
+            out.append(b"Transfer-Encoding: chunked\r\n")
     else:
         framing = OUT_UNTIL_CLOSE
         keep_alive = False
@@ -83,6 +90,17 @@ def final_head(
         out.append(b"Connection: keep-alive\r\n")
     out.append(b"\r\n")
     return b"".join(out), framing, keep_alive
+
+
+def _transfer_codings(headers: list[Header]) -> list[bytes]:
+    """The backend's transfer codings other than chunked, in order."""
+    return [
+        coding
+        for name, value in headers
+        if name.lower() == b"transfer-encoding"
+        for part in value.split(b",")
+        if (coding := part.strip()) and coding.lower() != b"chunked"
+    ]
 
 
 def _end_to_end(headers: list[Header]) -> list[Header]:
