@@ -1,4 +1,4 @@
-"""The admin listener, served by the supervisor: GET /healthz (metrics and live logs come later)."""
+"""The admin listener, served by the supervisor: /healthz here, more routes from its sections."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from typing import Protocol
 from aiohttp import web
 
 from charon.config.model import ListenAddress
+from charon.supervisor.sockets import ListenError
 
 
 class WorkerStatus(Protocol):
@@ -15,18 +16,32 @@ class WorkerStatus(Protocol):
     def worker_pids(self) -> list[int]: ...
 
 
+class AdminSection(Protocol):
+    """A part of the admin listener (metrics, live logs) that brings its own routes."""
+
+    def add_routes(self, app: web.Application) -> None: ...
+
+
 class AdminServer:
-    def __init__(self, address: ListenAddress, status: WorkerStatus) -> None:
+    def __init__(
+        self, address: ListenAddress, status: WorkerStatus, sections: list[AdminSection]
+    ) -> None:
         self.address = address
         self.status = status
         app = web.Application()
         app.router.add_get("/healthz", self._healthz)
+        for section in sections:
+            section.add_routes(app)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
 
     async def start(self) -> None:
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.address.host, self.address.port, reuse_address=True)
-        await site.start()
+        try:
+            await site.start()
+        except OSError as exc:
+            await self._runner.cleanup()
+            raise ListenError(f"cannot listen on {self.address} (admin): {exc.strerror}") from exc
 
     async def stop(self) -> None:
         await self._runner.cleanup()

@@ -16,8 +16,10 @@ import socket
 import time
 from dataclasses import dataclass
 
-from charon.admin.server import AdminServer
+from charon.admin.server import AdminSection, AdminServer
 from charon.config import Config
+from charon.events.receiver import EventHub, EventReceiver
+from charon.events.schema import WORKER_EXIT
 from charon.supervisor.sockets import bind_listener
 from charon.supervisor.workers import WorkerProcess
 
@@ -55,13 +57,18 @@ class Arbiter:
         self.restarts = 0
         self.signals: asyncio.Queue[int] = asyncio.Queue()
         self.admin: AdminServer | None = None
+        self.hub = EventHub()
+        self.receiver: EventReceiver | None = None
+        self.sections: list[AdminSection] = []
 
     async def run(self) -> int:
         """Serve until a stop signal; the process exit code."""
         loop = asyncio.get_running_loop()
         self.listeners = [bind_listener(addr) for addr in self.config.server.listen]
+        self.receiver = EventReceiver(self.hub)
+        self.receiver.start()
         if self.config.admin.listen is not None:
-            self.admin = AdminServer(self.config.admin.listen, self)
+            self.admin = AdminServer(self.config.admin.listen, self, self.sections)
             await self.admin.start()
         for handled in (*_STOP_SIGNALS, signal.SIGCHLD, signal.SIGHUP):
             loop.add_signal_handler(handled, self.signals.put_nowait, handled)
@@ -89,6 +96,8 @@ class Arbiter:
         finally:
             if self.admin is not None:
                 await self.admin.stop()
+            if self.receiver is not None:
+                await self.receiver.stop()
             for sock in self.listeners:
                 sock.close()
 
@@ -116,6 +125,10 @@ class Arbiter:
             self.restarts += 1
             delay = _backoff(self.early_deaths)
             slot.respawn_at = now + delay
+            self.hub.supervisor_event(
+                [WORKER_EXIT, time.time(), slot.worker_id, proc.pid,
+                 _describe_exit(proc.exit_code()), delay]
+            )
             log.warning(
                 "worker %d (pid %d) exited with %s after %.1fs; restarting in %.1fs",
                 slot.worker_id, proc.pid, _describe_exit(proc.exit_code()), lived, delay,
@@ -145,8 +158,13 @@ class Arbiter:
                 slot.process = self._spawn(slot.worker_id)
 
     def _spawn(self, worker_id: int) -> WorkerProcess:
+        assert self.receiver is not None
         proc = WorkerProcess(
-            worker_id, self.config_text, self.config.path, [s.fileno() for s in self.listeners]
+            worker_id,
+            self.config_text,
+            self.config.path,
+            [s.fileno() for s in self.listeners],
+            self.receiver.endpoint,
         )
         asyncio.get_running_loop().add_reader(proc.heartbeat_fd, self._on_heartbeat, proc)
         log.info("worker %d started (pid %d)", worker_id, proc.pid)

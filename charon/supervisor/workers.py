@@ -13,7 +13,14 @@ import time
 class WorkerProcess:
     """A `python -m charon.worker` child that inherits the listening sockets."""
 
-    def __init__(self, worker_id: int, config_text: str, config_path: str, fds: list[int]):
+    def __init__(
+        self,
+        worker_id: int,
+        config_text: str,
+        config_path: str,
+        fds: list[int],
+        events_endpoint: str,
+    ) -> None:
         self.worker_id = worker_id
         read_fd, write_fd = os.pipe()
         os.set_blocking(read_fd, False)
@@ -30,6 +37,8 @@ class WorkerProcess:
             config_path,
             "--worker-id",
             str(worker_id),
+            "--events",
+            events_endpoint,
         ]
         try:
             self.process = subprocess.Popen(

@@ -6,9 +6,9 @@ import asyncio
 from typing import TYPE_CHECKING
 
 from charon.config.model import Config, Upstream
-from charon.worker.events import EventSink
 from charon.worker.http.headers import ForwardedPolicy
 from charon.worker.routing import Router
+from charon.worker.telemetry import Telemetry
 from charon.worker.upstreams.pool import UpstreamPool
 
 if TYPE_CHECKING:
@@ -17,7 +17,9 @@ if TYPE_CHECKING:
 
 
 class WorkerContext:
-    def __init__(self, loop: asyncio.AbstractEventLoop, config: Config) -> None:
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, config: Config, telemetry: Telemetry
+    ) -> None:
         self.loop = loop
         self.config = config
         self.router = Router(config.hosts)
@@ -27,7 +29,7 @@ class WorkerContext:
         self.scheme = b"http"
         self.connections: set[ClientConnection] = set()
         self.tunnels: set[Tunnel] = set()
-        self.events = EventSink()
+        self.telemetry = telemetry
         self.draining = False
         self._pools: dict[tuple[str, int], UpstreamPool] = {}
 
@@ -42,6 +44,10 @@ class WorkerContext:
         now = self.loop.time()
         for pool in self._pools.values():
             pool.close_expired(now)
+
+    def report_metrics(self) -> None:
+        in_flight = sum(1 for conn in self.connections if conn.exchanges)
+        self.telemetry.flush_metrics(in_flight, len(self.connections), len(self.tunnels))
 
     def close_idle_upstreams(self) -> None:
         for pool in self._pools.values():

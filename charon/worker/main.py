@@ -24,9 +24,11 @@ import sys
 import uvloop
 
 from charon.config import Config, load_config_text
+from charon.events.publisher import EventPublisher
 from charon.worker.context import WorkerContext
 from charon.worker.deadlines import DeadlineSweeper
 from charon.worker.http.client import ClientConnection
+from charon.worker.telemetry import Telemetry
 
 log = logging.getLogger("charon.worker")
 
@@ -34,8 +36,17 @@ HEARTBEAT_INTERVAL = 1.0
 
 
 class Worker:
-    def __init__(self, config: Config, listen_fds: list[int], heartbeat_fd: int) -> None:
+    def __init__(
+        self,
+        config: Config,
+        listen_fds: list[int],
+        heartbeat_fd: int,
+        events_endpoint: str | None = None,
+        worker_id: int = 0,
+    ) -> None:
         self.config = config
+        self.events_endpoint = events_endpoint
+        self.worker_id = worker_id
         self.listen_fds = listen_fds
         self.heartbeat_fd = heartbeat_fd
         self.parent_pid = os.getppid()
@@ -44,7 +55,8 @@ class Worker:
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         self._stop = loop.create_future()
-        ctx = WorkerContext(loop, self.config)
+        publisher = EventPublisher(loop, self.events_endpoint, self.worker_id)
+        ctx = WorkerContext(loop, self.config, Telemetry(publisher))
         servers = []
         for fd in self.listen_fds:
             sock = socket.socket(fileno=fd)
@@ -77,6 +89,8 @@ class Worker:
             if conn.transport is not None:
                 conn.transport.abort()
         ctx.close_idle_upstreams()
+        ctx.report_metrics()
+        publisher.close()
 
     def _request_stop(self, graceful: bool) -> None:
         if self._stop is not None and not self._stop.done():
@@ -93,6 +107,7 @@ class Worker:
             if exc.errno == errno.EPIPE:
                 self._request_stop(True)
         ctx.close_expired_upstreams()
+        ctx.report_metrics()
         loop.call_later(HEARTBEAT_INTERVAL, self._heartbeat, loop, ctx, b".")
 
 
@@ -111,6 +126,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--heartbeat-fd", type=int, required=True)
     parser.add_argument("--config-path", default="<stdin>")
     parser.add_argument("--worker-id", type=int, default=0)
+    parser.add_argument("--events", default=None, help="ZeroMQ endpoint of the supervisor")
     args = parser.parse_args(argv)
 
     logging.basicConfig(
@@ -122,4 +138,4 @@ def main(argv: list[str] | None = None) -> None:
     fds = [int(fd) for fd in args.listen_fds.split(",") if fd]
     os.set_blocking(args.heartbeat_fd, False)
     _raise_fd_limit()
-    uvloop.run(Worker(config, fds, args.heartbeat_fd).run())
+    uvloop.run(Worker(config, fds, args.heartbeat_fd, args.events, args.worker_id).run())

@@ -169,12 +169,14 @@ class ClientConnection(asyncio.Protocol):
                 raise
             if parser.should_upgrade():
                 raise HttpError(error.status, error.detail) from None
-            exchange = Exchange(self, None, version == "1.1", keep_alive, error)
+            exchange = Exchange(
+                self, None, version == "1.1", keep_alive, error, method, target
+            )
         else:
             if plan.body != BODY_NONE and parser.should_upgrade():
                 # llhttp skips the body of an upgrade request; it would be read as a new request.
                 raise HttpError(400, "an upgrade request cannot carry a body")
-            exchange = Exchange(self, plan, version == "1.1", keep_alive)
+            exchange = Exchange(self, plan, version == "1.1", keep_alive, None, method, target)
         self._enqueue(exchange)
 
     def on_body(self, data: bytes) -> None:

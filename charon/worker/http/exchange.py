@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import TYPE_CHECKING
 
 import httptools
 
+from charon.events.schema import ERR_BAD_RESPONSE, ERR_CLOSED, ERR_CONNECT, ERR_TIMEOUT
 from charon.worker.deadlines import (
     BODY_IDLE,
     CONNECT,
@@ -40,6 +42,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("charon.worker")
 
 PENDING_BODY_LIMIT = 256 * 1024  # request body held while the backend connection opens
+OTHER_HOST = "_other"  # the host label of requests that matched no proxy host
 
 
 class Exchange:
@@ -50,8 +53,15 @@ class Exchange:
         http11: bool,
         keep_alive: bool,
         error: HttpError | None = None,
+        method: bytes = b"-",
+        target: bytes = b"",
     ) -> None:
         self.client = client
+        self.method = method
+        self.target = target
+        self.started = time.monotonic()  # uvloop's clock has millisecond steps
+        self.status = 0
+        self.body_bytes = 0
         self.plan = plan
         self.error = error
         self.http11 = http11
@@ -75,6 +85,7 @@ class Exchange:
         self.upstream_reusable = True
         self.out: list[bytes] = []
         self.retried = False
+        self.switching = False
 
     # -- lifecycle, driven by the client connection ------------------------------------------
 
@@ -101,13 +112,13 @@ class Exchange:
 
     def on_deadline(self, kind: int) -> None:
         if kind == CONNECT:
-            self._fail(504, "the backend did not accept the connection in time")
+            self._fail(504, "the backend did not accept the connection in time", ERR_TIMEOUT)
         elif kind == FIRST_BYTE:
-            self._fail(504, "the backend did not answer in time")
+            self._fail(504, "the backend did not answer in time", ERR_TIMEOUT)
         elif kind == BODY_IDLE:
             self._fail(408, "the request body stalled")
         else:  # RESPONSE_IDLE
-            self._fail(504, "the backend stalled")
+            self._fail(504, "the backend stalled", ERR_TIMEOUT)
 
     # -- request side ------------------------------------------------------------------------
 
@@ -163,7 +174,7 @@ class Exchange:
             conn = await pool.connect()
         except OSError:
             self.connecting = None
-            self._fail(502, "cannot connect to the backend")
+            self._fail(502, "cannot connect to the backend", ERR_CONNECT)
             return
         self.connecting = None
         if self.finished:
@@ -201,10 +212,10 @@ class Exchange:
             if self.plan is not None and self.plan.websocket_key is not None:
                 self._open_tunnel(data[exc.args[0] :])
                 return
-            self._fail(502, "the backend switched protocols unasked")
+            self._fail(502, "the backend switched protocols unasked", ERR_BAD_RESPONSE)
         except httptools.HttpParserError:
             self.upstream_reusable = False
-            self._fail(502, "the backend sent an invalid response")
+            self._fail(502, "the backend sent an invalid response", ERR_BAD_RESPONSE)
         self._flush()
         if self.response_done:
             self._release_upstream()
@@ -217,7 +228,9 @@ class Exchange:
         assert plan is not None and plan.websocket_key is not None and conn is not None
         if not check_response(self.headers, plan.websocket_key):
             self.upstream_reusable = False
-            self._fail(502, "the backend's 101 is not a valid WebSocket handshake")
+            self._fail(
+                502, "the backend's 101 is not a valid WebSocket handshake", ERR_BAD_RESPONSE
+            )
             return
         transport = client.transport
         if transport is None or transport.is_closing():
@@ -225,6 +238,7 @@ class Exchange:
             return
         transport.write(switching_head(self.headers))
         self.response_started = self.response_done = self.finished = True
+        self._report(101)
         conn.exchange = None
         self.upstream = None
         subprotocol = next(
@@ -253,7 +267,7 @@ class Exchange:
             self.parser = None
             self._connect()
             return
-        self._fail(502, "the backend closed the connection early")
+        self._fail(502, "the backend closed the connection early", ERR_CLOSED)
 
     def _may_retry(self) -> bool:
         # Decision 11: a reused connection the backend closed before answering; only a request
@@ -299,7 +313,9 @@ class Exchange:
             self.reason = b""
             return
         if status == 101:
-            return  # the parser raises HttpParserUpgrade next
+            self.switching = True  # llhttp completes the message, then raises HttpParserUpgrade
+            return
+        self.status = status
         no_body = has_no_body(status, self.plan.method)
         keep_alive = self.keep_alive and not self.client.ctx.draining
         head, self.framing, self.keep_alive = final_head(
@@ -319,12 +335,15 @@ class Exchange:
         if self.response_done:
             self.upstream_reusable = False
             return
+        self.body_bytes += len(data)
         if self.framing == OUT_CHUNKED:
             self.out += (b"%x\r\n" % len(data), data, b"\r\n")
         else:
             self.out.append(data)
 
     def on_message_complete(self) -> None:
+        if self.switching:
+            return
         if self.interim:
             self.interim = False
             self.in_head = True
@@ -346,6 +365,7 @@ class Exchange:
             self.keep_alive = False
         self.finished = True
         self._flush()  # before the client connection may close or start the next exchange
+        self._report(self.status)
         self.client.exchange_finished(self, self.keep_alive and self.request_done)
 
     def _flush(self) -> None:
@@ -356,10 +376,14 @@ class Exchange:
             if transport is not None and not transport.is_closing():
                 transport.writelines(out) if len(out) > 1 else transport.write(out[0])
 
-    def _fail(self, status: int, detail: str) -> None:
-        """End the exchange on an error: an error response if nothing was sent yet, else a cut."""
+    def _fail(self, status: int, detail: str, kind: str = "") -> None:
+        """End the exchange on an error: an error response if nothing was sent yet, else a cut.
+
+        `kind` names a backend failure for the upstream error metric."""
         if self.finished:
             return
+        if kind:
+            self._report_upstream_error(kind, status)
         if self.connecting is not None:
             self.connecting.cancel()
             self.connecting = None
@@ -370,6 +394,7 @@ class Exchange:
         if self.response_started:
             self.finished = True
             self._flush()
+            self._report(self.status)
             self.client.abort_after_flush()
             return
         self.out = []
@@ -385,8 +410,30 @@ class Exchange:
         self.response_done = True
         self.finished = True
         self.keep_alive = keep_alive
+        self._report(error.status)
         if error.status >= 500:
             log.info("answered %d: %s", error.status, error.detail)
         if self.request_done or not keep_alive:
             self.client.exchange_finished(self, keep_alive and self.request_done)
         # else: request_complete() finishes it once the unread body has been dropped
+
+    # -- telemetry ---------------------------------------------------------------------------
+
+    def _report(self, status: int) -> None:
+        plan, ctx = self.plan, self.client.ctx
+        ctx.telemetry.request(
+            plan.route.host.name if plan is not None else OTHER_HOST,
+            self.method,
+            status,
+            time.monotonic() - self.started,
+            self.body_bytes,
+            plan.client_ip if plan is not None else self.client.peer_ip,
+            self.target,
+        )
+
+    def _report_upstream_error(self, kind: str, status: int) -> None:
+        plan, ctx = self.plan, self.client.ctx
+        if plan is not None:
+            ctx.telemetry.upstream_error(
+                plan.route.host.name, kind, status, plan.client_ip, self.target
+            )

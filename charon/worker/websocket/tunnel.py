@@ -125,7 +125,7 @@ class Tunnel:
             self.forward(False, backend_tail)
         if client_tail:
             self.forward(True, client_tail)
-        self.ctx.events.websocket_open(self.info)
+        self.ctx.telemetry.websocket_open(self.info)
 
     def peer_transport(self, from_client: bool) -> asyncio.Transport:
         return self.backend if from_client else self.client
@@ -241,7 +241,7 @@ class Tunnel:
         for transport in (self.client, self.backend):
             if transport not in transports and not transport.is_closing():
                 transport.close()
-        self.ctx.events.websocket_close(self.info, self.summary())
+        self.ctx.telemetry.websocket_close(self.info, self.summary())
 
     def summary(self) -> dict[str, object]:
         up, down = self.upstream, self.downstream

@@ -1,0 +1,1 @@
+"""The event bus between workers and the supervisor: schema, publisher, receiver."""

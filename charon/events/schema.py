@@ -1,0 +1,51 @@
+"""The events workers send to the supervisor: msgpack arrays, one layout per kind.
+
+Arrays, not maps: packing a tuple is several times cheaper than a dict on the request path, and
+the field names live here, once, for both ends. A message on the wire is one msgpack array
+`[worker_id, pid, [event, ...]]`: workers batch events and send a batch at most every
+FLUSH_INTERVAL.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+# Kinds: the first element of every event.
+REQUEST = "req"
+WS_OPEN = "ws_open"
+WS_CLOSE = "ws_close"
+UPSTREAM_ERROR = "upstream_error"
+METRICS = "metrics"  # a worker's metric deltas and gauges, once a second
+CONFIG_RELOAD = "reload"  # from the supervisor itself
+WORKER_EXIT = "worker_exit"  # from the supervisor itself
+
+FIELDS: dict[str, tuple[str, ...]] = {
+    REQUEST: (
+        "time", "host", "method", "status", "duration", "response_bytes", "client_ip", "path",
+    ),
+    WS_OPEN: ("time", "host", "client_ip", "path", "subprotocol"),
+    WS_CLOSE: (
+        "time", "host", "client_ip", "path", "subprotocol", "duration", "messages_in",
+        "messages_out", "bytes_in", "bytes_out", "close_code", "closed_by",
+    ),
+    UPSTREAM_ERROR: ("time", "host", "kind", "status", "client_ip", "path"),
+    # deltas: counters since the previous METRICS; gauges: values now (see worker/telemetry.py)
+    METRICS: ("deltas", "gauges"),
+    CONFIG_RELOAD: ("time", "result", "path", "error"),
+    WORKER_EXIT: ("time", "worker_id", "pid", "status", "restart_in"),
+}
+
+# Upstream error kinds (the `kind` label of charon_upstream_errors_total).
+ERR_CONNECT = "connect"
+ERR_TIMEOUT = "timeout"
+ERR_BAD_RESPONSE = "bad_response"
+ERR_CLOSED = "closed"
+
+
+def as_dict(event: list[Any] | tuple[Any, ...]) -> dict[str, Any]:
+    """An event as a named record: {"kind": ..., field: value, ...}."""
+    kind = event[0]
+    names = FIELDS.get(kind, ())
+    record: dict[str, Any] = {"kind": kind}
+    record.update(zip(names, event[1:], strict=False))
+    return record
