@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import logging
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -74,6 +75,8 @@ def _run(config: Config, text: str) -> int:
 def _demo() -> int:
     text = resources.files("charon.config").joinpath("default.toml").read_text("utf-8")
     config = load_config_text(text, "<default>")
+    # Until the supervisor's loop handles signals, a TERM must still run the `finally` below.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     backend = subprocess.Popen(
         [sys.executable, "-m", "charon.demo.backend", "--port", str(DEMO_BACKEND_PORT)]
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Protocol
 
 from aiohttp import web
@@ -41,7 +42,8 @@ class AdminServer:
             await site.start()
         except OSError as exc:
             await self._runner.cleanup()
-            raise ListenError(f"cannot listen on {self.address} (admin): {exc.strerror}") from exc
+            reason = os.strerror(exc.errno) if exc.errno else str(exc)
+            raise ListenError(f"cannot listen on {self.address} (admin): {reason}") from exc
 
     async def stop(self) -> None:
         await self._runner.cleanup()

@@ -262,7 +262,7 @@ def _limits(table: _Table) -> Limits:
 
 
 def _admin(table: _Table, server: ServerConfig) -> AdminConfig:
-    table.check_keys(("listen",))
+    table.check_keys(("listen", "token", "token_file", "allowed_origins"))
     default: ListenAddress | None = DEFAULT_ADMIN_LISTEN
     listen = table.get("listen", _admin_listen, default)
     if listen is not None and listen in server.listen:
@@ -273,7 +273,36 @@ def _admin(table: _Table, server: ServerConfig) -> AdminConfig:
             f"[server] listen: {listen} is also the default [admin] listen address "
             "(set [admin] listen to another address, or to false to disable it)",
         )
-    return AdminConfig(listen)
+    origins: list[Any] = table.get("allowed_origins", _array_of("origin strings"), [])
+    allowed = tuple(dict.fromkeys(table.elements("allowed_origins", origins, values.origin)))
+    return AdminConfig(listen, _admin_token(table), allowed)
+
+
+def _admin_token(table: _Table) -> str | None:
+    """[admin] token, or the contents of token_file; None when neither is set (or token is "")."""
+    if "token" in table.data and "token_file" in table.data:
+        raise table.error("token_file", "set either token or token_file, not both")
+    if "token" in table.data:
+        return table.parse("token", values.admin_token) or None
+    if "token_file" not in table.data:
+        return None
+    name = table.parse("token_file", lambda v: values.string(v, "a file path string"))
+    base = Path(table.source.path).parent if table.source.path != "<default>" else Path()
+    path = base / Path(name).expanduser()
+    try:
+        text = path.read_text("utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else "not UTF-8 text"
+        shown = values.quote(str(path))
+        raise table.error("token_file", f"cannot read {shown}: {reason}") from None
+    token = text.strip()
+    if not token:
+        raise table.error("token_file", f"{values.quote(str(path))} is empty")
+    try:
+        return values.admin_token(token)
+    except ValueError as err:
+        shown = values.quote(str(path))
+        raise table.error("token_file", f"the token in {shown} {err}") from None
 
 
 def _admin_listen(value: Any) -> ListenAddress | None:

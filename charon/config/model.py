@@ -99,6 +99,11 @@ class ServerConfig:
 @dataclass(frozen=True)
 class AdminConfig:
     listen: ListenAddress | None  # None: no admin listener
+    # Bearer token required by the live log (/logs and its page); None: no token asked.
+    token: str | None = field(default=None, repr=False)
+    # Browser origins ("http://host:port", lowercase) besides the admin listener's own that may
+    # open the /logs WebSocket.
+    allowed_origins: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

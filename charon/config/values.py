@@ -270,3 +270,46 @@ def _upstream_host(host: str, url: str) -> str:
     if not is_dns_name(host):
         raise ValueError(f"{quote(url)}: {quote(host)} is not an IP address or a DNS name")
     return host
+
+
+_ORIGIN_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def origin(value: Any) -> str:
+    """A browser origin, "http://HOST[:PORT]" or "https://..."; lowercased, default port dropped.
+
+    It is compared with the Origin header of a request as browsers send it.
+    """
+    text = string(value, 'an origin like "http://localhost:9090"')
+    scheme, sep, authority = text.partition("://")
+    scheme = scheme.lower()
+    if not sep or scheme not in _ORIGIN_DEFAULT_PORTS:
+        raise ValueError(
+            f'expected an origin like "http://localhost:9090" or "https://admin.example.com", '
+            f"got {quote(text)}"
+        )
+    if any(char in authority for char in "/?#"):
+        raise ValueError(
+            f"{quote(text)}: an origin is only scheme://host[:port], without a path "
+            '(e.g. "http://localhost:9090")'
+        )
+    if "@" in authority:
+        raise ValueError(f"{quote(text)}: an origin must not contain user info")
+    host, port_text = _split_host_port(authority, text, '"http://HOST:PORT"', '"http://[::1]:9090"')
+    host = host.lower()
+    if ":" in host:
+        host = f"[{ipaddress.IPv6Address(host)}]"  # the form browsers send
+    elif not (_is_ipv4(host) or is_dns_name(host)):
+        raise ValueError(f"{quote(text)}: {quote(host)} is not an IP address or a DNS name")
+    port = _ORIGIN_DEFAULT_PORTS[scheme] if port_text is None else _port(port_text, text)
+    if port == _ORIGIN_DEFAULT_PORTS[scheme]:
+        return f"{scheme}://{host}"
+    return f"{scheme}://{host}:{port}"
+
+
+def admin_token(value: Any) -> str:
+    """A bearer token: visible ASCII, no spaces (it travels in a header and a URL)."""
+    token = string(value, "a token string")
+    if not all("!" <= char <= "~" for char in token):
+        raise ValueError("must be visible ASCII characters only (no spaces or control characters)")
+    return token

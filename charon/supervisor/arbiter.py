@@ -60,6 +60,12 @@ class Arbiter:
         self.hub = EventHub()
         self.receiver: EventReceiver | None = None
         self.sections: list[AdminSection] = []
+        self.stopping = False
+        from charon.admin.metrics import MetricsSection
+
+        self.metrics = MetricsSection((h.name for h in config.hosts), self.ready_workers)
+        self.sections.append(self.metrics)
+        self.hub.add_sink(self.metrics)
 
     async def run(self) -> int:
         """Serve until a stop signal; the process exit code."""
@@ -103,9 +109,9 @@ class Arbiter:
 
     # -- the loop's steps --------------------------------------------------------------------
 
-    async def _next_signal(self) -> int | None:
+    async def _next_signal(self, timeout: float = TICK) -> int | None:
         try:
-            return await asyncio.wait_for(self.signals.get(), TICK)
+            return await asyncio.wait_for(self.signals.get(), timeout)
         except TimeoutError:
             return None
 
@@ -179,16 +185,27 @@ class Arbiter:
         proc.close()
 
     async def _stop(self, graceful: bool) -> None:
+        self.stopping = True
         procs = [slot.process for slot in self.slots if slot.process is not None]
         log.info("stopping %d workers (%s)", len(procs), "graceful" if graceful else "fast")
         for proc in procs:
             proc.stopping = True
             proc.signal(signal.SIGTERM if graceful else signal.SIGQUIT)
+        # New connections are refused from now on rather than queued and reset at exit.
+        for sock in self.listeners:
+            sock.close()
         # Workers bound their own drain by shutdown_timeout; this is the backstop.
         wait = self.config.server.shutdown_timeout + 5.0 if graceful else FAST_STOP_WAIT
         deadline = time.monotonic() + wait
         while any(p.exit_code() is None for p in procs) and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
+            signum = await self._next_signal(0.05)
+            if graceful and signum in (signal.SIGINT, signal.SIGQUIT):
+                log.info("fast stop requested during the drain")
+                graceful = False
+                wait = FAST_STOP_WAIT
+                deadline = min(deadline, time.monotonic() + wait)
+                for proc in procs:
+                    proc.signal(signal.SIGQUIT)
         for proc in procs:
             if proc.exit_code() is None:
                 log.warning("worker pid %d did not stop in %.0fs; killing it", proc.pid, wait)
@@ -201,6 +218,9 @@ class Arbiter:
     # -- what the admin endpoint reports -------------------------------------------------------
 
     def ready_workers(self) -> int:
+        """Workers serving now; none once a stop began, so health checks fail over early."""
+        if self.stopping:
+            return 0
         return sum(1 for s in self.slots if s.process is not None and s.process.ready)
 
     def worker_pids(self) -> list[int]:

@@ -51,6 +51,7 @@ class Worker:
         self.heartbeat_fd = heartbeat_fd
         self.parent_pid = os.getppid()
         self._stop: asyncio.Future[bool] | None = None
+        self._fast = False
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -80,7 +81,7 @@ class Worker:
             for conn in list(ctx.connections):
                 conn.shutdown()
             deadline = loop.time() + self.config.server.shutdown_timeout
-            while ctx.connections and loop.time() < deadline:
+            while ctx.connections and loop.time() < deadline and not self._fast:
                 await asyncio.sleep(0.05)
             if ctx.connections:
                 log.warning("%d connections open after shutdown_timeout", len(ctx.connections))
@@ -93,6 +94,8 @@ class Worker:
         publisher.close()
 
     def _request_stop(self, graceful: bool) -> None:
+        if not graceful:
+            self._fast = True  # also cuts a drain already under way
         if self._stop is not None and not self._stop.done():
             self._stop.set_result(graceful)
 
