@@ -44,7 +44,7 @@ class ClientConnection(asyncio.Protocol):
         self.deadline_kind = NONE
         self.closing = False
         self._paused = 0
-        self._write_paused = False
+        self.write_paused = False
         # The request head being parsed.
         self._url: list[bytes] = []
         self._url_size = 0
@@ -109,12 +109,12 @@ class ClientConnection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         # The client reads the response slower than the backend sends it.
-        self._write_paused = True
+        self.write_paused = True
         if self.exchanges and (upstream := self.exchanges[0].upstream) is not None:
             upstream.pause_reading()
 
     def resume_writing(self) -> None:
-        self._write_paused = False
+        self.write_paused = False
         if self.exchanges and (upstream := self.exchanges[0].upstream) is not None:
             upstream.resume_reading()
 
@@ -202,7 +202,9 @@ class ClientConnection(asyncio.Protocol):
         transport = self.transport
         if transport is None:
             return
-        if not keep_alive or self.closing or self.ctx.draining:
+        # A client that half-closed, or whose later request was refused, still gets the
+        # responses queued before that.
+        if not keep_alive or (self.closing and not self.exchanges) or self.ctx.draining:
             self.closing = True
             self.deadline_kind = NONE
             self.exchanges.clear()

@@ -187,6 +187,8 @@ class Exchange:
         self.upstream = conn
         self.reused = reused
         conn.exchange = self
+        if self.client.write_paused:
+            conn.pause_reading()  # the client is still slow: this response waits for it too
         self.parser = httptools.HttpResponseParser(self)
         self.in_head = True
         self.headers = []
@@ -303,6 +305,10 @@ class Exchange:
 
     def on_headers_complete(self) -> None:
         assert self.parser is not None and self.plan is not None
+        if self.response_done:
+            # A second response in the same read: never forwarded (decision 4).
+            self.upstream_reusable = False
+            return
         status = self.parser.get_status_code()
         self.in_head = False
         if 100 <= status < 200 and status != 101:
@@ -321,9 +327,7 @@ class Exchange:
         head, self.framing, self.keep_alive = final_head(
             status, self.reason, self.headers, no_body, self.http11, keep_alive
         )
-        self.delimited = no_body or any(
-            n.lower() in (b"content-length", b"transfer-encoding") for n, _ in self.headers
-        )
+        self.delimited = no_body or _self_delimited(self.headers)
         self.out.append(head)
         self.response_started = True
         if self.plan.method == b"HEAD":
@@ -437,3 +441,16 @@ class Exchange:
             ctx.telemetry.upstream_error(
                 plan.route.host.name, kind, status, plan.client_ip, self.target
             )
+
+
+def _self_delimited(headers: list[tuple[bytes, bytes]]) -> bool:
+    """Whether a response's end is marked (Content-Length, or a last coding `chunked`) rather
+    than by the backend closing the connection (RFC 9112 6.3)."""
+    codings: list[bytes] = []
+    for name, value in headers:
+        lname = name.lower()
+        if lname == b"content-length":
+            return True
+        if lname == b"transfer-encoding":
+            codings += (c.strip().lower() for c in value.split(b","))
+    return bool(codings) and codings[-1] == b"chunked"

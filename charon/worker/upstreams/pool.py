@@ -42,6 +42,7 @@ class UpstreamPool:
             conn.close()
             return
         conn.idle_since = self.loop.time()
+        conn.resume_reading()  # it may have been paused for a slow client
         self._idle.append(conn)
 
     def forget(self, conn: UpstreamConnection) -> None:

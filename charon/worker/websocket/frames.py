@@ -119,10 +119,8 @@ class FrameWalker:
             length = _U16.unpack_from(head, 2)[0]
         elif length == 127:
             length = _U64.unpack_from(head, 2)[0]
-            if length >> 63:
-                self.error = CLOSE_PROTOCOL_ERROR
         self.partial = b""
-        if self.masked and not masked:
+        if length >> 63 or self.masked and not masked:
             self.error = CLOSE_PROTOCOL_ERROR
         elif length > self.max_size:
             self.error = CLOSE_TOO_BIG
@@ -156,14 +154,22 @@ class FrameWalker:
         return int(_U16.unpack(payload)[0])
 
 
-def pong_size(data: bytes, pos: int) -> int | None:
-    """The whole size of the Pong frame starting at data[pos], or None if it is not one."""
-    if len(data) - pos < 2 or data[pos] != 0x80 | OP_PONG:
+def matching_pong_size(data: bytes, pos: int, payload: bytes) -> int | None:
+    """The size of the masked Pong frame at data[pos] if it carries `payload`, else None.
+
+    Only a Pong wholly inside `data` is recognised; any other is forwarded like other frames.
+    """
+    if len(data) - pos < 6 or data[pos] != 0x80 | OP_PONG or data[pos + 1] & 0x80 == 0:
         return None
     length = data[pos + 1] & 0x7F
-    if length > 125:
+    size = 6 + length
+    if length != len(payload) or len(data) - pos < size:
         return None
-    return 2 + length + (4 if data[pos + 1] & 0x80 else 0)
+    key = data[pos + 2 : pos + 6]
+    body = data[pos + 6 : pos + size]
+    if bytes(b ^ key[i & 3] for i, b in enumerate(body)) != payload:
+        return None
+    return size
 
 
 def close_frame(code: int, reason: bytes = b"", masked: bool = False) -> bytes:

@@ -9,6 +9,7 @@ read pauses reading from the other one, so memory per tunnel stays bounded.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from typing import TYPE_CHECKING
 
@@ -19,8 +20,8 @@ from charon.worker.websocket.frames import (
     CLOSE_INTERNAL_ERROR,
     FrameWalker,
     close_frame,
+    matching_pong_size,
     ping_frame,
-    pong_size,
 )
 
 if TYPE_CHECKING:
@@ -80,6 +81,7 @@ class Tunnel:
         "_ping_due",
         "_pong_due",
         "_dropping",
+        "_ping_payload",
         "_next_ping",
         "_last_traffic",
         "_pongs_at_ping",
@@ -110,6 +112,7 @@ class Tunnel:
         self._last_traffic = now
         self._pong_due = False  # the next client Pong answers our Ping: it is not forwarded
         self._dropping = 0  # bytes of that Pong frame still to drop
+        self._ping_payload = b""
         self._ping_due = False  # a ping waits for a frame boundary toward the client
         self._pongs_at_ping = -1  # client pongs counted when the last ping went out; -1: none
         self._closed_by = ""
@@ -158,6 +161,8 @@ class Tunnel:
 
     def _forward_taking_pong(self, data: bytes) -> None:
         """Client->backend data while our Ping awaits its Pong: that Pong is not forwarded."""
+        if self.settings.idle_timeout:
+            self._last_traffic = self.ctx.loop.time()
         walker = self.upstream
         pos, end = 0, len(data)
         while pos < end:
@@ -167,7 +172,7 @@ class Tunnel:
                 pos += take
                 continue
             if self._pong_due and walker.at_boundary:
-                size = pong_size(data, pos)
+                size = matching_pong_size(data, pos, self._ping_payload)
                 if size is not None:
                     walker.pongs += 1
                     self._pong_due = False
@@ -185,6 +190,8 @@ class Tunnel:
 
     def _forward_to_boundary(self, data: bytes) -> None:
         """Backend->client data while a Ping waits: send it at the first frame boundary."""
+        if self.settings.idle_timeout:
+            self._last_traffic = self.ctx.loop.time()
         walker = self.downstream
         pos = 0
         if not walker.at_boundary:
@@ -291,7 +298,8 @@ class Tunnel:
         self._ping_due = False
         self._pongs_at_ping = self.upstream.pongs
         self._pong_due = True
-        self.client.write(ping_frame(b"charon"))
+        self._ping_payload = os.urandom(8)
+        self.client.write(ping_frame(self._ping_payload))
 
     def shutdown(self) -> None:
         self.close(CLOSE_GOING_AWAY, b"server shutting down")

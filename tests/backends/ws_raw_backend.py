@@ -1,0 +1,161 @@
+"""A raw asyncio WebSocket backend that misbehaves on purpose; 127.0.0.1 only, exits on SIGTERM.
+
+    python tests/backends/ws_raw_backend.py --port PORT
+
+It reads one request head, then acts according to the path (the query is ignored):
+  /bad-accept          101 with a wrong Sec-WebSocket-Accept
+  /no-upgrade          101 with the right accept but no Upgrade header
+  /push-after-101      the 101 and, in the same write, a text frame "pushed by the backend";
+                       then echoes (see below)
+  /half-frame-then-die the 101, then the first half of a 100-byte text frame, then an RST
+  /slow-frame          the 101, then one 100000-byte binary frame whose payload (SLOW_PAYLOAD)
+                       trickles out over 2 s, then a text frame "done"; then echoes
+  /record              a correct 101; then echoes, and remembers every frame it receives;
+                       a text message "ping me" makes it send a Ping "backend"; a text message
+                       "report" is answered with the JSON list of [opcode, payload] received
+  /hang                reads the handshake and never answers (until the peer closes)
+Anything else: 404. "Echoes": text and binary frames come back unmasked, Ping gets a Pong,
+Close gets a Close with the same payload and the connection ends.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import hashlib
+import json
+import signal
+import socket
+import struct
+
+GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+HALF_FRAME = bytes((0x81, 100)) + b"x" * 50
+SLOW_PAYLOAD = (b"0123456789abcdef" * 6250)[:100000]
+
+
+def accept_for(key: bytes) -> bytes:
+    return base64.b64encode(hashlib.sha1(key.strip() + GUID).digest())
+
+
+def frame(opcode: int, payload: bytes) -> bytes:
+    n = len(payload)
+    if n < 126:
+        head = bytes((0x80 | opcode, n))
+    elif n < 65536:
+        head = bytes((0x80 | opcode, 126)) + struct.pack("!H", n)
+    else:
+        head = bytes((0x80 | opcode, 127)) + struct.pack("!Q", n)
+    return head + payload
+
+
+async def read_frame(reader: asyncio.StreamReader) -> tuple[int, bytes]:
+    b0, b1 = await reader.readexactly(2)
+    n = b1 & 0x7F
+    if n == 126:
+        n = struct.unpack("!H", await reader.readexactly(2))[0]
+    elif n == 127:
+        n = struct.unpack("!Q", await reader.readexactly(8))[0]
+    mask = await reader.readexactly(4) if b1 & 0x80 else b"\0\0\0\0"
+    payload = await reader.readexactly(n)
+    return b0 & 0x0F, bytes(b ^ mask[i & 3] for i, b in enumerate(payload))
+
+
+def switching(key: bytes, upgrade: bool = True, accept: bytes | None = None) -> bytes:
+    return (
+        b"HTTP/1.1 101 Switching Protocols\r\n"
+        + (b"Upgrade: websocket\r\n" if upgrade else b"")
+        + b"Connection: Upgrade\r\nSec-WebSocket-Accept: "
+        + (accept if accept is not None else accept_for(key))
+        + b"\r\n\r\n"
+    )
+
+
+async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    received: list[tuple[int, str]] = []
+    while True:
+        opcode, payload = await read_frame(reader)
+        received.append((opcode, payload.decode("latin-1")))
+        if opcode == 0x8:
+            writer.write(frame(0x8, payload))
+            await writer.drain()
+            return
+        if opcode == 0x9:
+            writer.write(frame(0xA, payload))
+        elif opcode == 0x1 and payload == b"report":
+            writer.write(frame(0x1, json.dumps(received).encode()))
+        elif opcode == 0x1 and payload == b"ping me":
+            writer.write(frame(0x9, b"backend"))
+        elif opcode in (0x0, 0x1, 0x2):
+            writer.write(frame(opcode, payload))
+        await writer.drain()
+
+
+async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        head = await reader.readuntil(b"\r\n\r\n")
+        lines = head[:-4].split(b"\r\n")
+        path = lines[0].split(b" ")[1].partition(b"?")[0]
+        headers = {}
+        for line in lines[1:]:
+            name, _, value = line.partition(b":")
+            headers[name.strip().lower()] = value.strip()
+        key = headers.get(b"sec-websocket-key", b"")
+        if path == b"/bad-accept":
+            writer.write(switching(key, accept=base64.b64encode(b"0123456789abcdefghij")))
+            await writer.drain()
+            await reader.read()
+        elif path == b"/no-upgrade":
+            writer.write(switching(key, upgrade=False))
+            await writer.drain()
+            await reader.read()
+        elif path == b"/push-after-101":
+            writer.write(switching(key) + frame(0x1, b"pushed by the backend"))
+            await echo(reader, writer)
+        elif path == b"/half-frame-then-die":
+            writer.write(switching(key) + HALF_FRAME)
+            await writer.drain()
+            await asyncio.sleep(0.3)
+            sock = writer.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            writer.transport.abort()
+            return
+        elif path == b"/slow-frame":
+            whole = frame(0x2, SLOW_PAYLOAD)
+            head_size = len(whole) - len(SLOW_PAYLOAD)
+            writer.write(switching(key) + whole[:head_size])
+            for at in range(head_size, len(whole), 5000):
+                await asyncio.sleep(0.1)
+                writer.write(whole[at : at + 5000])
+                await writer.drain()
+            writer.write(frame(0x1, b"done"))
+            await echo(reader, writer)
+        elif path == b"/hang":
+            await reader.read()
+        elif path == b"/record":
+            writer.write(switching(key))
+            await echo(reader, writer)
+        else:
+            writer.write(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")
+            await writer.drain()
+    except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError, IndexError):
+        pass
+    finally:
+        if not writer.is_closing():
+            writer.close()
+
+
+async def main(port: int) -> None:
+    server = await asyncio.start_server(handle, "127.0.0.1", port)
+    loop = asyncio.get_running_loop()
+    stop = loop.create_future()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set_result, None)
+    await stop
+    server.close()
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--port", type=int, required=True)
+    asyncio.run(main(parser.parse_args().port))
