@@ -98,12 +98,11 @@ class Charon:
         self._seen_pids: set[int] = set()
 
     def start(self, wait_ready: bool = True) -> Charon:
-        log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "charon", "run", "--config", str(self.config_path)],
-            stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
-        )
-        log.close()
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "charon", "run", "--config", str(self.config_path)],
+                stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
+            )
         if wait_ready:
             self.wait_ready()
         return self
@@ -197,7 +196,9 @@ class Backend:
         stop_process(self.proc)
 
 
-def raw_request(port: int, data: bytes, timeout: float = 5.0, read_until_close: bool = True) -> bytes:
+def raw_request(
+    port: int, data: bytes, timeout: float = 5.0, read_until_close: bool = True
+) -> bytes:
     """Send raw bytes, return what comes back until the server closes (or timeout)."""
     with socket.create_connection((HOST, port), timeout=timeout) as s:
         s.sendall(data)
