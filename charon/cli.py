@@ -1,4 +1,4 @@
-"""`charon demo | run --config PATH | check PATH`."""
+"""`charon demo | run --config PATH | check PATH | logs`."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import urllib.request
 from importlib import resources
 from typing import NoReturn
 
+from charon import cli_logs
 from charon.config import Config, ConfigError, load_config_text
 from charon.supervisor.arbiter import Arbiter
 from charon.supervisor.sockets import ListenError
@@ -29,10 +30,13 @@ def main(argv: list[str] | None = None) -> None:
     run.add_argument("--config", required=True, metavar="PATH")
     check = commands.add_parser("check", help="validate a config file")
     check.add_argument("path")
+    cli_logs.add_parser(commands)
     args = parser.parse_args(argv)
 
     if args.command == "check":
         sys.exit(_check(args.path))
+    if args.command == "logs":
+        sys.exit(cli_logs.main(args))
     _setup_logging()
     if args.command == "run":
         sys.exit(_run(*_read(args.config)))

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Everything the test suite needs, installed by the project itself (root or sudo):
-# Charon with its test extras in ./.venv, and the real peers the tests start (nginx from Debian,
-# the Autobahn suite from ../shared/autobahn when that folder exists).
+# Charon with its test extras in ./.venv, and the real peers the tests start (nginx and
+# Prometheus with promtool from Debian, the Autobahn suite from ../shared/autobahn when that
+# folder exists).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -10,12 +11,20 @@ as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 deploy/bootstrap.sh --test
 
 need=()
-for cmd_pkg in nginx:nginx-light wrk:wrk curl:curl; do
+for cmd_pkg in nginx:nginx-light wrk:wrk curl:curl promtool:prometheus; do
     command -v "${cmd_pkg%%:*}" >/dev/null 2>&1 || need+=("${cmd_pkg#*:}")
 done
 if [ "${#need[@]}" -gt 0 ]; then
     as_root apt-get update -qq
     as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}"
+fi
+
+# Headless Chromium for the live log page test (tests/test_live_log_page.py), without the
+# desktop extras it recommends.
+if [ ! -x /usr/bin/chromium ]; then
+    as_root apt-get update -qq
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+        chromium
 fi
 
 if [ -x ../shared/autobahn/setup_autobahn.sh ]; then

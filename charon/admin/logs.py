@@ -217,14 +217,21 @@ class Subscriber:
             self.dropped += 1
         self.wakeup.set()
 
-    async def next_batch(self) -> list[str | _Gap]:
-        """Wait for entries, then take all of them."""
+    async def next(self) -> str | _Gap:
+        """The oldest entry, when there is one."""
         while not self.items:
             self.wakeup.clear()
             await self.wakeup.wait()
-        batch = list(self.items)
-        self.items.clear()
-        return batch
+        return self.items.popleft()
+
+
+@dataclass(frozen=True)
+class _Stream:
+    """An open /logs WebSocket."""
+
+    ws: web.WebSocketResponse
+    pump: asyncio.Task[None]
+    transport: asyncio.Transport | None
 
 
 # -- the section -------------------------------------------------------------------------------
@@ -247,7 +254,7 @@ class LiveLogSection:
         self.dropped = 0  # records dropped for all subscribers that have left
         self._ring: deque[tuple[int, list[Any] | tuple[Any, ...]]] = deque(maxlen=backlog_size)
         self._subscribers: list[Subscriber] = []
-        self._open: set[tuple[web.WebSocketResponse, asyncio.Task[None]]] = set()
+        self._open: set[_Stream] = set()
         self._page: tuple[bytes, str] | None = None
 
     @classmethod
@@ -348,20 +355,23 @@ class LiveLogSection:
         except ValueError as exc:
             return web.Response(status=400, text=f"{exc}\n")
         ws = web.WebSocketResponse(heartbeat=HEARTBEAT, compress=False, max_msg_size=4096)
-        await ws.prepare(request)
+        # Subscribed before the handshake answer: once a client has it, it gets every record.
         subscriber, first = self.subscribe(log_filter, backlog)
-        pump = asyncio.get_running_loop().create_task(self._pump(ws, subscriber, first))
-        entry = (ws, pump)
-        self._open.add(entry)
+        stream: _Stream | None = None
         try:
+            await ws.prepare(request)
+            pump = asyncio.get_running_loop().create_task(self._pump(ws, subscriber, first))
+            stream = _Stream(ws, pump, request.transport)
+            self._open.add(stream)
             async for _message in ws:  # clients send nothing; reading answers pings and Close
                 pass
         finally:
-            self._open.discard(entry)
             self.unsubscribe(subscriber)
-            pump.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await pump
+            if stream is not None:
+                self._open.discard(stream)
+                stream.pump.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await stream.pump
         return ws
 
     async def _pump(self, ws: web.WebSocketResponse, subscriber: Subscriber,
@@ -371,35 +381,31 @@ class LiveLogSection:
             for text in first:
                 await ws.send_str(text)
             while True:
-                for item in await subscriber.next_batch():
-                    if isinstance(item, _Gap):
-                        await ws.send_str(f'{{"kind":"dropped","count":{item.count}}}')
-                    else:
-                        await ws.send_str(item)
+                item = await subscriber.next()
+                if isinstance(item, _Gap):
+                    await ws.send_str(f'{{"kind":"dropped","count":{item.count}}}')
+                else:
+                    await ws.send_str(item)
         except (ConnectionError, RuntimeError):
             pass  # the socket closed under us; the handler cleans up
-        except asyncio.CancelledError:
-            raise
         except Exception:
             log.exception("live log: a subscriber's stream failed")
             await ws.close(code=WSCloseCode.INTERNAL_ERROR)
 
     async def _on_shutdown(self, app: web.Application) -> None:
         """Close every stream, so the admin listener's shutdown does not wait for them."""
-        async def close(ws: web.WebSocketResponse, pump: asyncio.Task[None]) -> None:
-            pump.cancel()
+        async def close(stream: _Stream) -> None:
+            stream.pump.cancel()
             try:
                 await asyncio.wait_for(
-                    ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutdown"),
+                    stream.ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutdown"),
                     SHUTDOWN_CLOSE_WAIT,
                 )
             except Exception:  # a subscriber that takes nothing: cut it
-                transport = ws._req.transport if ws._req is not None else None
-                if transport is not None:
-                    transport.abort()
+                if stream.transport is not None:
+                    stream.transport.abort()
 
-        await asyncio.gather(*(close(ws, pump) for ws, pump in list(self._open)),
-                             return_exceptions=True)
+        await asyncio.gather(*(close(s) for s in list(self._open)), return_exceptions=True)
 
     # -- access ----------------------------------------------------------------------------
 
@@ -452,21 +458,19 @@ class LiveLogSection:
 
 
 def _split_authority(authority: str, default_port: int) -> tuple[str, int] | None:
+    """ "host[:port]" or "[v6]:port" as (host, port); None if it is neither."""
     if authority.startswith("["):
         host, bracket, rest = authority[1:].partition("]")
-        if not bracket:
+        if not bracket or (rest and not rest.startswith(":")):
             return None
-        port_text = rest[1:] if rest.startswith(":") else ("" if not rest else None)
+        port = rest[1:]
     else:
-        host, colon, port_text_or = authority.partition(":")
-        port_text = port_text_or if colon else ""
-    if port_text is None:
-        return None
-    if not port_text:
+        host, _, port = authority.partition(":")
+    if not port:
         return host, default_port
-    if not port_text.isdigit():
+    if not (port.isascii() and port.isdigit()):
         return None
-    return host, int(port_text)
+    return host, int(port)
 
 
 def _same_authority(origin_netloc: str, host_header: str, default_port: int) -> bool:
