@@ -78,10 +78,6 @@ def make_record(worker_id: int, event: list[Any] | tuple[Any, ...]) -> dict[str,
     """The JSON-ready record of a log-worthy event."""
     record = as_dict(event)
     kind = event[0]
-    if kind == UPSTREAM_ERROR:
-        # UPSTREAM_ERROR has a field named `kind` (connect, timeout...): as_dict let it replace
-        # the event's kind.
-        record["error"] = record["kind"]
     record["kind"] = LOGGED.get(kind, kind)
     record["worker"] = worker_id
     return record

@@ -34,7 +34,10 @@ class EventHub:
     def dispatch(self, worker_id: int, pid: int, batch: list[list[Any]]) -> None:
         for event in batch:
             for sink in self._sinks:
-                sink.on_event(worker_id, pid, event)
+                try:
+                    sink.on_event(worker_id, pid, event)
+                except Exception:  # one sink's bug must not starve the others
+                    log.exception("event sink %r failed on a %r event", sink, event[:1])
 
     def supervisor_event(self, event: list[Any]) -> None:
         self.dispatch(-1, os.getpid(), [event])

@@ -28,7 +28,7 @@ FIELDS: dict[str, tuple[str, ...]] = {
         "time", "host", "client_ip", "path", "subprotocol", "duration", "messages_in",
         "messages_out", "bytes_in", "bytes_out", "close_code", "closed_by",
     ),
-    UPSTREAM_ERROR: ("time", "host", "kind", "status", "client_ip", "path"),
+    UPSTREAM_ERROR: ("time", "host", "error", "status", "client_ip", "path"),
     # deltas: counters since the previous METRICS; gauges: values now (see worker/telemetry.py)
     METRICS: ("deltas", "gauges"),
     CONFIG_RELOAD: ("time", "result", "path", "error"),

@@ -130,7 +130,8 @@ class FrameWalker:
         self.opcode = b0 & 0x0F
         self.mask = head[need - 4 : need] if masked else b""
         self.remaining = length
-        self.payload_bytes += length
+        if self.opcode < OP_CLOSE:  # message bytes: control frames are not counted
+            self.payload_bytes += length
         if self.opcode == OP_CLOSE:
             self.close_payload = b""
         return pos + need - carried

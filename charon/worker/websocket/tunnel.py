@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 class TunnelInfo:
     """What the open and close events say about a tunnel."""
 
-    __slots__ = ("host", "client_ip", "path", "subprotocol", "opened_at")
+    __slots__ = ("host", "client_ip", "path", "subprotocol", "opened_at", "opened_clock")
 
     def __init__(self, host: str, client_ip: str, path: str, subprotocol: str) -> None:
         self.host = host
@@ -40,6 +40,7 @@ class TunnelInfo:
         self.path = path
         self.subprotocol = subprotocol
         self.opened_at = time.time()
+        self.opened_clock = time.monotonic()
 
 
 class _Side(asyncio.Protocol):
@@ -149,6 +150,9 @@ class Tunnel:
                 self._forward_to_boundary(data)
                 return
         pos = walker.walk(data)
+        if walker.close_code is not None and not self._closed_by:
+            # Who began the closing handshake, not whose TCP connection went first.
+            self._closed_by = "client" if from_client else "backend"
         if pos == len(data):
             out.write(data)
         else:
@@ -253,7 +257,7 @@ class Tunnel:
     def summary(self) -> dict[str, object]:
         up, down = self.upstream, self.downstream
         return {
-            "duration": time.time() - self.info.opened_at,
+            "duration": time.monotonic() - self.info.opened_clock,
             "messages_in": up.messages,
             "messages_out": down.messages,
             "bytes_in": up.payload_bytes,
