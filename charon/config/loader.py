@@ -44,6 +44,7 @@ _SERVER_KEYS = (
     "workers",
     "trusted_proxies",
     "shutdown_timeout",
+    "drain_timeout",
     "heartbeat_timeout",
     "limits",
 )
@@ -225,6 +226,7 @@ def _server(table: _Table) -> ServerConfig:
         workers=table.get("workers", lambda v: values.integer(v, 1, MAX_WORKERS), default_workers),
         trusted_proxies=_trusted_proxies(table),
         shutdown_timeout=table.get("shutdown_timeout", values.duration, 30.0),
+        drain_timeout=table.get("drain_timeout", values.duration, 300.0),
         heartbeat_timeout=table.get("heartbeat_timeout", values.at_least_1s, 10.0),
         limits=_limits(table.table("limits")),
     )

@@ -2,9 +2,12 @@
 
 One asyncio loop owns everything the supervisor does: the listening sockets (bound once, handed
 to every worker), the worker processes (spawned, watched through a heartbeat pipe, replaced with
-back-off when they die, killed when their loop is stuck) and the admin listener. Each turn of
-the loop takes one signal from the queue, or wakes up after TICK, then reaps, checks heartbeats
-and respawns.
+back-off when they die, killed when their loop is stuck), the event bus and the admin listener.
+Each turn of the loop takes one signal from the queue, or wakes up after TICK, acts on it, then
+reaps, checks heartbeats and respawns.
+
+A reload (HUP) is one such action: validate the new config, start a new generation of workers
+on the same sockets, and only once it serves, retire the old one (see `_reload`).
 """
 
 from __future__ import annotations
@@ -16,11 +19,14 @@ import socket
 import time
 from dataclasses import dataclass
 
+from charon.admin.logs import LiveLogSection
+from charon.admin.metrics import MetricsSection
 from charon.admin.server import AdminSection, AdminServer
-from charon.config import Config
+from charon.config import Config, ConfigError, ListenAddress, load_config_text
 from charon.events.receiver import EventHub, EventReceiver
-from charon.events.schema import WORKER_EXIT
-from charon.supervisor.sockets import bind_listener
+from charon.events.schema import CONFIG_RELOAD, WORKER_EXIT
+from charon.supervisor.sockets import ListenError, bind_listener
+from charon.supervisor.systemd import Notifier, inherited_listeners, take_inherited
 from charon.supervisor.workers import WorkerProcess
 
 log = logging.getLogger("charon.supervisor")
@@ -30,11 +36,18 @@ EARLY_DEATH = 5.0  # a worker that dies sooner than this after start counts as a
 MAX_EARLY_DEATHS = 5  # consecutive ones with no worker serving: give up
 MAX_BACKOFF = 30.0
 FAST_STOP_WAIT = 5.0
+RELOAD_READY_TIMEOUT = 20.0  # a new generation must serve within this, or the reload fails
+RETIRE_MARGIN = 10.0  # beyond drain + shutdown timeouts, a retiring worker is killed
 
 _STOP_SIGNALS = {signal.SIGTERM: True, signal.SIGINT: False, signal.SIGQUIT: False}
+_HANDLED = (*_STOP_SIGNALS, signal.SIGCHLD, signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU)
 
 
 class StartupFailure(Exception):
+    pass
+
+
+class ReloadFailure(Exception):
     pass
 
 
@@ -51,39 +64,41 @@ class Arbiter:
     def __init__(self, config: Config, config_text: str) -> None:
         self.config = config
         self.config_text = config_text
-        self.listeners: list[socket.socket] = []
+        self.listeners: dict[ListenAddress, socket.socket] = {}
         self.slots = [Slot(i) for i in range(config.server.workers)]
+        self.retiring: list[WorkerProcess] = []  # old generations letting their connections end
         self.early_deaths = 0
         self.restarts = 0
         self.signals: asyncio.Queue[int] = asyncio.Queue()
-        self.admin: AdminServer | None = None
+        self.notifier = Notifier()
         self.hub = EventHub()
         self.receiver: EventReceiver | None = None
-        self.sections: list[AdminSection] = []
-        self.stopping = False
-        from charon.admin.metrics import MetricsSection
-
         self.metrics = MetricsSection((h.name for h in config.hosts), self.ready_workers)
-        self.sections.append(self.metrics)
-        self.hub.add_sink(self.metrics)
+        self.logs = LiveLogSection.from_config(config.admin)
+        self.sections: list[AdminSection] = [self.metrics, self.logs]
+        for sink in (self.metrics, self.logs):
+            self.hub.add_sink(sink)
+        self.admin: AdminServer | None = None
+        self.stopping = False
+        self._announced_ready = False
 
     async def run(self) -> int:
         """Serve until a stop signal; the process exit code."""
         loop = asyncio.get_running_loop()
-        self.listeners = [bind_listener(addr) for addr in self.config.server.listen]
+        inherited = inherited_listeners()
+        for address in self.config.server.listen:
+            sock = take_inherited(inherited, address)
+            self.listeners[address] = sock if sock is not None else bind_listener(address)
         self.receiver = EventReceiver(self.hub)
         self.receiver.start()
-        if self.config.admin.listen is not None:
-            self.admin = AdminServer(self.config.admin.listen, self, self.sections)
-            await self.admin.start()
-        for handled in (*_STOP_SIGNALS, signal.SIGCHLD, signal.SIGHUP):
-            loop.add_signal_handler(handled, self.signals.put_nowait, handled)
-        log.info(
-            "listening on %s with %d workers",
-            ", ".join(str(a) for a in self.config.server.listen),
-            len(self.slots),
-        )
         try:
+            await self._start_admin()
+            for handled in _HANDLED:
+                loop.add_signal_handler(handled, self.signals.put_nowait, handled)
+            log.info(
+                "listening on %s with %d workers",
+                ", ".join(str(a) for a in self.listeners), len(self.slots),
+            )
             self._spawn_missing()
             while True:
                 signum = await self._next_signal()
@@ -91,10 +106,13 @@ class Arbiter:
                     await self._stop(graceful=_STOP_SIGNALS[signal.Signals(signum)])
                     return 0
                 if signum == signal.SIGHUP:
-                    log.warning("SIGHUP: configuration reload is not implemented yet; ignored")
+                    await self._reload()
+                elif signum in (signal.SIGTTIN, signal.SIGTTOU):
+                    self._resize(+1 if signum == signal.SIGTTIN else -1)
                 self._reap()
                 self._kill_stuck()
                 self._spawn_missing()
+                self._announce()
         except StartupFailure as exc:
             log.error("%s", exc)
             await self._stop(graceful=False)
@@ -102,9 +120,8 @@ class Arbiter:
         finally:
             if self.admin is not None:
                 await self.admin.stop()
-            if self.receiver is not None:
-                await self.receiver.stop()
-            for sock in self.listeners:
+            await self.receiver.stop()
+            for sock in self.listeners.values():
                 sock.close()
 
     # -- the loop's steps --------------------------------------------------------------------
@@ -117,6 +134,12 @@ class Arbiter:
 
     def _reap(self) -> None:
         now = time.monotonic()
+        for retired in [p for p in self.retiring if p.exit_code() is not None]:
+            self.retiring.remove(retired)
+            self._forget(retired)
+            log.info(
+                "retired worker pid %d exited with %s", retired.pid, _describe(retired.exit_code())
+            )
         for slot in self.slots:
             proc = slot.process
             if proc is None or proc.exit_code() is None:
@@ -133,11 +156,11 @@ class Arbiter:
             slot.respawn_at = now + delay
             self.hub.supervisor_event(
                 [WORKER_EXIT, time.time(), slot.worker_id, proc.pid,
-                 _describe_exit(proc.exit_code()), delay]
+                 _describe(proc.exit_code()), delay]
             )
             log.warning(
                 "worker %d (pid %d) exited with %s after %.1fs; restarting in %.1fs",
-                slot.worker_id, proc.pid, _describe_exit(proc.exit_code()), lived, delay,
+                slot.worker_id, proc.pid, _describe(proc.exit_code()), lived, delay,
             )
         if self.early_deaths >= MAX_EARLY_DEATHS and self.ready_workers() == 0:
             raise StartupFailure(
@@ -147,31 +170,29 @@ class Arbiter:
     def _kill_stuck(self) -> None:
         limit = self.config.server.heartbeat_timeout
         now = time.monotonic()
-        for slot in self.slots:
-            proc = slot.process
-            if proc is not None and not proc.stopping and now - proc.last_beat > limit:
+        current = [s.process for s in self.slots if s.process is not None]
+        for proc in current + self.retiring:
+            silent = now - proc.last_beat
+            if silent > limit and not proc.killed:
                 log.error(
-                    "worker %d (pid %d) sent no heartbeat for %.1fs: its loop is stuck; killing it",
-                    slot.worker_id, proc.pid, now - proc.last_beat,
+                    "worker pid %d sent no heartbeat for %.1fs: its loop is stuck; killing it",
+                    proc.pid, silent,
                 )
-                proc.stopping = True
+                proc.kill()
+            elif proc.retire_by and now > proc.retire_by and not proc.killed:
+                log.warning("retired worker pid %d overstayed its drain; killing it", proc.pid)
                 proc.kill()
 
     def _spawn_missing(self) -> None:
         now = time.monotonic()
         for slot in self.slots:
             if slot.process is None and now >= slot.respawn_at:
-                slot.process = self._spawn(slot.worker_id)
+                slot.process = self._spawn(slot.worker_id, self.config, self.config_text)
 
-    def _spawn(self, worker_id: int) -> WorkerProcess:
+    def _spawn(self, worker_id: int, config: Config, text: str) -> WorkerProcess:
         assert self.receiver is not None
-        proc = WorkerProcess(
-            worker_id,
-            self.config_text,
-            self.config.path,
-            [s.fileno() for s in self.listeners],
-            self.receiver.endpoint,
-        )
+        fds = [self.listeners[address].fileno() for address in config.server.listen]
+        proc = WorkerProcess(worker_id, text, config.path, fds, self.receiver.endpoint)
         asyncio.get_running_loop().add_reader(proc.heartbeat_fd, self._on_heartbeat, proc)
         log.info("worker %d started (pid %d)", worker_id, proc.pid)
         return proc
@@ -184,15 +205,114 @@ class Arbiter:
         asyncio.get_running_loop().remove_reader(proc.heartbeat_fd)
         proc.close()
 
+    def _announce(self) -> None:
+        """Tell systemd once every worker of the first generation serves."""
+        if not self._announced_ready and self.ready_workers() == len(self.slots):
+            self._announced_ready = True
+            self.notifier.ready(f"serving with {len(self.slots)} workers")
+
+    def _resize(self, change: int) -> None:
+        """TTIN adds a worker, TTOU retires the newest one (never below one)."""
+        if change > 0:
+            self.slots.append(Slot(len(self.slots)))
+        elif len(self.slots) > 1:
+            slot = self.slots.pop()
+            if slot.process is not None:
+                self._retire(slot.process)
+        log.info("now %d workers", len(self.slots))
+
+    def _retire(self, proc: WorkerProcess) -> None:
+        server = self.config.server
+        proc.retire_by = (
+            time.monotonic() + server.drain_timeout + server.shutdown_timeout + RETIRE_MARGIN
+        )
+        proc.signal(signal.SIGUSR2)
+        self.retiring.append(proc)
+
+    # -- reload ------------------------------------------------------------------------------
+
+    async def _reload(self) -> None:
+        """Decision 14: the old config keeps serving until a new generation serves the new one."""
+        self.notifier.reloading()
+        path = self.config.path
+        log.info("reloading %s", path)
+        added: dict[ListenAddress, socket.socket] = {}
+        new: list[WorkerProcess] = []
+        try:
+            config, text = _read(path, self.config_text)
+            for address in config.server.listen:
+                if address not in self.listeners:
+                    added[address] = bind_listener(address)
+            self.listeners.update(added)
+            new = [self._spawn(i, config, text) for i in range(config.server.workers)]
+            await self._wait_ready(new)
+        except (ConfigError, ListenError, ReloadFailure) as exc:
+            for proc in new:
+                proc.kill()
+                proc.process.wait()
+                self._forget(proc)
+            for address, sock in added.items():
+                sock.close()
+                del self.listeners[address]
+            log.error("reload failed, still serving the previous config: %s", exc)
+            self._reload_done("error", str(exc))
+            return
+
+        for slot in self.slots:
+            if slot.process is not None:
+                self._retire(slot.process)
+        removed = [a for a in self.listeners if a not in config.server.listen]
+        for address in removed:
+            self.listeners.pop(address).close()  # the retiring workers' copies close as they go
+        old_admin = self.config.admin
+        self.config, self.config_text = config, text
+        self.slots = [Slot(i, proc) for i, proc in enumerate(new)]
+        self.early_deaths = 0
+        self.metrics.set_hosts(h.name for h in config.hosts)
+        self.logs.token = config.admin.token or None
+        self.logs.allowed_origins = frozenset(o.lower() for o in config.admin.allowed_origins)
+        if config.admin.listen != old_admin.listen:
+            if self.admin is not None:
+                await self.admin.stop()
+                self.admin = None
+            await self._start_admin()
+        log.info(
+            "reloaded: %d workers on %s; %d old workers draining",
+            len(new), ", ".join(str(a) for a in config.server.listen), len(self.retiring),
+        )
+        self._reload_done("success", "")
+
+    async def _wait_ready(self, procs: list[WorkerProcess]) -> None:
+        deadline = time.monotonic() + RELOAD_READY_TIMEOUT
+        while not all(p.ready for p in procs):
+            dead = [p for p in procs if p.exit_code() is not None]
+            if dead:
+                raise ReloadFailure(f"a new worker exited with {_describe(dead[0].exit_code())}")
+            if time.monotonic() > deadline:
+                raise ReloadFailure(f"new workers did not serve within {RELOAD_READY_TIMEOUT:.0f}s")
+            await asyncio.sleep(0.02)
+
+    def _reload_done(self, result: str, error: str) -> None:
+        self.hub.supervisor_event([CONFIG_RELOAD, time.time(), result, self.config.path, error])
+        self.notifier.ready(f"serving with {len(self.slots)} workers (last reload: {result})")
+
+    async def _start_admin(self) -> None:
+        if self.config.admin.listen is not None:
+            self.admin = AdminServer(self.config.admin.listen, self, self.sections)
+            await self.admin.start()
+
+    # -- stop --------------------------------------------------------------------------------
+
     async def _stop(self, graceful: bool) -> None:
         self.stopping = True
+        self.notifier.stopping()
         procs = [slot.process for slot in self.slots if slot.process is not None]
+        procs += self.retiring
         log.info("stopping %d workers (%s)", len(procs), "graceful" if graceful else "fast")
         for proc in procs:
-            proc.stopping = True
             proc.signal(signal.SIGTERM if graceful else signal.SIGQUIT)
         # New connections are refused from now on rather than queued and reset at exit.
-        for sock in self.listeners:
+        for sock in self.listeners.values():
             sock.close()
         # Workers bound their own drain by shutdown_timeout; this is the backstop.
         wait = self.config.server.shutdown_timeout + 5.0 if graceful else FAST_STOP_WAIT
@@ -214,6 +334,7 @@ class Arbiter:
             self._forget(proc)
         for slot in self.slots:
             slot.process = None
+        self.retiring = []
 
     # -- what the admin endpoint reports -------------------------------------------------------
 
@@ -227,12 +348,24 @@ class Arbiter:
         return [s.process.pid for s in self.slots if s.process is not None]
 
 
+def _read(path: str, current_text: str) -> tuple[Config, str]:
+    """The config at `path`, validated; the embedded default config reloads as it is."""
+    if path.startswith("<"):
+        return load_config_text(current_text, path), current_text
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as exc:
+        raise ConfigError(path, 0, f"cannot read: {exc.strerror}") from exc
+    return load_config_text(text, path), text
+
+
 def _backoff(early_deaths: int) -> float:
     """0 after a worker that served a while, then 0.5 s doubling up to MAX_BACKOFF."""
     return 0.0 if early_deaths == 0 else min(0.5 * 2 ** (early_deaths - 1), MAX_BACKOFF)
 
 
-def _describe_exit(code: int | None) -> str:
+def _describe(code: int | None) -> str:
     if code is None:
         return "no status"
     if code < 0:

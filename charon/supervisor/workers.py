@@ -56,7 +56,8 @@ class WorkerProcess:
         self.started_at = time.monotonic()
         self.last_beat = self.started_at
         self.ready = False
-        self.stopping = False
+        self.killed = False
+        self.retire_by = 0.0  # set when retired after a reload: killed if still alive then
 
     def read_heartbeat(self) -> bool:
         """Consume the beats waiting in the pipe; False once the pipe is closed."""
@@ -79,6 +80,7 @@ class WorkerProcess:
             os.kill(self.pid, signum)
 
     def kill(self) -> None:
+        self.killed = True
         self.signal(signal.SIGKILL)
 
     def close(self) -> None:

@@ -4,8 +4,9 @@ It reads the config text the supervisor validated from stdin, serves the listeni
 inherited (their fds are given on the command line) on a uvloop event loop, and writes a
 heartbeat byte to a pipe every second so the supervisor can tell a stuck loop from a busy one.
 
-Signals: TERM drains (stop accepting, finish in-flight requests within shutdown_timeout),
-INT and QUIT stop at once.
+Signals: TERM drains (stop accepting, finish in-flight requests within shutdown_timeout, close
+tunnels with 1001), USR2 retires after a reload (the same, but tunnels are kept up to
+drain_timeout and idle keep-alive connections end by themselves), INT and QUIT stop at once.
 """
 
 from __future__ import annotations
@@ -34,6 +35,9 @@ log = logging.getLogger("charon.worker")
 
 HEARTBEAT_INTERVAL = 1.0
 
+# How a worker ends: TERM drains and stops, USR2 retires it after a reload, INT/QUIT at once.
+STOP, RETIRE, FAST = 1, 2, 3
+
 
 class Worker:
     def __init__(
@@ -50,7 +54,7 @@ class Worker:
         self.listen_fds = listen_fds
         self.heartbeat_fd = heartbeat_fd
         self.parent_pid = os.getppid()
-        self._stop: asyncio.Future[bool] | None = None
+        self._stop: asyncio.Future[int] | None = None
         self._fast = False
 
     async def run(self) -> None:
@@ -64,20 +68,24 @@ class Worker:
             servers.append(
                 await loop.create_server(lambda: ClientConnection(ctx), sock=sock, backlog=4096)
             )
-        loop.add_signal_handler(signal.SIGTERM, self._request_stop, True)
-        loop.add_signal_handler(signal.SIGINT, self._request_stop, False)
-        loop.add_signal_handler(signal.SIGQUIT, self._request_stop, False)
+        loop.add_signal_handler(signal.SIGTERM, self._request_stop, STOP)
+        loop.add_signal_handler(signal.SIGUSR2, self._request_stop, RETIRE)
+        loop.add_signal_handler(signal.SIGINT, self._request_stop, FAST)
+        loop.add_signal_handler(signal.SIGQUIT, self._request_stop, FAST)
         sweeper = DeadlineSweeper(loop, lambda: itertools.chain(ctx.connections, ctx.tunnels))
         sweeper.start()
         self._heartbeat(loop, ctx, b"R")  # R: serving; the supervisor counts the worker ready
 
-        graceful = await self._stop
+        mode = await self._stop
         for server in servers:
             server.close()  # our copy of the socket; the supervisor's keeps the accept queue
+        # From now on every response says `Connection: close`.
         ctx.draining = True
+        if mode == RETIRE:
+            await self._retire(ctx)
         for tunnel in list(ctx.tunnels):
             tunnel.shutdown()  # Close 1001 at a frame boundary
-        if graceful:
+        if mode != FAST and not self._fast:
             for conn in list(ctx.connections):
                 conn.shutdown()
             deadline = loop.time() + self.config.server.shutdown_timeout
@@ -93,22 +101,34 @@ class Worker:
         ctx.report_metrics()
         publisher.close()
 
-    def _request_stop(self, graceful: bool) -> None:
-        if not graceful:
+    async def _retire(self, ctx: WorkerContext) -> None:
+        """After a reload: new workers take new connections while this one lets its own end.
+
+        Idle keep-alive connections are not cut (a request racing the close would fail): each
+        closes after its next response or when its keep-alive time runs out. Tunnels stay up
+        to drain_timeout.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.server.drain_timeout
+        while (ctx.connections or ctx.tunnels) and loop.time() < deadline and not self._fast:
+            await asyncio.sleep(0.1)
+
+    def _request_stop(self, mode: int) -> None:
+        if mode == FAST:
             self._fast = True  # also cuts a drain already under way
         if self._stop is not None and not self._stop.done():
-            self._stop.set_result(graceful)
+            self._stop.set_result(mode)
 
     def _heartbeat(self, loop: asyncio.AbstractEventLoop, ctx: WorkerContext, beat: bytes) -> None:
         if os.getppid() != self.parent_pid:
-            self._request_stop(True)  # the supervisor is gone: nobody would replace us
+            self._request_stop(STOP)  # the supervisor is gone: nobody would replace us
         try:
             os.write(self.heartbeat_fd, beat)
         except BlockingIOError:
             pass  # the supervisor is not reading (stopped?): the beat is simply skipped
         except OSError as exc:
             if exc.errno == errno.EPIPE:
-                self._request_stop(True)
+                self._request_stop(STOP)
         ctx.close_expired_upstreams()
         ctx.report_metrics()
         loop.call_later(HEARTBEAT_INTERVAL, self._heartbeat, loop, ctx, b".")
