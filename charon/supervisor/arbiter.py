@@ -175,8 +175,8 @@ class Arbiter:
             silent = now - proc.last_beat
             if silent > limit and not proc.killed:
                 log.error(
-                    "worker pid %d sent no heartbeat for %.1fs: its loop is stuck; killing it",
-                    proc.pid, silent,
+                    "worker %d (pid %d) sent no heartbeat for %.1fs: its loop is stuck; killing it",
+                    proc.worker_id, proc.pid, silent,
                 )
                 proc.kill()
             elif proc.retire_by and now > proc.retire_by and not proc.killed:
