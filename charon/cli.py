@@ -14,7 +14,7 @@ import urllib.request
 from importlib import resources
 from typing import NoReturn
 
-from charon import cli_logs
+from charon import cli_logs, cli_reload
 from charon.config import Config, ConfigError, load_config_text
 from charon.supervisor.arbiter import Arbiter
 from charon.supervisor.sockets import ListenError
@@ -31,12 +31,20 @@ def main(argv: list[str] | None = None) -> None:
     check = commands.add_parser("check", help="validate a config file")
     check.add_argument("path")
     cli_logs.add_parser(commands)
+    reload = commands.add_parser(
+        "reload", help="reload a running supervisor's config and wait for the result"
+    )
+    reload.add_argument("--config", required=True, metavar="PATH")
+    reload.add_argument("--pid", type=int, help="the supervisor's PID (e.g. systemd's $MAINPID)")
+    reload.add_argument("--pidfile", metavar="PATH", help="default: [server] pidfile")
     args = parser.parse_args(argv)
 
     if args.command == "check":
         sys.exit(_check(args.path))
     if args.command == "logs":
         sys.exit(cli_logs.main(args))
+    if args.command == "reload":
+        sys.exit(cli_reload.reload(_read(args.config)[0], args.pid, args.pidfile))
     _setup_logging()
     if args.command == "run":
         sys.exit(_run(*_read(args.config)))

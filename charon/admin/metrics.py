@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CONTENT_TYPE_PLAIN_0_0_4, CollectorRegistry, generate_latest
 from prometheus_client.metrics_core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -39,6 +39,7 @@ from charon.events.schema import (
     ERR_CLOSED,
     ERR_CONNECT,
     ERR_TIMEOUT,
+    FIELDS,
     METRICS,
     WORKER_EXIT,
 )
@@ -56,6 +57,12 @@ RELOAD_RESULTS = ("success", "error")
 METHODS = KNOWN_METHODS | {"OTHER"}
 
 Totals = dict[tuple[str, ...], float]
+
+# Where the fields this section reads sit in an event (the kind is element 0).
+EXIT_PID = FIELDS[WORKER_EXIT].index("pid") + 1
+RELOAD_RESULT = FIELDS[CONFIG_RELOAD].index("result") + 1
+METRICS_DELTAS = FIELDS[METRICS].index("deltas") + 1
+METRICS_GAUGES = FIELDS[METRICS].index("gauges") + 1
 
 
 def close_code_label(code: Any) -> str:
@@ -116,7 +123,8 @@ class Snapshot:
 COUNTERS: dict[str, tuple[str, tuple[str, ...]]] = {
     "charon_http_requests": ("HTTP requests answered.", ("host", "method", "code")),
     "charon_http_response_bytes": (
-        "Response body bytes received from backends and sent to clients.", ("host",)),
+        "Response body bytes relayed from backends to clients (Charon's own error pages are "
+        "not counted).", ("host",)),
     "charon_upstream_errors": (
         "Backend failures (connect, timeout, bad_response, closed).", ("host", "kind")),
     "charon_websocket_connections": ("WebSocket tunnels opened.", ("host",)),
@@ -124,8 +132,8 @@ COUNTERS: dict[str, tuple[str, tuple[str, ...]]] = {
         "WebSocket messages (data frames with FIN), in: from clients, out: to clients.",
         ("host", "direction")),
     "charon_websocket_bytes": (
-        "WebSocket frame payload bytes, in: from clients, out: to clients.",
-        ("host", "direction")),
+        "WebSocket message payload bytes (control frames not counted), in: from clients, "
+        "out: to clients.", ("host", "direction")),
     "charon_websocket_closes": (
         "WebSocket tunnels closed, by close code (3xxx/4xxx: application codes).",
         ("host", "code")),
@@ -197,8 +205,8 @@ class MetricsSection:
                               event[0], pid, self.bad_events)
 
     def _on_metrics(self, pid: int, event: list[Any]) -> None:
-        deltas: dict[str, Any] = event[1]
-        gauges: dict[str, Any] = event[2]
+        deltas: dict[str, Any] = event[METRICS_DELTAS]
+        gauges: dict[str, Any] = event[METRICS_GAUGES]
         self._add_deltas(deltas)
         now = self.clock()
         if now >= self._next_expiry:
@@ -265,12 +273,12 @@ class MetricsSection:
 
     def _on_worker_exit(self, pid: int, event: list[Any]) -> None:
         self.restarts += 1
-        exited_pid = event[3]
+        exited_pid = event[EXIT_PID]
         self.gauges.pop(exited_pid, None)
         self.exited[exited_pid] = self.clock()
 
     def _on_reload(self, pid: int, event: list[Any]) -> None:
-        result = event[2]
+        result = event[RELOAD_RESULT]
         ok = result == "success"
         self.reloads["success" if ok else "error"] += 1
         self.last_reload_ok = 1 if ok else 0
@@ -327,7 +335,7 @@ class MetricsSection:
     async def _handle(self, request: web.Request) -> web.Response:
         snapshot = self.snapshot()
         body = await asyncio.get_running_loop().run_in_executor(None, self.render, snapshot)
-        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_PLAIN_0_0_4})
 
 
 def _add(totals: Totals, items: Iterable[tuple[Any, ...]]) -> None:

@@ -16,6 +16,8 @@ class WorkerStatus(Protocol):
 
     def worker_pids(self) -> list[int]: ...
 
+    def reload_status(self) -> dict[str, object]: ...
+
 
 class AdminSection(Protocol):
     """A part of the admin listener (metrics, live logs) that brings its own routes."""
@@ -50,6 +52,10 @@ class AdminServer:
 
     async def _healthz(self, request: web.Request) -> web.Response:
         ready = self.status.ready_workers()
-        body = {"status": "ok" if ready else "starting", "workers_ready": ready,
-                "worker_pids": self.status.worker_pids()}
+        body = {
+            "status": "ok" if ready else "starting",
+            "workers_ready": ready,
+            "worker_pids": self.status.worker_pids(),
+            "reloads": self.status.reload_status(),
+        }
         return web.json_response(body, status=200 if ready else 503)

@@ -45,6 +45,7 @@ _SERVER_KEYS = (
     "trusted_proxies",
     "shutdown_timeout",
     "drain_timeout",
+    "pidfile",
     "heartbeat_timeout",
     "limits",
 )
@@ -227,6 +228,7 @@ def _server(table: _Table) -> ServerConfig:
         trusted_proxies=_trusted_proxies(table),
         shutdown_timeout=table.get("shutdown_timeout", values.duration, 30.0),
         drain_timeout=table.get("drain_timeout", values.duration, 300.0),
+        pidfile=table.get("pidfile", values.string, None),
         heartbeat_timeout=table.get("heartbeat_timeout", values.at_least_1s, 10.0),
         limits=_limits(table.table("limits")),
     )

@@ -94,6 +94,7 @@ class ServerConfig:
     shutdown_timeout: float = 30.0  # SIGTERM: how long in-flight requests may finish
     # After a reload, how long old workers keep their WebSocket tunnels (0: close them at once).
     drain_timeout: float = 300.0
+    pidfile: str | None = None  # where the supervisor writes its PID, for `charon reload`
     heartbeat_timeout: float = 10.0  # a worker silent this long is killed and replaced
     limits: Limits = field(default_factory=Limits)
 

@@ -25,6 +25,7 @@ from charon.admin.server import AdminSection, AdminServer
 from charon.config import Config, ConfigError, ListenAddress, load_config_text
 from charon.events.receiver import EventHub, EventReceiver
 from charon.events.schema import CONFIG_RELOAD, WORKER_EXIT
+from charon.supervisor.pidfile import PidFile
 from charon.supervisor.sockets import ListenError, bind_listener
 from charon.supervisor.systemd import Notifier, inherited_listeners, take_inherited
 from charon.supervisor.workers import WorkerProcess
@@ -81,6 +82,8 @@ class Arbiter:
         self.admin: AdminServer | None = None
         self.stopping = False
         self._announced_ready = False
+        self._reload_count = 0
+        self._reload_last = ("", "")  # result, error
 
     async def run(self) -> int:
         """Serve until a stop signal; the process exit code."""
@@ -91,7 +94,9 @@ class Arbiter:
             self.listeners[address] = sock if sock is not None else bind_listener(address)
         self.receiver = EventReceiver(self.hub)
         self.receiver.start()
+        pidfile = PidFile(self.config.server.pidfile)
         try:
+            pidfile.write()
             await self._start_admin()
             for handled in _HANDLED:
                 loop.add_signal_handler(handled, self.signals.put_nowait, handled)
@@ -121,6 +126,7 @@ class Arbiter:
             if self.admin is not None:
                 await self.admin.stop()
             await self.receiver.stop()
+            pidfile.remove()
             for sock in self.listeners.values():
                 sock.close()
 
@@ -293,6 +299,8 @@ class Arbiter:
             await asyncio.sleep(0.02)
 
     def _reload_done(self, result: str, error: str) -> None:
+        self._reload_count += 1
+        self._reload_last = (result, error)
         self.hub.supervisor_event([CONFIG_RELOAD, time.time(), result, self.config.path, error])
         self.notifier.ready(f"serving with {len(self.slots)} workers (last reload: {result})")
 
@@ -346,6 +354,10 @@ class Arbiter:
 
     def worker_pids(self) -> list[int]:
         return [s.process.pid for s in self.slots if s.process is not None]
+
+    def reload_status(self) -> dict[str, object]:
+        result, error = self._reload_last
+        return {"count": self._reload_count, "last_result": result, "last_error": error}
 
 
 def _read(path: str, current_text: str) -> tuple[Config, str]:
