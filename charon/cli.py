@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
-import os
 import signal
 import subprocess
 import sys
@@ -14,7 +12,7 @@ import urllib.request
 from importlib import resources
 from typing import NoReturn
 
-from charon import cli_logs, cli_reload
+from charon import cli_logs, cli_reload, logsetup
 from charon.config import Config, ConfigError, load_config_text
 from charon.supervisor.arbiter import Arbiter
 from charon.supervisor.sockets import ListenError
@@ -25,9 +23,14 @@ DEMO_BACKEND_PORT = 8081
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="charon", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("demo", help="run the proxy on its embedded config with a demo backend")
+    demo = commands.add_parser("demo", help="run the proxy on its embedded config + demo backend")
     run = commands.add_parser("run", help="run the proxy on a config file")
     run.add_argument("--config", required=True, metavar="PATH")
+    for command in (demo, run):
+        command.add_argument(
+            "--log-format", choices=logsetup.FORMATS, default="text",
+            help="Charon's own log lines on stderr (default: text)",
+        )
     check = commands.add_parser("check", help="validate a config file")
     check.add_argument("path")
     cli_logs.add_parser(commands)
@@ -45,10 +48,10 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(cli_logs.main(args))
     if args.command == "reload":
         sys.exit(cli_reload.reload(_read(args.config)[0], args.pid, args.pidfile))
-    _setup_logging()
+    logsetup.setup("supervisor", args.log_format)
     if args.command == "run":
-        sys.exit(_run(*_read(args.config)))
-    sys.exit(_demo())
+        sys.exit(_run(*_read(args.config), args.log_format))
+    sys.exit(_demo(args.log_format))
 
 
 def _read(path: str) -> tuple[Config, str]:
@@ -77,14 +80,14 @@ def _check(path: str) -> int:
     return 0
 
 
-def _run(config: Config, text: str) -> int:
+def _run(config: Config, text: str, log_format: str = "text") -> int:
     try:
-        return asyncio.run(Arbiter(config, text).run())
+        return asyncio.run(Arbiter(config, text, log_format).run())
     except ListenError as exc:
         _die(str(exc))
 
 
-def _demo() -> int:
+def _demo(log_format: str) -> int:
     text = resources.files("charon.config").joinpath("default.toml").read_text("utf-8")
     config = load_config_text(text, "<default>")
     # Until the supervisor's loop handles signals, a TERM must still run the `finally` below.
@@ -98,7 +101,7 @@ def _demo() -> int:
         print(f"\n  Charon demo: open http://{listen}/ (proxied to the demo backend)", flush=True)
         if config.admin.listen is not None:
             print(f"  Admin:       http://{config.admin.listen}/healthz\n", flush=True)
-        return _run(config, text)
+        return _run(config, text, log_format)
     finally:
         backend.terminate()
         try:
@@ -118,14 +121,6 @@ def _wait_for(url: str, process: subprocess.Popen[bytes], seconds: float = 15.0)
         except OSError:
             time.sleep(0.1)
     _die(f"the demo backend did not answer on {url} within {seconds:.0f}s")
-
-
-def _setup_logging() -> None:
-    logging.basicConfig(
-        level=logging.INFO,
-        stream=sys.stderr,
-        format=f"%(asctime)s supervisor[{os.getpid()}] %(levelname)s %(message)s",
-    )
 
 
 def _die(message: str) -> NoReturn:

@@ -46,6 +46,7 @@ _SERVER_KEYS = (
     "shutdown_timeout",
     "drain_timeout",
     "pidfile",
+    "access_log",
     "heartbeat_timeout",
     "limits",
 )
@@ -229,6 +230,7 @@ def _server(table: _Table) -> ServerConfig:
         shutdown_timeout=table.get("shutdown_timeout", values.duration, 30.0),
         drain_timeout=table.get("drain_timeout", values.duration, 300.0),
         pidfile=table.get("pidfile", values.string, None),
+        access_log=table.get("access_log", values.string, None),
         heartbeat_timeout=table.get("heartbeat_timeout", values.at_least_1s, 10.0),
         limits=_limits(table.table("limits")),
     )

@@ -95,6 +95,7 @@ class ServerConfig:
     # After a reload, how long old workers keep their WebSocket tunnels (0: close them at once).
     drain_timeout: float = 300.0
     pidfile: str | None = None  # where the supervisor writes its PID, for `charon reload`
+    access_log: str | None = None  # a file for one line per request (USR1 reopens it)
     heartbeat_timeout: float = 10.0  # a worker silent this long is killed and replaced
     limits: Limits = field(default_factory=Limits)
 

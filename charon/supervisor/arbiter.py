@@ -41,7 +41,9 @@ RELOAD_READY_TIMEOUT = 20.0  # a new generation must serve within this, or the r
 RETIRE_MARGIN = 10.0  # beyond drain + shutdown timeouts, a retiring worker is killed
 
 _STOP_SIGNALS = {signal.SIGTERM: True, signal.SIGINT: False, signal.SIGQUIT: False}
-_HANDLED = (*_STOP_SIGNALS, signal.SIGCHLD, signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU)
+_HANDLED = (
+    *_STOP_SIGNALS, signal.SIGCHLD, signal.SIGHUP, signal.SIGUSR1, signal.SIGTTIN, signal.SIGTTOU
+)
 
 
 class StartupFailure(Exception):
@@ -62,7 +64,8 @@ class Slot:
 
 
 class Arbiter:
-    def __init__(self, config: Config, config_text: str) -> None:
+    def __init__(self, config: Config, config_text: str, log_format: str = "text") -> None:
+        self.log_format = log_format
         self.config = config
         self.config_text = config_text
         self.listeners: dict[ListenAddress, socket.socket] = {}
@@ -112,6 +115,8 @@ class Arbiter:
                     return 0
                 if signum == signal.SIGHUP:
                     await self._reload()
+                elif signum == signal.SIGUSR1:
+                    self._reopen_logs()
                 elif signum in (signal.SIGTTIN, signal.SIGTTOU):
                     self._resize(+1 if signum == signal.SIGTTIN else -1)
                 self._reap()
@@ -198,7 +203,9 @@ class Arbiter:
     def _spawn(self, worker_id: int, config: Config, text: str) -> WorkerProcess:
         assert self.receiver is not None
         fds = [self.listeners[address].fileno() for address in config.server.listen]
-        proc = WorkerProcess(worker_id, text, config.path, fds, self.receiver.endpoint)
+        proc = WorkerProcess(
+            worker_id, text, config.path, fds, self.receiver.endpoint, self.log_format
+        )
         asyncio.get_running_loop().add_reader(proc.heartbeat_fd, self._on_heartbeat, proc)
         log.info("worker %d started (pid %d)", worker_id, proc.pid)
         return proc
@@ -226,6 +233,11 @@ class Arbiter:
             if slot.process is not None:
                 self._retire(slot.process)
         log.info("now %d workers", len(self.slots))
+
+    def _reopen_logs(self) -> None:
+        """USR1, after logrotate moved the access log: each worker reopens its file."""
+        for proc in [s.process for s in self.slots if s.process is not None] + self.retiring:
+            proc.signal(signal.SIGUSR1)
 
     def _retire(self, proc: WorkerProcess) -> None:
         server = self.config.server

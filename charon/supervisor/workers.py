@@ -20,6 +20,7 @@ class WorkerProcess:
         config_path: str,
         fds: list[int],
         events_endpoint: str,
+        log_format: str = "text",
     ) -> None:
         self.worker_id = worker_id
         read_fd, write_fd = os.pipe()
@@ -39,6 +40,8 @@ class WorkerProcess:
             str(worker_id),
             "--events",
             events_endpoint,
+            "--log-format",
+            log_format,
         ]
         try:
             self.process = subprocess.Popen(

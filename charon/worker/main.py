@@ -24,8 +24,10 @@ import sys
 
 import uvloop
 
+from charon import logsetup
 from charon.config import Config, load_config_text
 from charon.events.publisher import EventPublisher
+from charon.worker.accesslog import AccessLog
 from charon.worker.context import WorkerContext
 from charon.worker.deadlines import DeadlineSweeper
 from charon.worker.http.client import ClientConnection
@@ -47,7 +49,9 @@ class Worker:
         heartbeat_fd: int,
         events_endpoint: str | None = None,
         worker_id: int = 0,
+        log_format: str = "text",
     ) -> None:
+        self.log_format = log_format
         self.config = config
         self.events_endpoint = events_endpoint
         self.worker_id = worker_id
@@ -61,7 +65,11 @@ class Worker:
         loop = asyncio.get_running_loop()
         self._stop = loop.create_future()
         publisher = EventPublisher(loop, self.events_endpoint, self.worker_id)
-        ctx = WorkerContext(loop, self.config, Telemetry(publisher))
+        access_log = None
+        if self.config.server.access_log:
+            access_log = AccessLog(loop, self.config.server.access_log, self.log_format == "json")
+            loop.add_signal_handler(signal.SIGUSR1, access_log.reopen)
+        ctx = WorkerContext(loop, self.config, Telemetry(publisher, access_log))
         servers = []
         for fd in self.listen_fds:
             sock = socket.socket(fileno=fd)
@@ -100,6 +108,8 @@ class Worker:
         ctx.close_idle_upstreams()
         ctx.report_metrics()
         publisher.close()
+        if access_log is not None:
+            access_log.close()
 
     async def _retire(self, ctx: WorkerContext) -> None:
         """After a reload: new workers take new connections while this one lets its own end.
@@ -150,15 +160,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config-path", default="<stdin>")
     parser.add_argument("--worker-id", type=int, default=0)
     parser.add_argument("--events", default=None, help="ZeroMQ endpoint of the supervisor")
+    parser.add_argument("--log-format", choices=logsetup.FORMATS, default="text")
     args = parser.parse_args(argv)
 
-    logging.basicConfig(
-        level=logging.INFO,
-        stream=sys.stderr,
-        format=f"%(asctime)s worker[{args.worker_id}:{os.getpid()}] %(levelname)s %(message)s",
-    )
+    logsetup.setup(f"worker-{args.worker_id}", args.log_format)
     config = load_config_text(sys.stdin.buffer.read().decode("utf-8"), args.config_path)
     fds = [int(fd) for fd in args.listen_fds.split(",") if fd]
     os.set_blocking(args.heartbeat_fd, False)
     _raise_fd_limit()
-    uvloop.run(Worker(config, fds, args.heartbeat_fd, args.events, args.worker_id).run())
+    worker = Worker(config, fds, args.heartbeat_fd, args.events, args.worker_id, args.log_format)
+    uvloop.run(worker.run())

@@ -22,6 +22,7 @@ from charon.events.schema import (
 )
 
 if TYPE_CHECKING:
+    from charon.worker.accesslog import AccessLog
     from charon.worker.websocket.tunnel import TunnelInfo
 
 HTTP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -57,8 +58,9 @@ class Histogram:
 
 
 class Telemetry:
-    def __init__(self, publisher: EventPublisher) -> None:
+    def __init__(self, publisher: EventPublisher, access_log: AccessLog | None = None) -> None:
         self.publisher = publisher
+        self.access_log = access_log
         self.requests: Counter[tuple[str, str, int]] = Counter()
         self.response_bytes: Counter[str] = Counter()
         self.upstream_errors: Counter[tuple[str, str]] = Counter()
@@ -78,10 +80,15 @@ class Telemetry:
         self.requests[(host, name if name in KNOWN_METHODS else "OTHER", status)] += 1
         self.response_bytes[host] += response_bytes
         self.http_durations.observe(host, duration)
+        text_path = path[:PATH_LIMIT].decode("latin-1")
         self.publisher.emit(
             (REQUEST, time.time(), host, name, status, duration, response_bytes, client_ip,
-             path[:PATH_LIMIT].decode("latin-1"))
+             text_path)
         )
+        if self.access_log is not None:
+            self.access_log.request(
+                host, name, text_path, status, duration, response_bytes, client_ip
+            )
 
     def upstream_error(
         self, host: str, kind: str, status: int, client_ip: str, path: bytes
