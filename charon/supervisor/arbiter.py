@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import socket
 import time
@@ -29,6 +30,7 @@ from charon.supervisor.pidfile import PidFile
 from charon.supervisor.sockets import ListenError, bind_listener
 from charon.supervisor.systemd import Notifier, inherited_listeners, take_inherited
 from charon.supervisor.workers import WorkerProcess
+from charon.worker.listeners import create_table
 
 log = logging.getLogger("charon.supervisor")
 
@@ -85,6 +87,7 @@ class Arbiter:
         self.admin: AdminServer | None = None
         self.stopping = False
         self._announced_ready = False
+        self.balance_fd = create_table()  # connection counts the workers share
         self._reload_count = 0
         self._reload_last = ("", "")  # result, error
 
@@ -132,6 +135,7 @@ class Arbiter:
                 await self.admin.stop()
             await self.receiver.stop()
             pidfile.remove()
+            os.close(self.balance_fd)
             for sock in self.listeners.values():
                 sock.close()
 
@@ -204,7 +208,8 @@ class Arbiter:
         assert self.receiver is not None
         fds = [self.listeners[address].fileno() for address in config.server.listen]
         proc = WorkerProcess(
-            worker_id, text, config.path, fds, self.receiver.endpoint, self.log_format
+            worker_id, text, config.path, fds, self.receiver.endpoint, self.log_format,
+            self.balance_fd, config.server.workers,
         )
         asyncio.get_running_loop().add_reader(proc.heartbeat_fd, self._on_heartbeat, proc)
         log.info("worker %d started (pid %d)", worker_id, proc.pid)

@@ -21,6 +21,8 @@ class WorkerProcess:
         fds: list[int],
         events_endpoint: str,
         log_format: str = "text",
+        balance_fd: int = -1,
+        generation_size: int = 1,
     ) -> None:
         self.worker_id = worker_id
         read_fd, write_fd = os.pipe()
@@ -42,10 +44,17 @@ class WorkerProcess:
             events_endpoint,
             "--log-format",
             log_format,
+            "--balance-fd",
+            str(balance_fd),
+            "--generation-size",
+            str(generation_size),
         ]
         try:
             self.process = subprocess.Popen(
-                args, stdin=subprocess.PIPE, pass_fds=(*fds, write_fd), close_fds=True
+                args,
+                stdin=subprocess.PIPE,
+                pass_fds=(*fds, write_fd, *([balance_fd] if balance_fd >= 0 else [])),
+                close_fds=True,
             )
         finally:
             os.close(write_fd)

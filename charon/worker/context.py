@@ -13,6 +13,7 @@ from charon.worker.upstreams.pool import UpstreamPool
 
 if TYPE_CHECKING:
     from charon.worker.http.client import ClientConnection
+    from charon.worker.listeners import Listeners
     from charon.worker.websocket.tunnel import Tunnel
 
 
@@ -30,6 +31,7 @@ class WorkerContext:
         self.connections: set[ClientConnection] = set()
         self.tunnels: set[Tunnel] = set()
         self.telemetry = telemetry
+        self.listeners: Listeners | None = None  # set once serving
         self.draining = False
         self._pools: dict[tuple[str, int], UpstreamPool] = {}
 

@@ -19,7 +19,6 @@ import logging
 import os
 import resource
 import signal
-import socket
 import sys
 
 import uvloop
@@ -31,6 +30,7 @@ from charon.worker.accesslog import AccessLog
 from charon.worker.context import WorkerContext
 from charon.worker.deadlines import DeadlineSweeper
 from charon.worker.http.client import ClientConnection
+from charon.worker.listeners import Listeners, LoadTable
 from charon.worker.telemetry import Telemetry
 
 log = logging.getLogger("charon.worker")
@@ -50,7 +50,9 @@ class Worker:
         events_endpoint: str | None = None,
         worker_id: int = 0,
         log_format: str = "text",
+        table: LoadTable | None = None,
     ) -> None:
+        self.table = table
         self.log_format = log_format
         self.config = config
         self.events_endpoint = events_endpoint
@@ -70,12 +72,9 @@ class Worker:
             access_log = AccessLog(loop, self.config.server.access_log, self.log_format == "json")
             loop.add_signal_handler(signal.SIGUSR1, access_log.reopen)
         ctx = WorkerContext(loop, self.config, Telemetry(publisher, access_log))
-        servers = []
-        for fd in self.listen_fds:
-            sock = socket.socket(fileno=fd)
-            servers.append(
-                await loop.create_server(lambda: ClientConnection(ctx), sock=sock, backlog=4096)
-            )
+        listeners = Listeners(loop, self.listen_fds, lambda: ClientConnection(ctx), self.table)
+        await listeners.start()
+        ctx.listeners = listeners
         loop.add_signal_handler(signal.SIGTERM, self._request_stop, STOP)
         loop.add_signal_handler(signal.SIGUSR2, self._request_stop, RETIRE)
         loop.add_signal_handler(signal.SIGINT, self._request_stop, FAST)
@@ -85,8 +84,7 @@ class Worker:
         self._heartbeat(loop, ctx, b"R")  # R: serving; the supervisor counts the worker ready
 
         mode = await self._stop
-        for server in servers:
-            server.close()  # our copy of the socket; the supervisor's keeps the accept queue
+        listeners.close()  # our copies of the sockets; the supervisor's keep the accept queues
         # From now on every response says `Connection: close`.
         ctx.draining = True
         if mode == RETIRE:
@@ -141,6 +139,8 @@ class Worker:
                 self._request_stop(STOP)
         ctx.close_expired_upstreams()
         ctx.report_metrics()
+        if ctx.listeners is not None:
+            ctx.listeners.check()
         loop.call_later(HEARTBEAT_INTERVAL, self._heartbeat, loop, ctx, b".")
 
 
@@ -161,6 +161,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--worker-id", type=int, default=0)
     parser.add_argument("--events", default=None, help="ZeroMQ endpoint of the supervisor")
     parser.add_argument("--log-format", choices=logsetup.FORMATS, default="text")
+    parser.add_argument("--balance-fd", type=int, default=-1, help="shared connection counts")
+    parser.add_argument("--generation-size", type=int, default=1)
     args = parser.parse_args(argv)
 
     logsetup.setup(f"worker-{args.worker_id}", args.log_format)
@@ -168,5 +170,10 @@ def main(argv: list[str] | None = None) -> None:
     fds = [int(fd) for fd in args.listen_fds.split(",") if fd]
     os.set_blocking(args.heartbeat_fd, False)
     _raise_fd_limit()
-    worker = Worker(config, fds, args.heartbeat_fd, args.events, args.worker_id, args.log_format)
+    table = None
+    if args.balance_fd >= 0:
+        table = LoadTable(args.balance_fd, args.worker_id, args.generation_size)
+    worker = Worker(
+        config, fds, args.heartbeat_fd, args.events, args.worker_id, args.log_format, table
+    )
     uvloop.run(worker.run())

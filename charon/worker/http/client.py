@@ -60,6 +60,8 @@ class ClientConnection(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         self.peer_ip = peer[0] if peer else ""
         self.ctx.connections.add(self)
+        if self.ctx.listeners is not None:
+            self.ctx.listeners.opened()
         self.set_deadline(HEADER, self.ctx.timeouts.header)
 
     def data_received(self, data: bytes) -> None:
@@ -101,6 +103,8 @@ class ClientConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.ctx.connections.discard(self)
+        if self.ctx.listeners is not None:
+            self.ctx.listeners.closed_one()
         self.deadline_kind = NONE
         self.closing = True
         while self.exchanges:

@@ -59,6 +59,8 @@ class _Side(asyncio.Protocol):
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.from_client and self.tunnel.ctx.listeners is not None:
+            self.tunnel.ctx.listeners.closed_one()  # the client connection counted at accept
         self.tunnel.lost(self.from_client)
 
     def pause_writing(self) -> None:

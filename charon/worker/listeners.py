@@ -1,0 +1,134 @@
+"""The worker's side of the shared listening sockets, with accept back-off (decision 1).
+
+All workers wait on the same accept queue, and Linux wakes the most recently idle one first: when
+connections arrive one at a time (WebSockets opening through the day) one worker collects most of
+them. So each worker writes its count of open client connections into a small table shared by
+all workers (a memfd the supervisor made), and a worker holding clearly more than the mean stops
+accepting until it is back near it. The worker with the fewest connections is never above the
+mean, so some worker always accepts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import mmap
+import os
+import socket
+import struct
+from collections.abc import Callable
+
+PAUSE_ABOVE = 1.25  # pause accepting above this many times the mean ...
+PAUSE_SLACK = 8  # ... plus this many connections (no flapping at small numbers)
+RESUME_AT = 1.05  # accept again at or below this many times the mean plus RESUME_SLACK
+RESUME_SLACK = 2
+
+_SLOT = struct.Struct("q")
+TABLE_SLOTS = 256
+TABLE_SIZE = _SLOT.size * TABLE_SLOTS
+
+
+def create_table() -> int:
+    """The shared table's fd (made by the supervisor; inherited by every worker)."""
+    fd = os.memfd_create("charon-connections", 0)
+    os.ftruncate(fd, TABLE_SIZE)
+    return fd
+
+
+class LoadTable:
+    """This worker's slot in the shared table, and the mean over its generation's slots."""
+
+    def __init__(self, fd: int, slot: int, workers: int) -> None:
+        self._map = mmap.mmap(fd, TABLE_SIZE)
+        os.close(fd)
+        self.slot = slot % TABLE_SLOTS
+        self.workers = max(1, min(workers, TABLE_SLOTS))
+        self.count = 0
+        self.write(0)
+
+    def write(self, count: int) -> None:
+        self.count = count
+        _SLOT.pack_into(self._map, self.slot * _SLOT.size, count)
+
+    def mean(self) -> float:
+        counts = struct.unpack_from(f"{self.workers}q", self._map, 0)
+        return sum(max(0, c) for c in counts) / self.workers
+
+
+class Listeners:
+    """Serves the inherited listening fds; pauses and resumes accepting by load."""
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        fds: list[int],
+        factory: Callable[[], asyncio.Protocol],
+        table: LoadTable | None,
+    ) -> None:
+        self.loop = loop
+        self.fds = fds  # kept open: each server gets a duplicate, closed by uvloop with it
+        self.factory = factory
+        self.table = table
+        self.servers: list[asyncio.AbstractServer] = []
+        self.paused = False
+        self.closed = False
+        self._resuming = False
+
+    async def start(self) -> None:
+        for fd in self.fds:
+            sock = socket.socket(fileno=os.dup(fd))
+            server = await self.loop.create_server(self.factory, sock=sock, backlog=4096)
+            sock.detach()  # uvloop owns the fd now and closes it with the server
+            self.servers.append(server)
+
+    def opened(self) -> None:
+        table = self.table
+        if table is None:
+            return
+        table.write(table.count + 1)
+        if not self.paused and table.count > table.mean() * PAUSE_ABOVE + PAUSE_SLACK:
+            self.paused = True
+            self._close_servers()
+
+    def closed_one(self) -> None:
+        table = self.table
+        if table is None:
+            return
+        table.write(table.count - 1)
+        if self.paused:
+            self.check()
+
+    def check(self) -> None:
+        """Accept again once near the mean (also called each second: others' counts move)."""
+        table = self.table
+        if (
+            self.paused
+            and not self.closed
+            and not self._resuming
+            and table is not None
+            and table.count <= table.mean() * RESUME_AT + RESUME_SLACK
+        ):
+            self._resuming = True
+            self.loop.create_task(self._resume())
+
+    async def _resume(self) -> None:
+        try:
+            if not self.closed:
+                await self.start()
+                self.paused = False
+        finally:
+            self._resuming = False
+
+    def close(self) -> None:
+        """Stop accepting for good (drain, retire); the table no longer counts this worker."""
+        self.closed = True
+        self._close_servers()
+        for fd in self.fds:
+            os.close(fd)
+        self.fds = []
+        # The slot is left as it is: after a reload a new worker owns it already.
+        self.table = None
+
+    def _close_servers(self) -> None:
+        for server in self.servers:
+            server.close()
+        self.servers = []
