@@ -2,7 +2,8 @@
 # Everything the test suite needs, installed by the project itself (root or sudo):
 # Charon with its test extras in ./.venv, and the real peers the tests start (nginx and
 # Prometheus with promtool from Debian, the Autobahn suite from ../shared/autobahn when that
-# folder exists).
+# folder exists), and systemd's tools for tests/test_systemd.py (systemd-analyze,
+# systemd-socket-activate; the package installs no running systemd here).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -11,7 +12,7 @@ as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 deploy/bootstrap.sh --test
 
 need=()
-for cmd_pkg in nginx:nginx-light wrk:wrk curl:curl promtool:prometheus; do
+for cmd_pkg in nginx:nginx-light wrk:wrk curl:curl promtool:prometheus systemd-analyze:systemd; do
     command -v "${cmd_pkg%%:*}" >/dev/null 2>&1 || need+=("${cmd_pkg#*:}")
 done
 if [ "${#need[@]}" -gt 0 ]; then

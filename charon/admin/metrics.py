@@ -9,8 +9,9 @@ per-process cumulative count: it is turned into per-process deltas and added to 
 
 Every label value is bounded: `host` is a configured proxy host (its first domain) or `_other`,
 methods, upstream error kinds and WebSocket close codes fold into small fixed sets. A scrape
-renders from a snapshot taken in the loop, and formats the text in a thread, so a scrape under
-load does not hold the supervisor's loop while the text is built.
+copies the state in the loop and formats the text in a thread, so a scrape under load does not
+hold the supervisor's loop while the text is built; scrapes with nothing new in between (or
+arriving while it is built) share one text.
 """
 
 from __future__ import annotations
@@ -164,6 +165,8 @@ class MetricsSection:
         self.reloads = dict.fromkeys(RELOAD_RESULTS, 0)
         self.last_reload_ok = 1
         self._next_expiry = 0.0
+        self.version = 0  # bumped on every change: a scrape with nothing new reuses the text
+        self._rendered: tuple[tuple[int, int], asyncio.Future[bytes]] | None = None
         self._handlers: dict[str, Callable[[int, list[Any]], None]] = {
             METRICS: self._on_metrics,
             WORKER_EXIT: self._on_worker_exit,
@@ -175,6 +178,7 @@ class MetricsSection:
         """The configured proxy host names (first domains): the only `host` label values, with
         `_other`. Their per-host counters start at 0 so the first increase shows in rate()."""
         self.hosts = frozenset(hosts)
+        self.version += 1
         for host in self.hosts:
             for name, keys in (
                 ("charon_http_response_bytes", [(host,)]),
@@ -196,6 +200,7 @@ class MetricsSection:
         handler = self._handlers.get(event[0])
         if handler is None:
             return  # the records for the live log: their numbers come in METRICS
+        self.version += 1
         try:
             handler(pid, event)
         except Exception:  # a malformed event must not stop the other sinks
@@ -290,6 +295,7 @@ class MetricsSection:
         self._next_expiry = now + 1.0
         for pid in [p for p, g in self.gauges.items() if now - g.seen_at > GAUGE_TTL]:
             del self.gauges[pid]
+            self.version += 1
         for pid in [p for p, t in self.exited.items() if now - t > EXITED_MEMORY]:
             del self.exited[pid]
             self.dropped_seen.pop(pid, None)
@@ -333,9 +339,22 @@ class MetricsSection:
         app.router.add_get("/metrics", self._handle)
 
     async def _handle(self, request: web.Request) -> web.Response:
-        snapshot = self.snapshot()
-        body = await asyncio.get_running_loop().run_in_executor(None, self.render, snapshot)
+        body = await self.render_latest()
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_PLAIN_0_0_4})
+
+    async def render_latest(self) -> bytes:
+        """The text of the current state, formatted in a thread (the loop only copies the
+        state). Scrapes that find nothing changed since the last one, or arrive while it is
+        being formatted, share its text."""
+        self._expire()
+        key = (self.version, self.ready_workers())
+        rendered = self._rendered
+        if rendered is None or rendered[0] != key or (
+            rendered[1].done() and rendered[1].exception() is not None
+        ):
+            future = asyncio.get_running_loop().run_in_executor(None, self.render, self.snapshot())
+            rendered = self._rendered = (key, future)
+        return await asyncio.shield(rendered[1])
 
 
 def _add(totals: Totals, items: Iterable[tuple[Any, ...]]) -> None:

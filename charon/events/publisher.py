@@ -39,7 +39,6 @@ class EventPublisher:
             sock = self._context.socket(zmq.PUSH)
             sock.setsockopt(zmq.SNDHWM, SEND_HWM)
             sock.setsockopt(zmq.LINGER, 0)
-            sock.setsockopt(zmq.IMMEDIATE, 1)  # no queueing toward a supervisor not connected
             sock.connect(endpoint)
             self._socket = sock
 
@@ -68,6 +67,17 @@ class EventPublisher:
         except zmq.ZMQError as exc:
             self.dropped += len(batch)
             log.debug("event batch dropped: %s", exc)
+
+    def send_now(self, event: tuple[Any, ...]) -> bool:
+        """Send one event as its own message at once; False if it could not be queued."""
+        self.flush()
+        if self._socket is None:
+            return False
+        try:
+            self._socket.send(msgpack.packb([self.worker_id, self.pid, [event]]), zmq.NOBLOCK)
+        except zmq.ZMQError:
+            return False
+        return True
 
     def close(self) -> None:
         self.flush()

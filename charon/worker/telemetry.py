@@ -50,11 +50,12 @@ class Histogram:
         counts[bisect.bisect_left(self.bounds, value)] += 1
         self.sums[label] += value
 
-    def take(self) -> list[list[Any]]:
-        out = [[label, counts, self.sums[label]] for label, counts in self.buckets.items()]
+    def snapshot(self) -> list[list[Any]]:
+        return [[label, counts, self.sums[label]] for label, counts in self.buckets.items()]
+
+    def clear(self) -> None:
         self.buckets = {}
         self.sums = defaultdict(float)
-        return out
 
 
 class Telemetry:
@@ -133,8 +134,8 @@ class Telemetry:
             "ws_messages": [[h, d, n] for (h, d), n in self.ws_messages.items()],
             "ws_bytes": [[h, d, n] for (h, d), n in self.ws_bytes.items()],
             "ws_closes": [[h, c, n] for (h, c), n in self.ws_closes.items()],
-            "http_durations": self.http_durations.take(),
-            "ws_durations": self.ws_durations.take(),
+            "http_durations": self.http_durations.snapshot(),
+            "ws_durations": self.ws_durations.snapshot(),
         }
         gauges = {
             "ws_active": [[h, n] for h, n in self.ws_active.items() if n],
@@ -143,8 +144,13 @@ class Telemetry:
             "tunnels": tunnels,
             "events_dropped": self.publisher.dropped,
         }
+        # Its own message, and the deltas are kept for the next try if it cannot be sent: a
+        # dropped METRICS would leave the supervisor's totals short for good.
+        if not self.publisher.send_now((METRICS, deltas, gauges)):
+            self.publisher.dropped += 1
+            return
         for counter in (self.requests, self.response_bytes, self.upstream_errors,
                         self.ws_opened, self.ws_messages, self.ws_bytes, self.ws_closes):
             counter.clear()
-        self.publisher.emit((METRICS, deltas, gauges))
-        self.publisher.flush()
+        self.http_durations.clear()
+        self.ws_durations.clear()

@@ -153,8 +153,7 @@ class Tunnel:
                 return
         pos = walker.walk(data)
         if walker.close_code is not None and not self._closed_by:
-            # Who began the closing handshake, not whose TCP connection went first.
-            self._closed_by = "client" if from_client else "backend"
+            self._note_close(from_client)
         if pos == len(data):
             out.write(data)
         else:
@@ -187,6 +186,8 @@ class Tunnel:
                     pos += take
                     continue
             stop = walker.walk(data, pos, stop_at_boundary=True)
+            if walker.close_code is not None and not self._closed_by:
+                self._note_close(True)
             if stop > pos:
                 self.backend.write(data[pos:stop])
             if walker.error:
@@ -202,6 +203,8 @@ class Tunnel:
         pos = 0
         if not walker.at_boundary:
             pos = walker.walk(data, 0, stop_at_boundary=True)
+            if walker.close_code is not None and not self._closed_by:
+                self._note_close(False)
             self.client.write(data[:pos])
         if walker.at_boundary:
             self._send_ping()
@@ -267,8 +270,21 @@ class Tunnel:
             "client_close_code": up.close_code,
             "backend_close_code": down.close_code,
             "closed_by": self._closed_by,
-            "close_code": down.close_code or up.close_code or CLOSE_ABNORMAL,
+            "close_code": self._close_code(),
         }
+
+    def _note_close(self, from_client: bool) -> None:
+        """Who began the closing handshake, not whose TCP connection went first."""
+        self._closed_by = "client" if from_client else "backend"
+
+    def _close_code(self) -> int:
+        """The code of whoever began the closing handshake; 1006 if nobody sent a Close."""
+        first, second = self.upstream.close_code, self.downstream.close_code
+        if self._closed_by == "backend":
+            first, second = second, first
+        if first is not None:
+            return first
+        return second if second is not None else CLOSE_ABNORMAL
 
     # -- idle timeout and pings ------------------------------------------------------------
 
