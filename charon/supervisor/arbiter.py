@@ -94,16 +94,21 @@ class Arbiter:
     async def run(self) -> int:
         """Serve until a stop signal; the process exit code."""
         loop = asyncio.get_running_loop()
-        inherited = inherited_listeners()
-        for address in self.config.server.listen:
-            sock = take_inherited(inherited, address)
-            self.listeners[address] = sock if sock is not None else bind_listener(address)
         self.receiver = EventReceiver(self.hub)
         self.receiver.start()
         pidfile = PidFile(self.config.server.pidfile)
         try:
-            pidfile.write()
+            # The admin listener first: a second `charon run` beside a running one fails here,
+            # before it binds a data port (SO_REUSEPORT would let it) or touches the PID file.
             await self._start_admin()
+            inherited = inherited_listeners()
+            for address in self.config.server.listen:
+                sock = take_inherited(inherited, address)
+                self.listeners[address] = sock if sock is not None else bind_listener(address)
+            for (host, port), sock in inherited.items():
+                log.warning("socket %s:%d passed by systemd matches no listen address", host, port)
+                sock.close()
+            pidfile.write()
             for handled in _HANDLED:
                 loop.add_signal_handler(handled, self.signals.put_nowait, handled)
             log.info(
@@ -319,7 +324,8 @@ class Arbiter:
         self._reload_count += 1
         self._reload_last = (result, error)
         self.hub.supervisor_event([CONFIG_RELOAD, time.time(), result, self.config.path, error])
-        self.notifier.ready(f"serving with {len(self.slots)} workers (last reload: {result})")
+        status = f"serving with {len(self.slots)} workers (last reload: {result}"
+        self.notifier.ready(f"{status}: {error})" if error else f"{status})")
 
     async def _start_admin(self) -> None:
         if self.config.admin.listen is not None:

@@ -165,6 +165,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--generation-size", type=int, default=1)
     args = parser.parse_args(argv)
 
+    # USR1 reopens the access log; a worker without one (or not serving yet) ignores it.
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     logsetup.setup(f"worker-{args.worker_id}", args.log_format)
     config = load_config_text(sys.stdin.buffer.read().decode("utf-8"), args.config_path)
     fds = [int(fd) for fd in args.listen_fds.split(",") if fd]
