@@ -88,6 +88,7 @@ class Arbiter:
         self.stopping = False
         self._announced_ready = False
         self.balance_fd = create_table()  # connection counts the workers share
+        self.generation = 0  # +1 per reload: each generation counts in its own table range
         self._reload_count = 0
         self._reload_last = ("", "")  # result, error
 
@@ -207,14 +208,18 @@ class Arbiter:
         now = time.monotonic()
         for slot in self.slots:
             if slot.process is None and now >= slot.respawn_at:
-                slot.process = self._spawn(slot.worker_id, self.config, self.config_text)
+                slot.process = self._spawn(
+                    slot.worker_id, self.config, self.config_text, self.generation, len(self.slots)
+                )
 
-    def _spawn(self, worker_id: int, config: Config, text: str) -> WorkerProcess:
+    def _spawn(
+        self, worker_id: int, config: Config, text: str, generation: int, size: int
+    ) -> WorkerProcess:
         assert self.receiver is not None
         fds = [self.listeners[address].fileno() for address in config.server.listen]
         proc = WorkerProcess(
             worker_id, text, config.path, fds, self.receiver.endpoint, self.log_format,
-            self.balance_fd, config.server.workers,
+            self.balance_fd, generation, max(size, worker_id + 1),
         )
         asyncio.get_running_loop().add_reader(proc.heartbeat_fd, self._on_heartbeat, proc)
         log.info("worker %d started (pid %d)", worker_id, proc.pid)
@@ -272,7 +277,11 @@ class Arbiter:
                 if address not in self.listeners:
                     added[address] = bind_listener(address)
             self.listeners.update(added)
-            new = [self._spawn(i, config, text) for i in range(config.server.workers)]
+            generation = self.generation + 1
+            new = [
+                self._spawn(i, config, text, generation, config.server.workers)
+                for i in range(config.server.workers)
+            ]
             await self._wait_ready(new)
         except (ConfigError, ListenError, ReloadFailure) as exc:
             for proc in new:
@@ -295,6 +304,7 @@ class Arbiter:
         old_admin = self.config.admin
         self.config, self.config_text = config, text
         self.slots = [Slot(i, proc) for i, proc in enumerate(new)]
+        self.generation = generation
         self.early_deaths = 0
         self.metrics.set_hosts(h.name for h in config.hosts)
         self.logs.token = config.admin.token or None

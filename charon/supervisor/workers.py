@@ -22,6 +22,7 @@ class WorkerProcess:
         events_endpoint: str,
         log_format: str = "text",
         balance_fd: int = -1,
+        generation: int = 0,
         generation_size: int = 1,
     ) -> None:
         self.worker_id = worker_id
@@ -46,6 +47,8 @@ class WorkerProcess:
             log_format,
             "--balance-fd",
             str(balance_fd),
+            "--generation",
+            str(generation),
             "--generation-size",
             str(generation_size),
         ]

@@ -33,6 +33,7 @@ class WorkerContext:
         self.telemetry = telemetry
         self.listeners: Listeners | None = None  # set once serving
         self.draining = False
+        self.closing_tunnels = False
         self._pools: dict[tuple[str, int], UpstreamPool] = {}
 
     def pool(self, upstream: Upstream) -> UpstreamPool:

@@ -21,6 +21,7 @@ PAUSE_ABOVE = 1.25  # pause accepting above this many times the mean ...
 PAUSE_SLACK = 8  # ... plus this many connections (no flapping at small numbers)
 RESUME_AT = 1.05  # accept again at or below this many times the mean plus RESUME_SLACK
 RESUME_SLACK = 2
+PAUSED_RECHECK = 0.05  # seconds between looks at the table while not accepting
 
 _SLOT = struct.Struct("q")
 TABLE_SLOTS = 256
@@ -34,14 +35,18 @@ def create_table() -> int:
     return fd
 
 
+GENERATION_SLOTS = 64  # each generation of workers (see reload) has its own range of slots
+
+
 class LoadTable:
     """This worker's slot in the shared table, and the mean over its generation's slots."""
 
-    def __init__(self, fd: int, slot: int, workers: int) -> None:
+    def __init__(self, fd: int, generation: int, worker_id: int, workers: int) -> None:
         self._map = mmap.mmap(fd, TABLE_SIZE)
         os.close(fd)
-        self.slot = slot % TABLE_SLOTS
-        self.workers = max(1, min(workers, TABLE_SLOTS))
+        self.first = (generation * GENERATION_SLOTS) % TABLE_SLOTS
+        self.slot = self.first + worker_id % GENERATION_SLOTS
+        self.workers = max(1, min(workers, GENERATION_SLOTS))
         self.count = 0
         self.write(0)
 
@@ -50,7 +55,7 @@ class LoadTable:
         _SLOT.pack_into(self._map, self.slot * _SLOT.size, count)
 
     def mean(self) -> float:
-        counts = struct.unpack_from(f"{self.workers}q", self._map, 0)
+        counts = struct.unpack_from(f"{self.workers}q", self._map, self.first * _SLOT.size)
         return sum(max(0, c) for c in counts) / self.workers
 
 
@@ -88,6 +93,8 @@ class Listeners:
         if not self.paused and table.count > table.mean() * PAUSE_ABOVE + PAUSE_SLACK:
             self.paused = True
             self._close_servers()
+            # Others' counts move too: look again soon, or two workers could both stay paused.
+            self.loop.call_later(PAUSED_RECHECK, self._recheck)
 
     def closed_one(self) -> None:
         table = self.table
@@ -110,6 +117,11 @@ class Listeners:
             self._resuming = True
             self.loop.create_task(self._resume())
 
+    def _recheck(self) -> None:
+        if self.paused and not self.closed:
+            self.check()
+            self.loop.call_later(PAUSED_RECHECK, self._recheck)
+
     async def _resume(self) -> None:
         try:
             if not self.closed:
@@ -125,8 +137,8 @@ class Listeners:
         for fd in self.fds:
             os.close(fd)
         self.fds = []
-        # The slot is left as it is: after a reload a new worker owns it already.
-        self.table = None
+        # The count is kept up to date while the connections end: a worker retired by TTOU stays
+        # in its generation's mean until it is gone.
 
     def _close_servers(self) -> None:
         for server in self.servers:

@@ -62,6 +62,7 @@ class Worker:
         self.parent_pid = os.getppid()
         self._stop: asyncio.Future[int] | None = None
         self._fast = False
+        self._stop_asked = False
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -89,6 +90,7 @@ class Worker:
         ctx.draining = True
         if mode == RETIRE:
             await self._retire(ctx)
+        ctx.closing_tunnels = True  # a tunnel whose 101 comes after this closes at once
         for tunnel in list(ctx.tunnels):
             tunnel.shutdown()  # Close 1001 at a frame boundary
         if mode != FAST and not self._fast:
@@ -118,12 +120,19 @@ class Worker:
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.config.server.drain_timeout
-        while (ctx.connections or ctx.tunnels) and loop.time() < deadline and not self._fast:
+        while (
+            (ctx.connections or ctx.tunnels)
+            and loop.time() < deadline
+            and not self._fast
+            and not self._stop_asked
+        ):
             await asyncio.sleep(0.1)
 
     def _request_stop(self, mode: int) -> None:
         if mode == FAST:
             self._fast = True  # also cuts a drain already under way
+        elif mode == STOP:
+            self._stop_asked = True  # also ends a retirement's drain: stop as TERM says
         if self._stop is not None and not self._stop.done():
             self._stop.set_result(mode)
 
@@ -162,6 +171,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--events", default=None, help="ZeroMQ endpoint of the supervisor")
     parser.add_argument("--log-format", choices=logsetup.FORMATS, default="text")
     parser.add_argument("--balance-fd", type=int, default=-1, help="shared connection counts")
+    parser.add_argument("--generation", type=int, default=0)
     parser.add_argument("--generation-size", type=int, default=1)
     args = parser.parse_args(argv)
 
@@ -174,7 +184,7 @@ def main(argv: list[str] | None = None) -> None:
     _raise_fd_limit()
     table = None
     if args.balance_fd >= 0:
-        table = LoadTable(args.balance_fd, args.worker_id, args.generation_size)
+        table = LoadTable(args.balance_fd, args.generation, args.worker_id, args.generation_size)
     worker = Worker(
         config, fds, args.heartbeat_fd, args.events, args.worker_id, args.log_format, table
     )

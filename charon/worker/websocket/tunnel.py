@@ -132,6 +132,8 @@ class Tunnel:
         if client_tail:
             self.forward(True, client_tail)
         self.ctx.telemetry.websocket_open(self.info)
+        if self.ctx.closing_tunnels:
+            self.shutdown()  # the handshake finished after this worker closed its tunnels
 
     def peer_transport(self, from_client: bool) -> asyncio.Transport:
         return self.backend if from_client else self.client
