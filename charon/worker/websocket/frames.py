@@ -103,22 +103,25 @@ class FrameWalker:
     def _header(self, data: bytes, pos: int) -> int:
         """Parse the header at pos; the position after it, or -1 if it is incomplete."""
         carried = len(self.partial)
-        head = self.partial + data[pos : pos + 14] if carried else data[pos : pos + 14]
-        size = len(head)
+        if carried:
+            head, at = self.partial + data[pos : pos + 14], 0
+        else:
+            head, at = data, pos  # read in place: no copy on the common path
+        size = len(head) - at
         if size < 2:
-            self.partial = head
+            self.partial = head[at:]
             return -1
-        b0, b1 = head[0], head[1]
+        b0, b1 = head[at], head[at + 1]
         length = b1 & 0x7F
         masked = b1 & 0x80
         need = 2 + (2 if length == 126 else 8 if length == 127 else 0) + (4 if masked else 0)
         if size < need:
-            self.partial = head
+            self.partial = head[at : at + size]
             return -1
         if length == 126:
-            length = _U16.unpack_from(head, 2)[0]
+            length = _U16.unpack_from(head, at + 2)[0]
         elif length == 127:
-            length = _U64.unpack_from(head, 2)[0]
+            length = _U64.unpack_from(head, at + 2)[0]
         self.partial = b""
         if length >> 63 or self.masked and not masked:
             self.error = CLOSE_PROTOCOL_ERROR
@@ -128,7 +131,7 @@ class FrameWalker:
             return pos
         self.fin = bool(b0 & 0x80)
         self.opcode = b0 & 0x0F
-        self.mask = head[need - 4 : need] if masked else b""
+        self.mask = head[at + need - 4 : at + need] if masked else b""
         self.remaining = length
         if self.opcode < OP_CLOSE:  # message bytes: control frames are not counted
             self.payload_bytes += length

@@ -46,14 +46,15 @@ class TunnelInfo:
 class _Side(asyncio.Protocol):
     """The protocol of one of the tunnel's two connections."""
 
-    __slots__ = ("tunnel", "from_client")
+    __slots__ = ("tunnel", "from_client", "data_received")
 
     def __init__(self, tunnel: Tunnel, from_client: bool) -> None:
         self.tunnel = tunnel
         self.from_client = from_client
-
-    def data_received(self, data: bytes) -> None:
-        self.tunnel.forward(self.from_client, data)
+        # The tunnel's method for this direction, called by the transport directly.
+        self.data_received = (  # type: ignore[method-assign]
+            tunnel.from_client if from_client else tunnel.from_backend
+        )
 
     def eof_received(self) -> bool:
         return False
@@ -89,6 +90,7 @@ class Tunnel:
         "_last_traffic",
         "_pongs_at_ping",
         "_closed_by",
+        "_idle_timeout",
         "_done",
     )
 
@@ -119,6 +121,7 @@ class Tunnel:
         self._ping_due = False  # a ping waits for a frame boundary toward the client
         self._pongs_at_ping = -1  # client pongs counted when the last ping went out; -1: none
         self._closed_by = ""
+        self._idle_timeout = bool(settings.idle_timeout)
         self._done = False
 
     def start(self, client_tail: bytes, backend_tail: bytes) -> None:
@@ -141,30 +144,55 @@ class Tunnel:
     # -- data ------------------------------------------------------------------------------
 
     def forward(self, from_client: bool, data: bytes) -> None:
-        if self._done:
+        if from_client:
+            self.from_client(data)
+        else:
+            self.from_backend(data)
+
+    def from_client(self, data: bytes) -> None:
+        """Bytes read from the client (the hot path: one walk, one write)."""
+        if self._pong_due or self._dropping or self._done:
+            if not self._done:
+                self._forward_taking_pong(data)
             return
+        walker = self.upstream
+        pos = walker.walk(data)
+        if pos == len(data) and walker.close_code is None:
+            self.backend.write(data)
+        else:
+            self._walked_to(True, data, pos)
+        if self._idle_timeout:
+            self._last_traffic = self.ctx.loop.time()
+
+    def from_backend(self, data: bytes) -> None:
+        """Bytes read from the backend."""
+        if self._ping_due or self._done:
+            if not self._done:
+                self._forward_to_boundary(data)
+            return
+        walker = self.downstream
+        pos = walker.walk(data)
+        if pos == len(data) and walker.close_code is None:
+            self.client.write(data)
+        else:
+            self._walked_to(False, data, pos)
+        if self._idle_timeout:
+            self._last_traffic = self.ctx.loop.time()
+
+    def _walked_to(self, from_client: bool, data: bytes, pos: int) -> None:
+        """The walk saw a Close or stopped at a frame that breaks the rules."""
         if from_client:
             walker, out = self.upstream, self.backend
-            if self._pong_due or self._dropping:
-                self._forward_taking_pong(data)
-                return
         else:
             walker, out = self.downstream, self.client
-            if self._ping_due:
-                self._forward_to_boundary(data)
-                return
-        pos = walker.walk(data)
         if walker.close_code is not None and not self._closed_by:
             self._note_close(from_client)
         if pos == len(data):
             out.write(data)
-        else:
-            if pos:
-                out.write(data[:pos])
-            self._refuse(walker.error)
             return
-        if self.settings.idle_timeout:
-            self._last_traffic = self.ctx.loop.time()
+        if pos:
+            out.write(data[:pos])
+        self._refuse(walker.error)
 
     def _forward_taking_pong(self, data: bytes) -> None:
         """Client->backend data while our Ping awaits its Pong: that Pong is not forwarded."""
