@@ -430,14 +430,17 @@ def start_nginx(name: str, root: Path, workers: int, body: str, cpus: str) -> Ma
     return Managed(name, argv, prefix / "stdout.log")
 
 
-def charon_config(port: int, admin_port: int, backend_port: int, workers: int) -> str:
+def charon_config(
+    port: int, admin_port: int, backend_port: int, workers: int, events: bool = True
+) -> str:
     return (
         "[server]\n"
         f'listen = ["127.0.0.1:{port}"]\n'
         f"workers = {workers}\n"
         "[admin]\n"
         f'listen = "127.0.0.1:{admin_port}"\n'
-        "[[hosts]]\n"
+        + ("" if events else "events = false\n")
+        +        "[[hosts]]\n"
         'domains = ["127.0.0.1", "localhost"]\n'
         f'upstream = "http://127.0.0.1:{backend_port}"\n'
     )
@@ -1080,7 +1083,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--proxy-cpus", default="1", help="taskset CPU list for the proxies (1)")
     p.add_argument("--load-cpus", default="0", help="taskset CPU list for wrk + backend (0)")
     p.add_argument(
-        "--targets", default="direct,nginx,charon", help="comma list among direct,nginx,charon"
+        "--targets",
+        default="direct,nginx,charon",
+        help="comma list among direct,nginx,charon,charon-noevents (Charon with [admin] "
+        "events = false: the difference is what publishing events costs)",
     )
     p.add_argument(
         "--scenarios", default="", help="comma list of scenario names to run (default: all)"
@@ -1201,6 +1207,15 @@ def main(argv: list[str] | None = None) -> int:
             if t:
                 targets.append(t)
 
+        if "charon-noevents" in wanted_targets:
+            quiet_port, quiet_admin = free_ports(2)
+            t = start_charon(
+                args, tmp, quiet_port, quiet_admin, backend_port, procs, skipped,
+                name="charon-noevents", events=False,
+            )
+            if t:
+                targets.append(t)
+
         bench = Bench(args, tmp)
         total = sum(1 for s in scenarios for t in targets if s.applies_to(t))
         n = 0
@@ -1271,19 +1286,23 @@ def start_charon(
     backend_port: int,
     procs: list[Managed],
     skipped: list[str],
+    name: str = "charon",
+    events: bool = True,
 ) -> Target | None:
+    """Charon as a target; `events=False` ([admin] events = false) measures what publishing
+    per-request events costs."""
     exe = Path(args.charon)
     if not (exe.is_file() and os.access(exe, os.X_OK)):
         msg = f"Charon: {exe} not found (install the project into .venv); benching the others"
         log(msg)
         skipped.append(msg)
         return None
-    cdir = tmp / "charon"
+    cdir = tmp / name
     cdir.mkdir(mode=0o755)
     conf = cdir / "charon.toml"
-    conf.write_text(charon_config(port, admin_port, backend_port, args.workers))
+    conf.write_text(charon_config(port, admin_port, backend_port, args.workers, events))
     charon = Managed(
-        "charon",
+        name,
         ["taskset", "-c", args.proxy_cpus, str(exe), "run", "--config", str(conf)],
         cdir / "charon.log",
         cwd=cdir,
@@ -1313,7 +1332,7 @@ def start_charon(
         f"charon pid {charon.pid} ({pinned} processes pinned) on 127.0.0.1:{port} "
         f"(CPUs {args.proxy_cpus})"
     )
-    return Target("charon", port, charon, repin=True)
+    return Target(name, port, charon, repin=True)
 
 
 if __name__ == "__main__":

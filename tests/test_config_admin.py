@@ -139,3 +139,15 @@ def test_token_file_with_spaces_inside(tmp_path: Path) -> None:
         f'[admin] token_file: the token in "{tmp_path / "t"}" must be visible ASCII characters '
         "only (no spaces or control characters)",
     )
+
+
+def test_admin_events_switch(tmp_path: Path) -> None:
+    from charon.config import load_config_text
+
+    base = '[[hosts]]\ndomains = ["a.example"]\nupstream = "http://127.0.0.1:1"\n'
+    assert load_config_text(base, "c.toml").admin.events is True
+    off = load_config_text("[admin]\nevents = false\n" + base, "c.toml")
+    assert off.admin.events is False
+    with pytest.raises(ConfigError) as err:
+        load_config_text('[admin]\nevents = "no"\n' + base, "c.toml")
+    assert str(err.value) == 'c.toml:2: [admin] events: expected true or false, got "no"'

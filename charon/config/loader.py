@@ -268,7 +268,7 @@ def _limits(table: _Table) -> Limits:
 
 
 def _admin(table: _Table, server: ServerConfig) -> AdminConfig:
-    table.check_keys(("listen", "token", "token_file", "allowed_origins"))
+    table.check_keys(("listen", "token", "token_file", "allowed_origins", "events"))
     default: ListenAddress | None = DEFAULT_ADMIN_LISTEN
     listen = table.get("listen", _admin_listen, default)
     if listen is not None and listen in server.listen:
@@ -281,7 +281,8 @@ def _admin(table: _Table, server: ServerConfig) -> AdminConfig:
         )
     origins: list[Any] = table.get("allowed_origins", _array_of("origin strings"), [])
     allowed = tuple(dict.fromkeys(table.elements("allowed_origins", origins, values.origin)))
-    return AdminConfig(listen, _admin_token(table), allowed)
+    events = table.get("events", _boolean, True)
+    return AdminConfig(listen, _admin_token(table), allowed, events)
 
 
 def _admin_token(table: _Table) -> str | None:
@@ -309,6 +310,12 @@ def _admin_token(table: _Table) -> str | None:
     except ValueError as err:
         shown = values.quote(str(path))
         raise table.error("token_file", f"the token in {shown} {err}") from None
+
+
+def _boolean(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"expected true or false, got {values.describe(value)}")
+    return value
 
 
 def _admin_listen(value: Any) -> ListenAddress | None:

@@ -108,6 +108,9 @@ class AdminConfig:
     # Browser origins ("http://host:port", lowercase) besides the admin listener's own that may
     # open the /logs WebSocket.
     allowed_origins: tuple[str, ...] = ()
+    # Workers report each request and tunnel (metrics, live log); false saves that CPU, and
+    # /metrics and /logs then show no traffic.
+    events: bool = True
 
 
 @dataclass(frozen=True)

@@ -67,12 +67,13 @@ class Worker:
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         self._stop = loop.create_future()
-        publisher = EventPublisher(loop, self.events_endpoint, self.worker_id)
+        events = self.config.admin.events
+        publisher = EventPublisher(loop, self.events_endpoint if events else None, self.worker_id)
         access_log = None
         if self.config.server.access_log:
             access_log = AccessLog(loop, self.config.server.access_log, self.log_format == "json")
             loop.add_signal_handler(signal.SIGUSR1, access_log.reopen)
-        ctx = WorkerContext(loop, self.config, Telemetry(publisher, access_log))
+        ctx = WorkerContext(loop, self.config, Telemetry(publisher, access_log, events))
         listeners = Listeners(loop, self.listen_fds, lambda: ClientConnection(ctx), self.table)
         await listeners.start()
         ctx.listeners = listeners

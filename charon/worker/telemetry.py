@@ -59,9 +59,12 @@ class Histogram:
 
 
 class Telemetry:
-    def __init__(self, publisher: EventPublisher, access_log: AccessLog | None = None) -> None:
+    def __init__(
+        self, publisher: EventPublisher, access_log: AccessLog | None = None, enabled: bool = True
+    ) -> None:
         self.publisher = publisher
         self.access_log = access_log
+        self.enabled = enabled  # [admin] events
         self.requests: Counter[tuple[str, str, int]] = Counter()
         self.response_bytes: Counter[str] = Counter()
         self.upstream_errors: Counter[tuple[str, str]] = Counter()
@@ -78,22 +81,26 @@ class Telemetry:
         client_ip: str, path: bytes,
     ) -> None:
         name = method.decode("latin-1")
-        self.requests[(host, name if name in KNOWN_METHODS else "OTHER", status)] += 1
-        self.response_bytes[host] += response_bytes
-        self.http_durations.observe(host, duration)
         text_path = path[:PATH_LIMIT].decode("latin-1")
-        self.publisher.emit(
-            (REQUEST, time.time(), host, name, status, duration, response_bytes, client_ip,
-             text_path)
-        )
         if self.access_log is not None:
             self.access_log.request(
                 host, name, text_path, status, duration, response_bytes, client_ip
             )
+        if not self.enabled:
+            return
+        self.requests[(host, name if name in KNOWN_METHODS else "OTHER", status)] += 1
+        self.response_bytes[host] += response_bytes
+        self.http_durations.observe(host, duration)
+        self.publisher.emit(
+            (REQUEST, time.time(), host, name, status, duration, response_bytes, client_ip,
+             text_path)
+        )
 
     def upstream_error(
         self, host: str, kind: str, status: int, client_ip: str, path: bytes
     ) -> None:
+        if not self.enabled:
+            return
         self.upstream_errors[(host, kind)] += 1
         self.publisher.emit(
             (UPSTREAM_ERROR, time.time(), host, kind, status, client_ip,
@@ -101,6 +108,8 @@ class Telemetry:
         )
 
     def websocket_open(self, info: TunnelInfo) -> None:
+        if not self.enabled:
+            return
         self.ws_opened[info.host] += 1
         self.ws_active[info.host] += 1
         self.publisher.emit(
@@ -109,6 +118,8 @@ class Telemetry:
         )
 
     def websocket_close(self, info: TunnelInfo, summary: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
         host = info.host
         self.ws_active[host] -= 1
         self.ws_messages[(host, "in")] += summary["messages_in"]
@@ -126,6 +137,8 @@ class Telemetry:
 
     def flush_metrics(self, in_flight: int, connections: int, tunnels: int) -> None:
         """Send the deltas since the last call, and the gauges as they are now."""
+        if not self.enabled:
+            return
         deltas = {
             "requests": [[h, m, c, n] for (h, m, c), n in self.requests.items()],
             "response_bytes": [[h, n] for h, n in self.response_bytes.items()],
