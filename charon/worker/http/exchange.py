@@ -324,10 +324,9 @@ class Exchange:
         self.status = status
         no_body = has_no_body(status, self.plan.method)
         keep_alive = self.keep_alive and not self.client.ctx.draining
-        head, self.framing, self.keep_alive = final_head(
+        head, self.framing, self.keep_alive, self.delimited = final_head(
             status, self.reason, self.headers, no_body, self.http11, keep_alive
         )
-        self.delimited = no_body or _self_delimited(self.headers)
         self.out.append(head)
         self.response_started = True
         if self.plan.method == b"HEAD":
@@ -442,15 +441,3 @@ class Exchange:
                 plan.route.host.name, kind, status, plan.client_ip, self.target
             )
 
-
-def _self_delimited(headers: list[tuple[bytes, bytes]]) -> bool:
-    """Whether a response's end is marked (Content-Length, or a last coding `chunked`) rather
-    than by the backend closing the connection (RFC 9112 6.3)."""
-    codings: list[bytes] = []
-    for name, value in headers:
-        lname = name.lower()
-        if lname == b"content-length":
-            return True
-        if lname == b"transfer-encoding":
-            codings += (c.strip().lower() for c in value.split(b","))
-    return bool(codings) and codings[-1] == b"chunked"

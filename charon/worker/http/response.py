@@ -53,15 +53,41 @@ def final_head(
     no_body: bool,
     client_http11: bool,
     keep_alive: bool,
-) -> tuple[bytes, int, bool]:
-    """(response head, OUT_* framing, keep the client connection open?)"""
+) -> tuple[bytes, int, bool, bool]:
+    """(response head, OUT_* framing, keep the client connection open?, body self-delimited?)
+
+    Self-delimited: the body's end is marked (Content-Length, or a last coding `chunked`)
+    rather than by the backend closing the connection (RFC 9112 6.3).
+    """
     out = [status_line(status, reason)]
     length: bytes | None = None
-    for name, value in _end_to_end(headers):
-        if name.lower() == b"content-length":
+    codings: list[bytes] = []
+    connection: list[bytes] = []
+    for name, value in headers:  # one pass, one lower() per field: this runs per response
+        lname = name.lower()
+        if lname in HOP_BY_HOP:
+            if lname == b"transfer-encoding":
+                codings += (c.strip() for c in value.split(b",") if c.strip())
+            elif lname == b"connection":
+                connection.append(value)
+        elif lname == b"content-length":
             length = value
-            continue
-        out += (name, b": ", value, b"\r\n")
+        else:
+            out += (name, b": ", value, b"\r\n")
+    if connection:
+        dropped = droppable_by_connection(connection_tokens(connection))
+        if dropped:  # rare: headers named in Connection are hop-by-hop too
+            out = [out[0]] + [
+                part
+                for name, value in headers
+                if (lname := name.lower()) not in HOP_BY_HOP
+                and lname not in dropped
+                and lname != b"content-length"
+                for part in (name, b": ", value, b"\r\n")
+            ]
+    delimited = no_body or length is not None or (
+        bool(codings) and codings[-1].lower() == b"chunked"
+    )
 
     if no_body:
         framing = OUT_NONE
@@ -75,9 +101,9 @@ def final_head(
         framing = OUT_CHUNKED
         # llhttp removes only the chunked coding: other codings (gzip, ...) stay on the body
         # and must stay declared, or the client takes the coded bytes for the content.
-        codings = _transfer_codings(headers)
-        if codings:
-            out += (b"Transfer-Encoding: ", b", ".join(codings), b", chunked\r\n")
+        others = [c for c in codings if c.lower() != b"chunked"]
+        if others:
+            out += (b"Transfer-Encoding: ", b", ".join(others), b", chunked\r\n")
         else:
             out.append(b"Transfer-Encoding: chunked\r\n")
     else:
@@ -89,18 +115,7 @@ def final_head(
     elif not client_http11:
         out.append(b"Connection: keep-alive\r\n")
     out.append(b"\r\n")
-    return b"".join(out), framing, keep_alive
-
-
-def _transfer_codings(headers: list[Header]) -> list[bytes]:
-    """The backend's transfer codings other than chunked, in order."""
-    return [
-        coding
-        for name, value in headers
-        if name.lower() == b"transfer-encoding"
-        for part in value.split(b",")
-        if (coding := part.strip()) and coding.lower() != b"chunked"
-    ]
+    return b"".join(out), framing, keep_alive, delimited
 
 
 def _end_to_end(headers: list[Header]) -> list[Header]:
