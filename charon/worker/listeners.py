@@ -47,6 +47,7 @@ class LoadTable:
         self.first = (generation * GENERATION_SLOTS) % TABLE_SLOTS
         self.slot = self.first + worker_id % GENERATION_SLOTS
         self.workers = max(1, min(workers, GENERATION_SLOTS))
+        self._mean_format = struct.Struct(f"{self.workers}q")
         self.count = 0
         self.write(0)
 
@@ -55,8 +56,7 @@ class LoadTable:
         _SLOT.pack_into(self._map, self.slot * _SLOT.size, count)
 
     def mean(self) -> float:
-        counts = struct.unpack_from(f"{self.workers}q", self._map, self.first * _SLOT.size)
-        return sum(max(0, c) for c in counts) / self.workers
+        return sum(self._mean_format.unpack_from(self._map, self.first * _SLOT.size)) / self.workers
 
 
 class Listeners:
