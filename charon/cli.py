@@ -100,7 +100,8 @@ def _demo(log_format: str) -> int:
         listen = config.server.listen[0]
         print(f"\n  Charon demo: open http://{listen}/ (proxied to the demo backend)", flush=True)
         if config.admin.listen is not None:
-            print(f"  Admin:       http://{config.admin.listen}/healthz\n", flush=True)
+            admin = f"http://{config.admin.listen}"
+            print(f"  Admin:       {admin}/ (live log), {admin}/metrics\n", flush=True)
         return _run(config, text, log_format)
     finally:
         backend.terminate()
