@@ -90,12 +90,16 @@ def _run(config: Config, text: str, log_format: str = "text") -> int:
 def _demo(log_format: str) -> int:
     text = resources.files("charon.config").joinpath("default.toml").read_text("utf-8")
     config = load_config_text(text, "<default>")
-    # Until the supervisor's loop handles signals, a TERM must still run the `finally` below.
+    # Until the supervisor's loop handles signals, a TERM must still run the `finally` below,
+    # also one that comes while Popen is under way: it waits, blocked, until the `try`.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
     backend = subprocess.Popen(
-        [sys.executable, "-m", "charon.demo.backend", "--port", str(DEMO_BACKEND_PORT)]
+        [sys.executable, "-m", "charon.demo.backend", "--port", str(DEMO_BACKEND_PORT)],
+        preexec_fn=lambda: signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM}),
     )
     try:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
         _wait_for(f"http://127.0.0.1:{DEMO_BACKEND_PORT}/healthz", backend)
         listen = config.server.listen[0]
         print(f"\n  Charon demo: open http://{listen}/ (proxied to the demo backend)", flush=True)

@@ -23,10 +23,20 @@ REPO = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"
 
 
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
+    """A port nothing listens on, never one this process handed out before (a port released
+    after the check can come back from the next bind to port 0)."""
+    for _ in range(100):
+        with socket.socket() as s:
+            s.bind((HOST, 0))
+            port = int(s.getsockname()[1])
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port
+    raise RuntimeError("no fresh free port")
 
 
 def wait_until(predicate, timeout: float = 10.0, interval: float = 0.05, what: str = "") -> None:  # type: ignore[no-untyped-def]
