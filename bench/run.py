@@ -28,7 +28,6 @@ import re
 import resource
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -37,31 +36,26 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchlib import BenchError, find_exe, free_ports, parse_cpulist, pin  # noqa: E402
+
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
 VENV_BIN = REPO / ".venv" / "bin"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 SMALL_BODY = b"hello, world\n"
 LARGE_SIZE = 65536
-EXTRA_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
 def log(msg: str) -> None:
     print(f"[bench] {msg}", file=sys.stderr, flush=True)
 
 
-class BenchError(Exception):
-    """A setup failure that ends the run (after cleanup)."""
 
 
 # --------------------------------------------------------------------------------------------
 # Tools: find, install
 # --------------------------------------------------------------------------------------------
-
-
-def find_exe(name: str) -> str | None:
-    path = os.environ.get("PATH", "") + os.pathsep + EXTRA_PATH
-    return shutil.which(name, path=path)
 
 
 def ensure_tools(allow_install: bool) -> None:
@@ -169,49 +163,6 @@ def tree_cpu_seconds(root: int) -> float:
     descendants are counted through their own utime/stime, never twice.
     """
     return sum(st.ticks for st in process_tree(root)) / CLK_TCK
-
-
-def parse_cpulist(text: str) -> list[int]:
-    cpus: set[int] = set()
-    for part in text.split(","):
-        part = part.strip()
-        if not part:
-            continue
-        if "-" in part:
-            lo, hi = part.split("-", 1)
-            cpus.update(range(int(lo), int(hi) + 1))
-        else:
-            cpus.add(int(part))
-    return sorted(cpus)
-
-
-def pin(pid: int, cpus: str) -> bool:
-    """Pin every thread of one process (taskset -a -p -c)."""
-    r = subprocess.run(
-        ["taskset", "-a", "-p", "-c", cpus, str(pid)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        timeout=10,
-        check=False,
-    )
-    return r.returncode == 0
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def free_ports(n: int) -> list[int]:
-    ports: list[int] = []
-    for _ in range(100):
-        p = free_port()
-        if p not in ports:
-            ports.append(p)
-        if len(ports) == n:
-            return ports
-    raise BenchError("could not find free ports")
 
 
 # --------------------------------------------------------------------------------------------

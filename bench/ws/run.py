@@ -41,13 +41,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchlib import BenchError, find_exe, free_ports, parse_cpulist, pin  # noqa: E402
+
 WS_DIR = Path(__file__).resolve().parent
 REPO = WS_DIR.parent.parent
 VENV_BIN = REPO / ".venv" / "bin"
 WSLOAD = WS_DIR / "wsload"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE_KIB = os.sysconf("SC_PAGE_SIZE") // 1024
-EXTRA_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 SATURATED = 0.90  # proxy CPU s / wall s at or above this: the proxy is the bottleneck
 CORE_FULL = 0.90  # a core this busy (tasks + softirq + steal) is the bottleneck
@@ -57,12 +59,6 @@ def log(msg: str) -> None:
     print(f"[ws-bench] {msg}", file=sys.stderr, flush=True)
 
 
-class BenchError(Exception):
-    """A setup failure that ends the run (after cleanup)."""
-
-
-def find_exe(name: str) -> str | None:
-    return shutil.which(name, path=os.environ.get("PATH", "") + os.pathsep + EXTRA_PATH)
 
 
 # --------------------------------------------------------------------------------------------
@@ -245,46 +241,6 @@ class CoreUse:
     def __str__(self) -> str:
         s = f"busy {self.busy:.0%} = tasks {self.task:.0%} + softirq {self.irq:.0%}"
         return s + (f" + steal {self.steal:.0%}" if self.steal >= 0.005 else "")
-
-
-def parse_cpulist(text: str) -> list[int]:
-    cpus: set[int] = set()
-    for part in text.split(","):
-        part = part.strip()
-        if not part:
-            continue
-        if "-" in part:
-            lo, hi = part.split("-", 1)
-            cpus.update(range(int(lo), int(hi) + 1))
-        else:
-            cpus.add(int(part))
-    return sorted(cpus)
-
-
-def pin(pid: int, cpus: str) -> bool:
-    """Pin every thread of one process (taskset -a -p -c)."""
-    r = subprocess.run(
-        ["taskset", "-a", "-p", "-c", cpus, str(pid)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        timeout=10,
-        check=False,
-    )
-    return r.returncode == 0
-
-
-def free_ports(n: int) -> list[int]:
-    """Distinct free loopback ports, found by binding port 0 (all held until all are found)."""
-    socks: list[socket.socket] = []
-    try:
-        for _ in range(n):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 # --------------------------------------------------------------------------------------------
