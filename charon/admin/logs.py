@@ -248,7 +248,10 @@ class LiveLogSection:
         self.backlog_size = backlog_size
         self.queue_size = queue_size
         self.dropped = 0  # records dropped for all subscribers that have left
-        self._ring: deque[tuple[int, list[Any] | tuple[Any, ...]]] = deque(maxlen=backlog_size)
+        # The backlog: whole batches as they came, trimmed to about backlog_size events.
+        self._ring: deque[tuple[int, list[Any]]] = deque()
+        self._ring_events = 0
+        self._backlog_size = backlog_size
         self._subscribers: list[Subscriber] = []
         self._open: set[_Stream] = set()
         self._page: tuple[bytes, str] | None = None
@@ -263,12 +266,19 @@ class LiveLogSection:
 
     # -- the sink --------------------------------------------------------------------------
 
-    def on_event(self, worker_id: int, pid: int, event: list[Any]) -> None:
-        if event[0] not in LOGGED:
-            return
-        self._ring.append((worker_id, event))
+    def on_batch(self, worker_id: int, pid: int, batch: list[list[Any]]) -> None:
+        ring = self._ring
+        ring.append((worker_id, batch))
+        self._ring_events += len(batch)
+        while ring and self._ring_events - len(ring[0][1]) >= self._backlog_size:
+            self._ring_events -= len(ring.popleft()[1])
         if self._subscribers:
-            self._fan_out(worker_id, event)
+            for event in batch:
+                if event and event[0] in LOGGED:
+                    self._fan_out(worker_id, event)
+
+    def on_event(self, worker_id: int, pid: int, event: list[Any]) -> None:
+        self.on_batch(worker_id, pid, [event])
 
     def _fan_out(self, worker_id: int, event: list[Any]) -> None:
         try:
@@ -284,6 +294,26 @@ class LiveLogSection:
         except Exception:  # a bad event must not stop the hub's other sinks
             log.exception("live log: event %r dropped", event[:1])
 
+    def _backlog(self, log_filter: LogFilter, wanted: int) -> list[str]:
+        """The last `wanted` kept records that match, oldest first."""
+        texts: list[str] = []
+        seen = 0
+        for worker_id, batch in reversed(self._ring):
+            for event in reversed(batch):
+                if not event or event[0] not in LOGGED:
+                    continue
+                seen += 1
+                if seen > self._backlog_size:
+                    return texts[::-1]
+                record = make_record(worker_id, event)
+                if log_filter.matches(record):
+                    text = dumps(record)
+                    if text is not None:
+                        texts.append(text)
+                        if len(texts) >= wanted:
+                            return texts[::-1]
+        return texts[::-1]
+
     def subscribe(self, log_filter: LogFilter, backlog: int) -> tuple[Subscriber, list[str]]:
         """A new subscriber, and the last `backlog` records that match its filter.
 
@@ -293,15 +323,7 @@ class LiveLogSection:
         self._subscribers.append(subscriber)
         texts: list[str] = []
         if backlog > 0:
-            for worker_id, event in reversed(self._ring):
-                record = make_record(worker_id, event)
-                if log_filter.matches(record):
-                    text = dumps(record)
-                    if text is not None:
-                        texts.append(text)
-                        if len(texts) >= backlog:
-                            break
-            texts.reverse()
+            texts = self._backlog(log_filter, backlog)
         return subscriber, texts
 
     def unsubscribe(self, subscriber: Subscriber) -> None:

@@ -196,6 +196,12 @@ class MetricsSection:
 
     # -- the event sink ------------------------------------------------------------------------
 
+    def on_batch(self, worker_id: int, pid: int, batch: list[list[Any]]) -> None:
+        handlers = self._handlers
+        for event in batch:
+            if event and event[0] in handlers:
+                self.on_event(worker_id, pid, event)
+
     def on_event(self, worker_id: int, pid: int, event: list[Any]) -> None:
         handler = self._handlers.get(event[0])
         if handler is None:

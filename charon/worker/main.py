@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import errno
+import gc
 import itertools
 import logging
 import os
@@ -189,4 +190,6 @@ def main(argv: list[str] | None = None) -> None:
     worker = Worker(
         config, fds, args.heartbeat_fd, args.events, args.worker_id, args.log_format, table
     )
+    # What start-up made lives as long as the worker: keep it out of every garbage collection.
+    gc.freeze()
     uvloop.run(worker.run())

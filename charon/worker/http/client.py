@@ -110,6 +110,7 @@ class ClientConnection(asyncio.Protocol):
         while self.exchanges:
             self.exchanges.popleft().client_lost()
         self.transport = None
+        self._drop_parser()
 
     def pause_writing(self) -> None:
         # The client reads the response slower than the backend sends it.
@@ -242,7 +243,13 @@ class ClientConnection(asyncio.Protocol):
             self.transport.resume_reading()
         self._paused = 0
         self.transport = None
+        self._drop_parser()
         return held
+
+    def _drop_parser(self) -> None:
+        """The parser and this protocol refer to each other: breaking the cycle frees both at
+        once instead of at the next garbage collection (one per closed connection)."""
+        self.parser = None  # type: ignore[assignment]
 
     def _reject(self, error: HttpError) -> None:
         """A request the proxy cannot parse or accept: answer it in turn, then close."""

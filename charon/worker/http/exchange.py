@@ -292,6 +292,9 @@ class Exchange:
             conn.pool.release(conn)
         else:
             conn.close()
+        # The parser and this exchange refer to each other: breaking the cycle frees both now,
+        # not at the next garbage collection.
+        self.parser = None
 
     # -- response parser callbacks ------------------------------------------------------------
 
