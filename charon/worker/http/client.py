@@ -302,11 +302,8 @@ class ClientConnection(asyncio.Protocol):
 
     def abort_after_flush(self) -> None:
         """Cut the connection after what was written: a response that broke midway."""
-        self.closing = True
-        self.deadline_kind = NONE
         self.exchanges.clear()
-        if self.transport is not None:
-            self.transport.close()
+        self.close()
 
     def close(self) -> None:
         self.closing = True

@@ -84,6 +84,7 @@ class Exchange:
         self.response_done = False
         self.upstream_reusable = True
         self.out: list[bytes] = []
+        self.reused = False  # the backend connection came from the pool (see _may_retry)
         self.retried = False
         self.switching = False
 

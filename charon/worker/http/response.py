@@ -74,17 +74,14 @@ def final_head(
             length = value
         else:
             out += (name, b": ", value, b"\r\n")
-    if connection:
-        dropped = droppable_by_connection(connection_tokens(connection))
-        if dropped:  # rare: headers named in Connection are hop-by-hop too
-            out = [out[0]] + [
-                part
-                for name, value in headers
-                if (lname := name.lower()) not in HOP_BY_HOP
-                and lname not in dropped
-                and lname != b"content-length"
-                for part in (name, b": ", value, b"\r\n")
-            ]
+    if connection and droppable_by_connection(connection_tokens(connection)):
+        # Rare: headers named in Connection are hop-by-hop too; filter again, thoroughly.
+        out = [out[0]] + [
+            part
+            for name, value in _end_to_end(headers)
+            if name.lower() != b"content-length"
+            for part in (name, b": ", value, b"\r\n")
+        ]
     delimited = no_body or length is not None or (
         bool(codings) and codings[-1].lower() == b"chunked"
     )
