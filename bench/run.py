@@ -471,6 +471,7 @@ class Measurement:
     load: LoadResult | None
     failure: str | None = None
     proxy_cpu_s: float | None = None  # proxy's CPU during the measured run
+    root_cpu_s: float | None = None  # of which the proxy's first process (Charon's supervisor)
     load_cpu_s: float | None = None  # load generator + backend CPU during the run
     wall_s: float = 0.0  # between the two CPU samples
     cpus: dict[int, CpuUse] = field(default_factory=dict)  # per CPU, in cores over wall_s
@@ -501,6 +502,12 @@ class Measurement:
         if self.proxy_cpu_s is None or not self.load or self.load.requests <= 0:
             return None
         return self.proxy_cpu_s / self.load.requests * 1e6
+
+    @property
+    def root_us_per_req(self) -> float | None:
+        if self.root_cpu_s is None or not self.load or self.load.requests <= 0:
+            return None
+        return self.root_cpu_s / self.load.requests * 1e6
 
 
 # --------------------------------------------------------------------------------------------
@@ -716,9 +723,12 @@ def run_one(bench: Bench, scenario: Scenario, target: Target, backend: Managed) 
         if proc is not None:
             for snap in (all0, all1):
                 ours.update(st.pid for st in proc.refresh(snap))
-    proxy_cpu = None
+    proxy_cpu = root_cpu = None
     if target.proc is not None:
         proxy_cpu = target.proc.cpu_seconds(all1) - target.proc.cpu_seconds(all0)
+        root0, root1 = all0.get(target.proc.pid), all1.get(target.proc.pid)
+        if root0 is not None and root1 is not None:
+            root_cpu = (root1.own - root0.own) / CLK_TCK
     # The measured run's load generator is our only child reaped in the window.
     load_cpu = (kids1 - kids0) + (backend.cpu_seconds(all1) - backend.cpu_seconds(all0))
     kernel_s, others = _others(all0, all1, ours)
@@ -728,6 +738,7 @@ def run_one(bench: Bench, scenario: Scenario, target: Target, backend: Managed) 
         target.name,
         result,
         proxy_cpu_s=proxy_cpu,
+        root_cpu_s=root_cpu,
         load_cpu_s=load_cpu,
         wall_s=wall,
         cpus=cpu_use(sys0, sys1, wall),
@@ -852,6 +863,10 @@ def bound_notes(results: list[Measurement], scenarios: list[Scenario], args) -> 
                     f"proxy {proxy_u:.2f}/{proxy_cores} core, CPU {cpu_names['proxy']} "
                     f"{proxy_busy:.2f} busy (irq {proxy_irq:.2f})",
                 )
+                if m.target.startswith("charon") and m.root_us_per_req is not None:
+                    # The supervisor shares the proxy CPU: its share shows what the event bus
+                    # costs on the receiving side.
+                    figures.insert(1, f"supervisor {m.root_us_per_req:.1f} µs/req")
                 if proxy_state == "own" and load_state == "own":
                     verdict = "proxy AND load side saturated"
                 elif proxy_state == "own":
@@ -964,6 +979,7 @@ def write_json(path: Path, env, results: list[Measurement], skipped, warnings) -
             "target": m.target,
             "failure": m.failure,
             "proxy_cpu_s": m.proxy_cpu_s,
+            "root_cpu_s": m.root_cpu_s,
             "load_cpu_s": m.load_cpu_s,
             "wall_s": m.wall_s,
             "cpu_us_per_req": m.cpu_us_per_req,

@@ -13,8 +13,9 @@ the supervisor's own events. An upstream_error's own error kind (connect, timeou
 closed) is in `error`. A subscriber too slow to take what it asked for gets
 {"kind": "dropped", "count": N} where N records were left out.
 
-The sink is called for every event: with no subscriber it only appends the raw event to the
-backlog ring (records are built when someone connects or listens). Each subscriber has a bounded
+The sink gets workers' records as packed batches: with no subscriber it only appends the batch's
+bytes to the backlog ring (they are decoded, and records built, when someone connects or
+listens). Each subscriber has a bounded
 queue that the sink fills without waiting (a full one drops and counts), and its own task that
 writes to its socket: a slow subscriber never slows the sink or the other subscribers.
 """
@@ -36,6 +37,7 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
+import msgpack
 from aiohttp import WSCloseCode, web
 
 from charon.config.model import AdminConfig
@@ -248,8 +250,9 @@ class LiveLogSection:
         self.backlog_size = backlog_size
         self.queue_size = queue_size
         self.dropped = 0  # records dropped for all subscribers that have left
-        # The backlog: whole batches as they came, trimmed to about backlog_size events.
-        self._ring: deque[tuple[int, list[Any]]] = deque()
+        # The backlog: whole batches as they came (worker id, event count, the events or, while
+        # nobody listened, their msgpack bytes), trimmed to about backlog_size events.
+        self._ring: deque[tuple[int, int, list[Any] | bytes]] = deque()
         self._ring_events = 0
         self._backlog_size = backlog_size
         self._subscribers: list[Subscriber] = []
@@ -267,15 +270,29 @@ class LiveLogSection:
     # -- the sink --------------------------------------------------------------------------
 
     def on_batch(self, worker_id: int, pid: int, batch: list[list[Any]]) -> None:
-        ring = self._ring
-        ring.append((worker_id, batch))
-        self._ring_events += len(batch)
-        while ring and self._ring_events - len(ring[0][1]) >= self._backlog_size:
-            self._ring_events -= len(ring.popleft()[1])
+        self._keep(worker_id, len(batch), batch)
         if self._subscribers:
-            for event in batch:
-                if event and event[0] in LOGGED:
-                    self._fan_out(worker_id, event)
+            self._fan_out_batch(worker_id, batch)
+
+    def on_records(self, worker_id: int, pid: int, count: int, packed: bytes) -> None:
+        if not self._subscribers:
+            self._keep(worker_id, count, packed)  # decoded only if someone asks for a backlog
+            return
+        batch = msgpack.unpackb(packed)
+        self._keep(worker_id, count, batch)
+        self._fan_out_batch(worker_id, batch)
+
+    def _keep(self, worker_id: int, count: int, batch: list[Any] | bytes) -> None:
+        ring = self._ring
+        ring.append((worker_id, count, batch))
+        self._ring_events += count
+        while ring and self._ring_events - ring[0][1] >= self._backlog_size:
+            self._ring_events -= ring.popleft()[1]
+
+    def _fan_out_batch(self, worker_id: int, batch: list[list[Any]]) -> None:
+        for event in batch:
+            if event and event[0] in LOGGED:
+                self._fan_out(worker_id, event)
 
     def on_event(self, worker_id: int, pid: int, event: list[Any]) -> None:
         self.on_batch(worker_id, pid, [event])
@@ -298,7 +315,8 @@ class LiveLogSection:
         """The last `wanted` kept records that match, oldest first."""
         texts: list[str] = []
         seen = 0
-        for worker_id, batch in reversed(self._ring):
+        for worker_id, _, kept in reversed(self._ring):
+            batch = msgpack.unpackb(kept) if isinstance(kept, bytes) else kept
             for event in reversed(batch):
                 if not event or event[0] not in LOGGED:
                     continue

@@ -202,6 +202,9 @@ class MetricsSection:
             if event and event[0] in handlers:
                 self.on_event(worker_id, pid, event)
 
+    def on_records(self, worker_id: int, pid: int, count: int, packed: bytes) -> None:
+        """Live-log records: their numbers come in METRICS, so they are not even decoded."""
+
     def on_event(self, worker_id: int, pid: int, event: list[Any]) -> None:
         handler = self._handlers.get(event[0])
         if handler is None:

@@ -13,13 +13,19 @@ import msgpack
 import zmq
 import zmq.asyncio
 
+from charon.events.schema import CONTROL, RECORDS
+
 log = logging.getLogger("charon.events")
 
 RECEIVE_HWM = 1000  # batches; beyond this ZeroMQ pushes back and workers drop and count
 
 
 class EventSink(Protocol):
-    def on_batch(self, worker_id: int, pid: int, batch: list[list[Any]]) -> None: ...
+    def on_batch(self, worker_id: int, pid: int, batch: list[list[Any]]) -> None:
+        """Events to act on, decoded."""
+
+    def on_records(self, worker_id: int, pid: int, count: int, packed: bytes) -> None:
+        """`count` live-log records, still msgpack-packed: decode them only if needed."""
 
 
 class EventHub:
@@ -39,6 +45,13 @@ class EventHub:
                 sink.on_batch(worker_id, pid, batch)
             except Exception:  # one sink's bug must not starve the others
                 log.exception("event sink %r failed on a batch of %d", sink, len(batch))
+
+    def records(self, worker_id: int, pid: int, count: int, packed: bytes) -> None:
+        for sink in self._sinks:
+            try:
+                sink.on_records(worker_id, pid, count, packed)
+            except Exception:
+                log.exception("event sink %r failed on %d records", sink, count)
 
     def supervisor_event(self, event: list[Any]) -> None:
         self.dispatch(-1, os.getpid(), [event])
@@ -70,8 +83,14 @@ class EventReceiver:
         while True:
             message = await self._socket.recv()
             try:
-                worker_id, pid, batch = msgpack.unpackb(message)
-                self.hub.dispatch(worker_id, pid, batch)
+                tag, worker_id, pid, *rest = msgpack.unpackb(message)
+                if tag == RECORDS:
+                    count, packed = rest
+                    self.hub.records(worker_id, pid, count, packed)
+                elif tag == CONTROL:
+                    self.hub.dispatch(worker_id, pid, rest[0])
+                else:
+                    raise ValueError(f"unknown message tag {tag!r}")
             except Exception:  # a bad message must not stop the bus
                 self.bad_messages += 1
                 log.exception("bad event message dropped")

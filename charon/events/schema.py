@@ -1,14 +1,25 @@
 """The events workers send to the supervisor: msgpack arrays, one layout per kind.
 
 Arrays, not maps: packing a tuple is several times cheaper than a dict on the request path, and
-the field names live here, once, for both ends. A message on the wire is one msgpack array
-`[worker_id, pid, [event, ...]]`: workers batch events and send a batch at most every
-FLUSH_INTERVAL.
+the field names live here, once, for both ends.
+
+A message on the wire is one msgpack array, of one of two shapes:
+
+- `[RECORDS, worker_id, pid, count, packed]`: a batch of records for the live log (requests,
+  tunnels, upstream errors); `packed` is the msgpack array of `count` events, left packed. The
+  supervisor decodes it only when someone reads the live log: with nobody watching, a record
+  costs it nothing but its share of one receive per batch. Workers send a batch at most every
+  FLUSH_INTERVAL.
+- `[CONTROL, worker_id, pid, [event, ...]]`: events the supervisor always acts on (METRICS).
 """
 
 from __future__ import annotations
 
 from typing import Any
+
+# Message tags: the first element of every message.
+RECORDS = 0
+CONTROL = 1
 
 # Kinds: the first element of every event.
 REQUEST = "req"
