@@ -397,11 +397,12 @@ class Load:
         return longest
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.timeout(90)
 def test_stopped_supervisor_does_not_stall_workers(tmp_path: Path) -> None:
     """Decision 13: workers never wait on the event bus. With the supervisor SIGSTOPped for
-    ~5 s under load, requests keep being answered, a worker's memory stays bounded, and after
-    SIGCONT every request is counted, or the dropped events are."""
+    10 s under load, requests keep being answered, the queues fill and events are dropped and
+    counted (not queued without bound), the workers' and supervisor's memory stays bounded, and
+    after SIGCONT the counts add up."""
     with charon_with_backend(tmp_path) as charon:
         workers = charon.worker_pids()
         assert len(workers) == 2
@@ -414,12 +415,12 @@ def test_stopped_supervisor_does_not_stall_workers(tmp_path: Path) -> None:
             # A worker's very first METRICS can be dropped at start (see the report): count
             # only what is dropped from here on.
             dropped_before = value(scrape(charon), "charon_events_dropped_total") or 0
-            rss_before = {pid: _rss_kib(pid) for pid in workers}
+            rss_before = {pid: _rss_kib(pid) for pid in [*workers, charon.pid]}
             rss_max = dict(rss_before)
             os.kill(charon.pid, signal.SIGSTOP)
             try:
                 stopped_at = time.monotonic()
-                while time.monotonic() - stopped_at < 5.0:
+                while time.monotonic() - stopped_at < 10.0:
                     time.sleep(0.25)
                     for pid in workers:
                         rss_max[pid] = max(rss_max[pid], _rss_kib(pid))
@@ -428,6 +429,8 @@ def test_stopped_supervisor_does_not_stall_workers(tmp_path: Path) -> None:
                 os.kill(charon.pid, signal.SIGCONT)
             rate_during = load.rate(stopped_at + 0.5, t2)
             longest_wait = load.longest_wait(stopped_at, t2)
+            time.sleep(1.0)  # the supervisor catches up; its memory then holds what was queued
+            rss_max[charon.pid] = max(rss_max[charon.pid], _rss_kib(charon.pid))
         made = len(load.done)
         assert not load.errors, load.errors[:5]
         assert rate_before > 50, f"the load is too slow to tell anything: {rate_before:.0f}/s"
@@ -435,19 +438,19 @@ def test_stopped_supervisor_does_not_stall_workers(tmp_path: Path) -> None:
             f"{rate_during:.0f} req/s with the supervisor stopped, {rate_before:.0f} before")
         # Every connection, whichever worker it is on, keeps getting answers.
         assert longest_wait < 2.0, f"a connection waited {longest_wait:.1f}s for an answer"
-        grown = {pid: (rss_max[pid] - rss_before[pid]) / 1024 for pid in workers}
-        assert max(grown.values()) < 30, f"worker RSS grew by MiB: {grown}"
+        grown = {pid: (rss_max[pid] - rss_before[pid]) / 1024 for pid in rss_before}
+        assert max(grown.values()) < 30, f"RSS grew by MiB (pid: growth): {grown}"
 
         def settled(s: Samples) -> bool:
+            # Request counts travel in METRICS deltas, which a worker keeps until they are
+            # queued: every request ends up counted. Live-log records are what gets dropped.
             counted = value(s, "charon_http_requests_total", host=APP, method="GET", code="200")
             dropped = (value(s, "charon_events_dropped_total") or 0) - dropped_before
-            return counted == made or (dropped > 0 and counted is not None and counted < made)
+            return counted == made and dropped > 0
 
-        time.sleep(1.5)
-        s = wait_metrics(charon, settled, "every request, or dropped events, to be counted",
-                         timeout=10)
+        s = wait_metrics(charon, settled, "every request counted, and dropped events counted",
+                         timeout=15)
         counted = value(s, "charon_http_requests_total", host=APP, method="GET", code="200")
-        assert counted is not None and counted <= made
         assert set(charon.worker_pids()) == set(workers), "no worker was replaced"
         print(f"before {rate_before:.0f}/s, stopped {rate_during:.0f}/s, longest wait "
               f"{longest_wait:.2f}s, made {made}, "

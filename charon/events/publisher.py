@@ -3,9 +3,9 @@
 Events are packed at once into one msgpack buffer (the only cost on the request path) and sent
 as one message per FLUSH_INTERVAL, or sooner when MAX_BATCH events wait. Packing at once, rather
 than keeping the event tuples until the flush, matters: tuples that live for tens of
-milliseconds survive the young garbage collections and make every collection slower. The ZeroMQ PUSH socket has a
-bounded high-water mark and is never waited on: when the supervisor is slow or gone, a batch
-that does not fit is dropped and counted.
+milliseconds survive the young garbage collections and make every collection slower. The ZeroMQ
+PUSH socket has a bounded high-water mark and is never waited on: when the supervisor is slow
+or gone, a batch that does not fit is dropped and counted.
 """
 
 from __future__ import annotations
@@ -24,7 +24,10 @@ log = logging.getLogger("charon.events")
 
 FLUSH_INTERVAL = 0.05
 MAX_BATCH = 512
-SEND_HWM = 200  # batches queued toward the supervisor before new ones are dropped
+# Batches queued toward the supervisor (in this worker) before new ones are dropped. With the
+# supervisor's own queue of as many, a worker holds at most ~100 batches (a few MiB at full
+# load) for a stalled supervisor: 1.5 s of events at 33k requests/s, 5 s at low rates.
+SEND_HWM = 50
 
 
 _header_packer = msgpack.Packer()

@@ -17,7 +17,7 @@ from charon.events.schema import CONTROL, RECORDS
 
 log = logging.getLogger("charon.events")
 
-RECEIVE_HWM = 1000  # batches; beyond this ZeroMQ pushes back and workers drop and count
+RECEIVE_HWM = 50  # batches per worker; beyond this ZeroMQ pushes back and workers drop and count
 
 
 class EventSink(Protocol):
