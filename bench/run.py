@@ -765,6 +765,59 @@ COLUMNS = [
 ]
 
 
+def _figure(m: Measurement) -> float:
+    """What a measurement is ranked by: proxy CPU per request, or the rate for the direct run."""
+    if m.cpu_us_per_req is not None:
+        return m.cpu_us_per_req
+    return -(m.load.rps if m.load else 0.0)
+
+
+def median_round(rounds: list[list[Measurement]]) -> list[Measurement]:
+    """Per scenario and target, the measurement of the median round (by CPU per request)."""
+    picked: list[Measurement] = []
+    for i, first in enumerate(rounds[0]):
+        runs = [r[i] for r in rounds if i < len(r) and r[i].load is not None]
+        if not runs:
+            picked.append(first)
+            continue
+        runs.sort(key=_figure)
+        picked.append(runs[(len(runs) - 1) // 2])
+    return picked
+
+
+def rounds_summary(rounds: list[list[Measurement]]) -> list[str]:
+    """Every round's CPU per request, and the paired cost of events (charon vs
+    charon-noevents in the same round, measured minutes apart, so the noise is shared)."""
+    lines = []
+    keys = [(m.scenario, m.target) for m in rounds[0]]
+    for scenario in dict.fromkeys(sc for sc, _ in keys):
+        parts = []
+        for sc, target in keys:
+            if sc != scenario:
+                continue
+            figures = [
+                m.cpu_us_per_req for r in rounds for m in r
+                if (m.scenario, m.target) == (sc, target) and m.cpu_us_per_req is not None
+            ]
+            if figures:
+                parts.append(f"{target} " + ", ".join(f"{f:.1f}" for f in figures))
+        costs = []
+        for r in rounds:
+            by_target = {m.target: m.cpu_us_per_req for m in r if m.scenario == scenario}
+            on, off = by_target.get("charon"), by_target.get("charon-noevents")
+            if on and off:
+                costs.append(on / off - 1)
+        if costs:
+            ordered = sorted(costs)
+            median = ordered[(len(ordered) - 1) // 2]
+            parts.append(
+                "events cost " + ", ".join(f"{c:+.0%}" for c in costs) + f" (median {median:+.0%})"
+            )
+        if parts:
+            lines.append(f"{scenario}: proxy CPU µs/req per round: " + "; ".join(parts))
+    return lines
+
+
 def _fmt_ms(v: float | None) -> str:
     if v is None:
         return "—"
@@ -1070,11 +1123,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=str(BENCH_DIR / "out" / "latest.md"),
         help="where to write the Markdown report (bench/out/latest.md)",
     )
+    p.add_argument(
+        "--rounds", type=int, default=1,
+        help="run every scenario and target this many times, interleaved; the table shows the "
+        "median round and a note lists every round (1)",
+    )
     p.add_argument("--json", default="", help="also write raw results as JSON here")
     p.add_argument("--no-install", action="store_true", help="never run apt-get")
     p.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (configs, logs)")
     args = p.parse_args(argv)
-    if args.duration < 1 or args.warmup < 0 or args.workers < 1 or args.connections < 1:
+    if (args.duration < 1 or args.warmup < 0 or args.workers < 1 or args.connections < 1
+            or args.rounds < 1):
         p.error("bad --duration/--warmup/--workers/--connections")
     online = os.sched_getaffinity(0)
     for opt in ("proxy_cpus", "load_cpus"):
@@ -1184,29 +1243,37 @@ def main(argv: list[str] | None = None) -> int:
                 targets.append(t)
 
         bench = Bench(args, tmp)
-        total = sum(1 for s in scenarios for t in targets if s.applies_to(t))
-        n = 0
-        for sc in scenarios:
-            for target in targets:
-                if not sc.applies_to(target):
-                    continue
-                n += 1
-                log(f"[{n}/{total}] {sc.name} -> {target.name}")
-                m = run_one(bench, sc, target, backend)
-                if m.load:
-                    log(
-                        f"    {m.load.rps:,.0f} req/s, p50 {_fmt_ms(m.load.p50_ms)}, "
-                        f"p99 {_fmt_ms(m.load.p99_ms)}, errors {m.load.errors or 0}"
-                        + (f", proxy CPU {m.proxy_cpu_s:.2f}s" if m.proxy_cpu_s is not None else "")
-                    )
-                else:
-                    log(f"    FAILED: {m.failure}")
-                results.append(m)
-                time.sleep(1)  # let connections of the previous run wind down
+        per_round = sum(1 for s in scenarios for t in targets if s.applies_to(t))
+        total, n = per_round * args.rounds, 0
+        rounds: list[list[Measurement]] = []
+        for round_no in range(args.rounds):
+            this_round: list[Measurement] = []
+            for sc in scenarios:
+                for target in targets:
+                    if not sc.applies_to(target):
+                        continue
+                    n += 1
+                    log(f"[{n}/{total}] {sc.name} -> {target.name}"
+                        + (f" (round {round_no + 1})" if args.rounds > 1 else ""))
+                    m = run_one(bench, sc, target, backend)
+                    if m.load:
+                        log(
+                            f"    {m.load.rps:,.0f} req/s, p50 {_fmt_ms(m.load.p50_ms)}, "
+                            f"p99 {_fmt_ms(m.load.p99_ms)}, errors {m.load.errors or 0}"
+                            + (f", proxy CPU {m.proxy_cpu_s:.2f}s"
+                               if m.proxy_cpu_s is not None else "")
+                        )
+                    else:
+                        log(f"    FAILED: {m.failure}")
+                    this_round.append(m)
+                    time.sleep(1)  # let connections of the previous run wind down
+            rounds.append(this_round)
+        results = median_round(rounds)
+        round_notes = rounds_summary(rounds) if args.rounds > 1 else []
 
         rows = table_rows(results)
-        notes = bound_notes(results, scenarios, args)
-        warnings = contention_warnings(results)
+        notes = bound_notes(results, scenarios, args) + round_notes
+        warnings = contention_warnings([m for r in rounds for m in r])
         env = environment()
         print()
         print("  ".join(f"{k}: {v}" for k, v in env.items()))
