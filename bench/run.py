@@ -408,6 +408,9 @@ class Target:
     port: int
     proc: Managed | None  # the proxy whose CPU is measured; None for the direct backend
     repin: bool = False  # re-pin all descendants before each run (Charon's workers)
+    # SIGSTOP the proxy's first process (Charon's supervisor) for the measured run: the workers
+    # then publish into full queues and drop events.
+    stop_root: bool = False
 
     @property
     def is_proxy(self) -> bool:
@@ -711,11 +714,18 @@ def run_one(bench: Bench, scenario: Scenario, target: Target, backend: Managed) 
         scenario.warmup(bench, target)
         time.sleep(0.5)
         # One /proc snapshot on each side of the measured run: proxy, backend, everyone else.
-        all0, sys0, kids0 = all_stats(), cpu_ticks(), children_cpu_seconds()
-        t0 = time.monotonic()
-        result = scenario.measure(bench, target)
-        t1 = time.monotonic()
-        all1, sys1, kids1 = all_stats(), cpu_ticks(), children_cpu_seconds()
+        if target.stop_root and target.proc is not None:
+            os.kill(target.proc.pid, signal.SIGSTOP)
+        try:
+            all0, sys0, kids0 = all_stats(), cpu_ticks(), children_cpu_seconds()
+            t0 = time.monotonic()
+            result = scenario.measure(bench, target)
+            t1 = time.monotonic()
+            all1, sys1, kids1 = all_stats(), cpu_ticks(), children_cpu_seconds()
+        finally:
+            if target.stop_root and target.proc is not None:
+                os.kill(target.proc.pid, signal.SIGCONT)
+                time.sleep(1)  # the supervisor catches up with what was queued
     except (RuntimeError, OSError, subprocess.TimeoutExpired) as e:
         return Measurement(scenario.name, target.name, None, failure=str(e).splitlines()[0])
     ours = {os.getpid()}
@@ -1105,8 +1115,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--targets",
         default="direct,nginx,charon",
-        help="comma list among direct,nginx,charon,charon-noevents (Charon with [admin] "
-        "events = false: the difference is what publishing events costs)",
+        help="comma list among direct,nginx,charon,charon-noevents,charon-stopped "
+        "(charon-noevents: Charon with [admin] events = false, the difference is what publishing "
+        "events costs; charon-stopped: the same Charon as `charon` with its supervisor "
+        "SIGSTOPped during each measured run, so its workers publish into full queues)",
     )
     p.add_argument(
         "--scenarios", default="", help="comma list of scenario names to run (default: all)"
@@ -1232,6 +1244,18 @@ def main(argv: list[str] | None = None) -> int:
             t = start_charon(args, tmp, charon_port, admin_port, backend_port, procs, skipped)
             if t:
                 targets.append(t)
+
+        if "charon-stopped" in wanted_targets:
+            running = next((t for t in targets if t.name == "charon"), None)
+            if running is None:
+                running = start_charon(
+                    args, tmp, charon_port, admin_port, backend_port, procs, skipped
+                )
+            if running is not None:
+                targets.append(
+                    Target("charon-stopped", running.port, running.proc, repin=True,
+                           stop_root=True)
+                )
 
         if "charon-noevents" in wanted_targets:
             quiet_port, quiet_admin = free_ports(2)
