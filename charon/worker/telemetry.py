@@ -30,6 +30,8 @@ WS_BUCKETS = (1.0, 10.0, 60.0, 300.0, 900.0, 3600.0, 14400.0, 86400.0, 604800.0)
 KNOWN_METHODS = frozenset(
     {"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "CONNECT", "TRACE"}
 )
+# The method as llhttp gives it -> its name and its `method` label (one lookup per request).
+_METHOD_NAMES = {m.encode(): (m, m) for m in KNOWN_METHODS}
 PATH_LIMIT = 512  # characters of a path kept in a record
 
 
@@ -80,7 +82,7 @@ class Telemetry:
         self, host: str, method: bytes, status: int, duration: float, response_bytes: int,
         client_ip: str, path: bytes,
     ) -> None:
-        name = method.decode("latin-1")
+        name, label = _METHOD_NAMES.get(method) or (method.decode("latin-1"), "OTHER")
         text_path = path[:PATH_LIMIT].decode("latin-1")
         if self.access_log is not None:
             self.access_log.request(
@@ -88,7 +90,7 @@ class Telemetry:
             )
         if not self.enabled:
             return
-        self.requests[(host, name if name in KNOWN_METHODS else "OTHER", status)] += 1
+        self.requests[(host, label, status)] += 1
         self.response_bytes[host] += response_bytes
         self.http_durations.observe(host, duration)
         self.publisher.emit(
