@@ -105,7 +105,7 @@ Engine_fileno(EngineObject *e, PyObject *Py_UNUSED(ignored))
 }
 
 /* Take the reports queued since the last run: None, or a list of (tunnel, flags, code). */
-PyObject *
+static PyObject *
 take_reports(EngineObject *e)
 {
     PyObject *list = NULL;
@@ -138,7 +138,7 @@ take_reports(EngineObject *e)
 }
 
 /* Drop the references put aside while events were handled. */
-void
+static void
 drain_release(EngineObject *e)
 {
     Py_ssize_t count = e->release_len;
