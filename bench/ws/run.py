@@ -46,7 +46,6 @@ from benchlib import BenchError, find_exe, free_ports, parse_cpulist, pin  # noq
 
 WS_DIR = Path(__file__).resolve().parent
 REPO = WS_DIR.parent.parent
-VENV_BIN = REPO / ".venv" / "bin"
 WSLOAD = WS_DIR / "wsload"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE_KIB = os.sysconf("SC_PAGE_SIZE") // 1024
@@ -251,12 +250,13 @@ class CoreUse:
 class Managed:
     """A long-running process we started; stopped by PID (and its descendants) in `stop`."""
 
-    def __init__(self, name: str, argv: list[str], log_path: Path):
+    def __init__(self, name: str, argv: list[str], log_path: Path, cwd: Path | None = None):
         self.name = name
         self.log_path = log_path
         self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
             argv,
+            cwd=cwd,
             stdin=subprocess.DEVNULL,
             stdout=self._log,
             stderr=subprocess.STDOUT,
@@ -495,13 +495,12 @@ def start_charon(
     cpus: str,
     generation: int = 0,
 ) -> Managed:
-    charon = VENV_BIN / "charon"
-    if not charon.exists():
-        raise BenchError(f"{charon} not found (pip install -e . in the venv)")
     cfg = tmp / "charon.toml"
     cfg.write_text(charon_config(port, admin_port, backend_port, workers))
-    argv = ["taskset", "-c", cpus, str(charon), "run", "--config", str(cfg)]
-    return Managed("charon", argv, tmp / f"charon{generation or ''}.log")
+    # `python -m charon` from the repository: the code of this checkout is measured, whichever
+    # checkout the venv's editable install points at (workers inherit the cwd).
+    argv = ["taskset", "-c", cpus, sys.executable, "-m", "charon", "run", "--config", str(cfg)]
+    return Managed("charon", argv, tmp / f"charon{generation or ''}.log", cwd=REPO)
 
 
 def trace_signals(proc: Managed, tmp: Path) -> Managed | None:
@@ -635,7 +634,9 @@ class Target:
     port: int
     proc: Managed | None  # the proxy; None for the direct backend
     start: Callable[[int], Managed] | None = None  # (re)start the proxy; the arg: generation
-    restarts: int = 0
+    restarts: int = 0  # after the proxy was found dead
+    starts: int = 0  # every start: the next one's generation (names its log)
+    used: bool = False  # the proxy served a run since it started
 
 
 @dataclass
@@ -1106,7 +1107,7 @@ def machine_info(args: argparse.Namespace, limits: dict[str, str]) -> list[tuple
             check=False,
         )
         nginx_v = (r.stderr or r.stdout).strip().replace("nginx version: ", "")
-    py = VENV_BIN / "python"
+    py = sys.executable
     py_v = platform.python_version()
     with contextlib.suppress(OSError, subprocess.SubprocessError):
         r = subprocess.run(
@@ -1288,12 +1289,14 @@ def main(argv: list[str] | None = None) -> int:
             targets.append(Target("direct", backend_port, None))
         tracers: dict[int, Managed] = {}
 
-        def launch(t: Target, generation: int) -> None:
+        def launch(t: Target) -> None:
             assert t.start is not None
-            proc = t.start(generation)
+            proc = t.start(t.starts)
+            t.starts += 1
             started.append(proc)
             wait_ws_ready(proc, t.port, 30)
             t.proc = proc
+            t.used = False
             if args.trace_signals:
                 tracer = trace_signals(proc, tmp)
                 if tracer is not None:
@@ -1305,14 +1308,14 @@ def main(argv: list[str] | None = None) -> int:
             t.start = lambda g: start_nginx(
                 tmp, nginx_port, backend_port, args.workers, args.proxy_cpus, g, args.nginx_buffer
             )
-            launch(t, 0)
+            launch(t)
             targets.append(t)
         if "charon" in wanted_tg:
             t = Target("charon", charon_port, None)
             t.start = lambda g: start_charon(
                 tmp, charon_port, admin_port, backend_port, args.workers, args.proxy_cpus, g
             )
-            launch(t, 0)
+            launch(t)
             charon = t.proc
             targets.append(t)
         for t in targets:
@@ -1343,7 +1346,7 @@ def main(argv: list[str] | None = None) -> int:
                     if t.restarts > args.max_restarts:
                         extra.append(why + "; not restarted (--max-restarts)")
                     else:
-                        launch(t, t.restarts)
+                        launch(t)
                         assert t.proc is not None
                         t.proc.pin_all(args.proxy_cpus)
                         if t.name == "charon":
@@ -1355,8 +1358,19 @@ def main(argv: list[str] | None = None) -> int:
                 tries: list[float] = []
                 attempts = 1 + max(0, args.retries)
                 for attempt in range(attempts):
+                    if sc.kind == "idle" and t.used and t.proc is not None:
+                        # A fresh proxy: what earlier runs left allocated would skew the
+                        # baseline (memory kept from an earlier idle attempt inflates it; free
+                        # memory kept from other scenarios hides the tunnels' own).
+                        t.proc.stop()
+                        launch(t)
+                        assert t.proc is not None
+                        t.proc.pin_all(args.proxy_cpus)
+                        if t.name == "charon":
+                            charon = t.proc
                     wait_quiet(started, args.quiet_threshold, args.quiet_wait)
                     cand = runner.run(sc, t)
+                    t.used = True
                     tries.append(cand.others_cores)
                     if r is None or (cand.others_cores < r.others_cores and not cand.failure):
                         r = cand

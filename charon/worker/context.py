@@ -10,6 +10,7 @@ from charon.worker.http.headers import ForwardedPolicy
 from charon.worker.routing import Router
 from charon.worker.telemetry import Telemetry
 from charon.worker.upstreams.pool import UpstreamPool
+from charon.worker.websocket.tunnel import TunnelEngine
 
 if TYPE_CHECKING:
     from charon.worker.http.client import ClientConnection
@@ -30,6 +31,7 @@ class WorkerContext:
         self.scheme = b"http"
         self.connections: set[ClientConnection] = set()
         self.tunnels: set[Tunnel] = set()
+        self.engine = TunnelEngine(loop)  # every tunnel's sockets, on one epoll set
         self.telemetry = telemetry
         self.listeners: Listeners | None = None  # set once serving
         self.draining = False

@@ -82,7 +82,9 @@ class Worker:
         loop.add_signal_handler(signal.SIGUSR2, self._request_stop, RETIRE)
         loop.add_signal_handler(signal.SIGINT, self._request_stop, FAST)
         loop.add_signal_handler(signal.SIGQUIT, self._request_stop, FAST)
-        sweeper = DeadlineSweeper(loop, lambda: itertools.chain(ctx.connections, ctx.tunnels))
+        sweeper = DeadlineSweeper(
+            loop, lambda: itertools.chain(ctx.connections, ctx.tunnels, (ctx.engine,))
+        )
         sweeper.start()
         self._heartbeat(loop, ctx, b"R")  # R: serving; the supervisor counts the worker ready
 
@@ -103,11 +105,15 @@ class Worker:
                 await asyncio.sleep(0.05)
             if ctx.connections:
                 log.warning("%d connections open after shutdown_timeout", len(ctx.connections))
+            # The tunnels' last bytes (their Close frames) still waiting for slow peers.
+            while ctx.engine.flushing and loop.time() < deadline and not self._fast:
+                await asyncio.sleep(0.05)
         sweeper.stop()
         for conn in list(ctx.connections):
             if conn.transport is not None:
                 conn.transport.abort()
         ctx.close_idle_upstreams()
+        ctx.engine.close()
         ctx.report_metrics()
         publisher.close()
         if access_log is not None:

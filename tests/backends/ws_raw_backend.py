@@ -14,6 +14,14 @@ It reads one request head, then acts according to the path (the query is ignored
                        a text message "ping me" makes it send a Ping "backend"; a text message
                        "report" is answered with the JSON list of [opcode, payload] received
   /hang                reads the handshake and never answers (until the peer closes)
+  /flood               the 101, then 1 MiB binary frames of FLOOD_PAYLOAD for as long as the
+                       connection takes them (it reads nothing)
+  /trickle-header      the 101, then a 300-byte text frame, a 70000-byte binary frame and a
+                       Close 4002 "split", each header written one byte at a time (30 ms apart;
+                       the Close whole byte by byte); then reads the peer's Close and closes
+  /burst               the 101, a text frame "one", a binary frame "two" and a Close 4004
+                       "burst", all in one write; then reads the peer's Close and closes
+  /big                 an HTTP 200 with a BIG_SIZE-byte body (BIG_PAYLOAD), then closes
 Anything else: 404. "Echoes": text and binary frames come back unmasked, Ping gets a Pong,
 Close gets a Close with the same payload and the connection ends.
 """
@@ -32,6 +40,10 @@ import struct
 GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 HALF_FRAME = bytes((0x81, 100)) + b"x" * 50
 SLOW_PAYLOAD = (b"0123456789abcdef" * 6250)[:100000]
+FLOOD_PAYLOAD = bytes(i % 251 for i in range(1 << 20))  # 1 MiB
+BIG_SIZE = 16 * 1024 * 1024
+TRICKLE_TEXT = (b"split header " * 30)[:300]
+TRICKLE_BINARY = bytes(i % 256 for i in range(70000))
 
 
 def accept_for(key: bytes) -> bytes:
@@ -132,6 +144,33 @@ async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> 
             await echo(reader, writer)
         elif path == b"/hang":
             await reader.read()
+        elif path == b"/flood":
+            writer.write(switching(key))
+            whole = frame(0x2, FLOOD_PAYLOAD)
+            while True:
+                writer.write(whole)
+                await writer.drain()
+        elif path == b"/trickle-header":
+            writer.write(switching(key))
+            for whole, head_size in ((frame(0x1, TRICKLE_TEXT), 4),
+                                     (frame(0x2, TRICKLE_BINARY), 10),
+                                     (frame(0x8, struct.pack("!H", 4002) + b"split"), 9)):
+                for at in range(head_size):
+                    writer.write(whole[at : at + 1])
+                    await writer.drain()
+                    await asyncio.sleep(0.03)
+                writer.write(whole[head_size:])
+                await writer.drain()
+            await read_frame(reader)  # the peer's Close: the closing handshake is complete
+        elif path == b"/burst":
+            writer.write(switching(key) + frame(0x1, b"one") + frame(0x2, b"two")
+                         + frame(0x8, struct.pack("!H", 4004) + b"burst"))
+            await writer.drain()
+            await read_frame(reader)
+        elif path == b"/big":
+            body = (FLOOD_PAYLOAD * 17)[:BIG_SIZE]
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % BIG_SIZE + body)
+            await writer.drain()
         elif path == b"/record":
             writer.write(switching(key))
             await echo(reader, writer)

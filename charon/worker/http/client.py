@@ -232,15 +232,15 @@ class ClientConnection(asyncio.Protocol):
             self._pause(_PAUSE_QUEUE)
 
     def become_tunnel(self) -> bytes:
-        """Leave the connection to a WebSocket tunnel; the bytes held past the handshake."""
+        """Leave the connection to a WebSocket tunnel; the bytes held past the handshake.
+
+        Reading stays paused if it was: the socket leaves uvloop for the tunnel engine."""
         held = bytes(self._held or b"")
         self._held = None
         self.ctx.connections.discard(self)
         self.closing = True
         self.deadline_kind = NONE
         self.exchanges.clear()
-        if self._paused and self.transport is not None:
-            self.transport.resume_reading()
         self._paused = 0
         self.transport = None
         self._drop_parser()

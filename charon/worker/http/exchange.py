@@ -33,7 +33,7 @@ from charon.worker.http.response import (
     interim_head,
 )
 from charon.worker.websocket.handshake import check_response, switching_head
-from charon.worker.websocket.tunnel import Tunnel, TunnelInfo
+from charon.worker.websocket.tunnel import TunnelInfo, open_tunnel
 
 if TYPE_CHECKING:
     from charon.worker.http.client import ClientConnection
@@ -226,7 +226,8 @@ class Exchange:
             self.client.set_deadline(RESPONSE_IDLE, self.plan.route.timeouts.idle)
 
     def _open_tunnel(self, backend_tail: bytes) -> None:
-        """The backend answered 101: check it, then hand both connections to a Tunnel."""
+        """The backend answered 101: check it, then hand both connections to the tunnel engine
+        (which sends the 101 to the client itself, before any frame)."""
         plan, conn, client = self.plan, self.upstream, self.client
         assert plan is not None and plan.websocket_key is not None and conn is not None
         if not check_response(self.headers, plan.websocket_key):
@@ -239,7 +240,6 @@ class Exchange:
         if transport is None or transport.is_closing():
             self._fail(502, "the client left")
             return
-        transport.write(switching_head(self.headers))
         self.response_started = self.response_done = self.finished = True
         self._report(101)
         conn.exchange = None
@@ -253,8 +253,16 @@ class Exchange:
             plan.path.decode("latin-1"),
             subprotocol.decode("latin-1"),
         )
-        tunnel = Tunnel(client.ctx, transport, conn.transport, plan.route.websocket, info)
-        tunnel.start(client.become_tunnel(), backend_tail)
+        open_tunnel(
+            client.ctx,
+            transport,
+            conn.transport,
+            switching_head(self.headers),
+            client.become_tunnel(),
+            backend_tail,
+            plan.route.websocket,
+            info,
+        )
 
     def upstream_closed(self) -> None:
         """The backend closed or reset its connection while this exchange used it."""

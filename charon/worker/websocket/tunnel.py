@@ -1,32 +1,37 @@
 """A WebSocket tunnel: after a valid 101, bytes are copied both ways as they come.
 
-Each direction has a FrameWalker that reads frame headers on the way, so the tunnel can count
-messages, see Close codes, refuse unmasked or oversized client frames, and add a frame of its
-own (Ping, Close) only at a frame boundary. Flow control is the transports': a peer that does not
-read pauses reading from the other one, so memory per tunnel stays bounded.
+The copying and the frame walking run in C (`_engine.c`): both sockets of every tunnel of a
+worker leave uvloop for one epoll set, which the worker's `TunnelEngine` serves whenever it is
+ready. This module keeps the policy: what the proxy does when a side vanishes, when a client
+frame breaks a rule, on idle timeout, with pings, on drain and stop, and what the events say.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import time
 from typing import TYPE_CHECKING
 
 from charon.worker.deadlines import NONE, TUNNEL_IDLE
+from charon.worker.websocket import _engine
+from charon.worker.websocket._engine import BACKEND, BACKEND_LOST, CLIENT, CLIENT_LOST, REFUSED
 from charon.worker.websocket.frames import (
     CLOSE_ABNORMAL,
     CLOSE_GOING_AWAY,
     CLOSE_INTERNAL_ERROR,
-    FrameWalker,
     close_frame,
-    matching_pong_size,
     ping_frame,
 )
 
 if TYPE_CHECKING:
     from charon.config.model import WebSocketSettings
     from charon.worker.context import WorkerContext
+
+log = logging.getLogger("charon.worker")
+
+_SIDE_NAMES = ("client", "backend")
 
 
 class TunnelInfo:
@@ -43,274 +48,165 @@ class TunnelInfo:
         self.opened_clock = time.monotonic()
 
 
-class _Side(asyncio.Protocol):
-    """The protocol of one of the tunnel's two connections."""
+class TunnelEngine:
+    """The worker's engine: read when its epoll fd is ready, swept with the deadlines."""
 
-    __slots__ = ("tunnel", "from_client", "data_received")
+    __slots__ = ("engine", "deadline", "deadline_kind", "_loop")
 
-    def __init__(self, tunnel: Tunnel, from_client: bool) -> None:
-        self.tunnel = tunnel
-        self.from_client = from_client
-        # The tunnel's method for this direction, called by the transport directly.
-        self.data_received = (  # type: ignore[method-assign]
-            tunnel.from_client if from_client else tunnel.from_backend
-        )
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self.engine = _engine.Engine()
+        loop.add_reader(self.engine.fileno(), self._ready)
+        # The sweep looks at the engine every time: finished tunnels that cannot flush are
+        # cut after the engine's flush limit.
+        self.deadline = 0.0
+        self.deadline_kind = TUNNEL_IDLE
 
-    def eof_received(self) -> bool:
-        return False
+    def _ready(self) -> None:
+        reports = self.engine.run()
+        if reports is not None:
+            for tunnel, flags, code in reports:
+                tunnel.on_report(flags, code)  # type: ignore[attr-defined]
 
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self.from_client and self.tunnel.ctx.listeners is not None:
-            self.tunnel.ctx.listeners.closed_one()  # the client connection counted at accept
-        self.tunnel.lost(self.from_client)
+    def on_deadline(self, kind: int) -> None:
+        if self.engine.flushing:
+            self.engine.expire()
+        self.deadline_kind = TUNNEL_IDLE
 
-    def pause_writing(self) -> None:
-        self.tunnel.peer_transport(self.from_client).pause_reading()
+    @property
+    def flushing(self) -> int:
+        return self.engine.flushing
 
-    def resume_writing(self) -> None:
-        self.tunnel.peer_transport(self.from_client).resume_reading()
+    def close(self) -> None:
+        self._loop.remove_reader(self.engine.fileno())
 
 
-class Tunnel:
+class Tunnel(_engine.Tunnel):
+    """One tunnel's policy; the C base holds its sockets, frame state and counts."""
+
     __slots__ = (
         "ctx",
         "info",
         "settings",
-        "client",
-        "backend",
-        "upstream",
-        "downstream",
         "deadline",
         "deadline_kind",
-        "_ping_due",
-        "_pong_due",
-        "_dropping",
-        "_ping_payload",
         "_next_ping",
-        "_last_traffic",
         "_pongs_at_ping",
         "_closed_by",
-        "_idle_timeout",
         "_done",
     )
 
     def __init__(
         self,
         ctx: WorkerContext,
-        client: asyncio.Transport,
-        backend: asyncio.Transport,
+        client_fd: int,
+        backend_fd: int,
         settings: WebSocketSettings,
         info: TunnelInfo,
     ) -> None:
+        # The engine works on its own duplicates of the fds.
+        super().__init__(ctx.engine.engine, client_fd, backend_fd, settings.max_frame_size)
         self.ctx = ctx
         self.info = info
         self.settings = settings
-        self.client = client
-        self.backend = backend
-        # client->backend, then backend->client
-        self.upstream = FrameWalker(masked=True, max_size=settings.max_frame_size)
-        self.downstream = FrameWalker(masked=False, max_size=1 << 62)
         self.deadline = 0.0
         self.deadline_kind = NONE
-        now = ctx.loop.time()
-        self._next_ping = now + settings.ping_interval
-        self._last_traffic = now
-        self._pong_due = False  # the next client Pong answers our Ping: it is not forwarded
-        self._dropping = 0  # bytes of that Pong frame still to drop
-        self._ping_payload = b""
-        self._ping_due = False  # a ping waits for a frame boundary toward the client
+        self._next_ping = ctx.loop.time() + settings.ping_interval
         self._pongs_at_ping = -1  # client pongs counted when the last ping went out; -1: none
         self._closed_by = ""
-        self._idle_timeout = bool(settings.idle_timeout)
         self._done = False
 
-    def start(self, client_tail: bytes, backend_tail: bytes) -> None:
-        """Take over both connections; the tails are bytes read past the handshake."""
+    def open(self, head: bytes, client_tail: bytes, backend_tail: bytes) -> None:
+        """Start serving: the 101 head goes to the client first, then the tails (bytes read
+        past the handshake on each side) go on as frames."""
+        try:
+            self.start(head, backend_tail, client_tail)
+        except OSError as exc:  # could not join the epoll set: the sockets close with self
+            log.warning("cannot start a WebSocket tunnel: %s", exc)
+            if self.ctx.listeners is not None:
+                self.ctx.listeners.closed_one()
+            return
         self.ctx.tunnels.add(self)
-        self.client.set_protocol(_Side(self, from_client=True))
-        self.backend.set_protocol(_Side(self, from_client=False))
         self._arm_deadline()
-        if backend_tail:
-            self.forward(False, backend_tail)
-        if client_tail:
-            self.forward(True, client_tail)
         self.ctx.telemetry.websocket_open(self.info)
         if self.ctx.closing_tunnels:
             self.shutdown()  # the handshake finished after this worker closed its tunnels
 
-    def peer_transport(self, from_client: bool) -> asyncio.Transport:
-        return self.backend if from_client else self.client
-
-    # -- data ------------------------------------------------------------------------------
-
-    def forward(self, from_client: bool, data: bytes) -> None:
-        if from_client:
-            self.from_client(data)
-        else:
-            self.from_backend(data)
-
-    def from_client(self, data: bytes) -> None:
-        """Bytes read from the client (the hot path: one walk, one write)."""
-        if self._pong_due or self._dropping or self._done:
-            if not self._done:
-                self._forward_taking_pong(data)
+    def on_report(self, flags: int, code: int) -> None:
+        """What the engine saw: a client frame broke a rule, or a side's connection ended."""
+        if self._done:
             return
-        walker = self.upstream
-        pos = walker.walk(data)
-        if pos == len(data) and walker.close_code is None:
-            self.backend.write(data)
-        else:
-            self._walked_to(True, data, pos)
-        if self._idle_timeout:
-            self._last_traffic = self.ctx.loop.time()
-
-    def from_backend(self, data: bytes) -> None:
-        """Bytes read from the backend."""
-        if self._ping_due or self._done:
-            if not self._done:
-                self._forward_to_boundary(data)
-            return
-        walker = self.downstream
-        pos = walker.walk(data)
-        if pos == len(data) and walker.close_code is None:
-            self.client.write(data)
-        else:
-            self._walked_to(False, data, pos)
-        if self._idle_timeout:
-            self._last_traffic = self.ctx.loop.time()
-
-    def _walked_to(self, from_client: bool, data: bytes, pos: int) -> None:
-        """The walk saw a Close or stopped at a frame that breaks the rules."""
-        if from_client:
-            walker, out = self.upstream, self.backend
-        else:
-            walker, out = self.downstream, self.client
-        if walker.close_code is not None and not self._closed_by:
-            self._note_close(from_client)
-        if pos == len(data):
-            out.write(data)
-            return
-        if pos:
-            out.write(data[:pos])
-        self._refuse(walker.error)
-
-    def _forward_taking_pong(self, data: bytes) -> None:
-        """Client->backend data while our Ping awaits its Pong: that Pong is not forwarded."""
-        if self.settings.idle_timeout:
-            self._last_traffic = self.ctx.loop.time()
-        walker = self.upstream
-        pos, end = 0, len(data)
-        while pos < end:
-            if self._dropping:
-                take = min(self._dropping, end - pos)
-                self._dropping -= take
-                pos += take
-                continue
-            if self._pong_due and walker.at_boundary:
-                size = matching_pong_size(data, pos, self._ping_payload)
-                if size is not None:
-                    walker.pongs += 1
-                    self._pong_due = False
-                    take = min(size, end - pos)
-                    self._dropping = size - take
-                    pos += take
-                    continue
-            stop = walker.walk(data, pos, stop_at_boundary=True)
-            if walker.close_code is not None and not self._closed_by:
-                self._note_close(True)
-            if stop > pos:
-                self.backend.write(data[pos:stop])
-            if walker.error:
-                self._refuse(walker.error)
-                return
-            pos = stop
-
-    def _forward_to_boundary(self, data: bytes) -> None:
-        """Backend->client data while a Ping waits: send it at the first frame boundary."""
-        if self.settings.idle_timeout:
-            self._last_traffic = self.ctx.loop.time()
-        walker = self.downstream
-        pos = 0
-        if not walker.at_boundary:
-            pos = walker.walk(data, 0, stop_at_boundary=True)
-            if walker.close_code is not None and not self._closed_by:
-                self._note_close(False)
-            self.client.write(data[:pos])
-        if walker.at_boundary:
-            self._send_ping()
-            if pos < len(data):
-                self.forward(False, data[pos:])
+        if flags & REFUSED:
+            self._closed_by = "proxy"
+            self.close(code)
+        elif flags & CLIENT_LOST:
+            self.lost(CLIENT)
+        elif flags & BACKEND_LOST:
+            self.lost(BACKEND)
 
     # -- endings ---------------------------------------------------------------------------
 
-    def lost(self, from_client: bool) -> None:
-        """One side's connection closed: the other hears it with a Close at a frame boundary,
+    def lost(self, side: int) -> None:
+        """One side's connection ended: the other hears it with a Close at a frame boundary,
         unless a closing handshake had begun (then the peer owes no further frame)."""
-        if self._done:
-            return
+        self._closed_by = self._closer(_SIDE_NAMES[side])
         handshake_begun = (
-            self.upstream.close_code is not None or self.downstream.close_code is not None
+            self.client_close_code is not None or self.backend_close_code is not None
         )
-        if from_client:
-            self._closed_by = self._closed_by or "client"
-            if not handshake_begun and self.upstream.at_boundary:
-                self.backend.write(close_frame(CLOSE_GOING_AWAY, masked=True))
-            self._finish(self.backend)
-        else:
-            self._closed_by = self._closed_by or "backend"
-            if not handshake_begun and self.downstream.at_boundary:
-                self.client.write(close_frame(CLOSE_INTERNAL_ERROR, b"backend closed"))
-            self._finish(self.client)
+        if not handshake_begun:
+            if side == CLIENT and self.at_boundary(BACKEND):
+                self.inject(BACKEND, close_frame(CLOSE_GOING_AWAY, masked=True))
+            elif side == BACKEND and self.at_boundary(CLIENT):
+                self.inject(CLIENT, close_frame(CLOSE_INTERNAL_ERROR, b"backend closed"))
+        self._finish()
 
     def close(self, code: int, reason: bytes = b"") -> None:
-        """End the tunnel from the proxy's side (drain, timeout): a Close to each peer."""
+        """End the tunnel from the proxy's side (drain, timeout, a broken rule): a Close to
+        each peer that may still get one."""
         if self._done:
             return
-        self._closed_by = self._closed_by or "proxy"
-        if self.downstream.at_boundary and self.downstream.close_code is None:
-            self.client.write(close_frame(code, reason))
-        if self.upstream.at_boundary and self.upstream.close_code is None:
-            self.backend.write(close_frame(code, reason, masked=True))
-        self._finish(self.client, self.backend)
+        self._closed_by = self._closer("proxy")
+        if self.at_boundary(CLIENT) and self.backend_close_code is None:
+            self.inject(CLIENT, close_frame(code, reason))
+        if self.at_boundary(BACKEND) and self.client_close_code is None:
+            self.inject(BACKEND, close_frame(code, reason, masked=True))
+        self._finish()
 
-    def _refuse(self, code: int) -> None:
-        """A client frame broke the rules (unmasked, too big): Close both ways with its code."""
-        self._closed_by = "proxy"
-        self.close(code)
+    def _closer(self, otherwise: str) -> str:
+        """Who began the closing handshake, not whose TCP connection went first."""
+        if self._closed_by:
+            return self._closed_by
+        first = self.first_close
+        return _SIDE_NAMES[first] if first is not None else otherwise
 
-    def _finish(self, *transports: asyncio.Transport) -> None:
+    def _finish(self) -> None:
+        """Stop reading; each socket closes once what waits for it is sent (the engine cuts
+        a peer that does not read within its flush limit)."""
         self._done = True
         self.deadline_kind = NONE
         self.ctx.tunnels.discard(self)
-        for transport in transports:
-            transport.close()  # after what is buffered has been written
-        for transport in (self.client, self.backend):
-            if transport not in transports and not transport.is_closing():
-                transport.close()
+        self.finish()
+        if self.ctx.listeners is not None:
+            self.ctx.listeners.closed_one()  # the client connection counted at accept
         self.ctx.telemetry.websocket_close(self.info, self.summary())
 
     def summary(self) -> dict[str, object]:
-        up, down = self.upstream, self.downstream
         return {
             "duration": time.monotonic() - self.info.opened_clock,
-            "messages_in": up.messages,
-            "messages_out": down.messages,
-            "bytes_in": up.payload_bytes,
-            "bytes_out": down.payload_bytes,
-            "client_close_code": up.close_code,
-            "backend_close_code": down.close_code,
-            "closed_by": self._closed_by,
+            "messages_in": self.messages_in,
+            "messages_out": self.messages_out,
+            "bytes_in": self.bytes_in,
+            "bytes_out": self.bytes_out,
+            "client_close_code": self.client_close_code,
+            "backend_close_code": self.backend_close_code,
+            "closed_by": self._closer(""),
             "close_code": self._close_code(),
         }
 
-    def _note_close(self, from_client: bool) -> None:
-        """Who began the closing handshake, not whose TCP connection went first."""
-        self._closed_by = "client" if from_client else "backend"
-
     def _close_code(self) -> int:
         """The code of whoever began the closing handshake; 1006 if nobody sent a Close."""
-        first, second = self.upstream.close_code, self.downstream.close_code
-        if self._closed_by == "backend":
+        first, second = self.client_close_code, self.backend_close_code
+        if self._closer("") == "backend":
             first, second = second, first
         if first is not None:
             return first
@@ -323,7 +219,7 @@ class Tunnel:
         settings = self.settings
         due = [self._next_ping] if settings.ping_interval else []
         if settings.idle_timeout:
-            due.append(self._last_traffic + settings.idle_timeout)
+            due.append(self.last_traffic + settings.idle_timeout)
         if due:
             self.deadline = min(due)
             self.deadline_kind = TUNNEL_IDLE
@@ -331,27 +227,117 @@ class Tunnel:
     def on_deadline(self, kind: int) -> None:
         settings = self.settings
         now = self.ctx.loop.time()
-        if settings.idle_timeout and now >= self._last_traffic + settings.idle_timeout:
+        # The engine's clock is time.monotonic(); uvloop's shares its origin (ms steps).
+        if settings.idle_timeout and time.monotonic() >= self.last_traffic + settings.idle_timeout:
             self.close(CLOSE_GOING_AWAY, b"idle timeout")
             return
         if settings.ping_interval and now >= self._next_ping:
-            # The previous ping must have been answered by now.
-            if self._pongs_at_ping >= 0 and self.upstream.pongs <= self._pongs_at_ping:
-                self.close(CLOSE_INTERNAL_ERROR, b"ping timeout")
-                return
-            if self.downstream.at_boundary:
-                self._send_ping()
-            else:
-                self._ping_due = True
+            if not self.injecting(CLIENT):  # else the last ping still waits for a boundary
+                # The previous ping must have been answered by now.
+                if self._pongs_at_ping >= 0 and self.pongs_in <= self._pongs_at_ping:
+                    self.close(CLOSE_INTERNAL_ERROR, b"ping timeout")
+                    return
+                payload = os.urandom(8)
+                self._pongs_at_ping = self.pongs_in
+                self.expect_pong(payload)  # its Pong is consumed, not forwarded
+                self.inject(CLIENT, ping_frame(payload))  # at the next frame boundary
             self._next_ping = now + settings.ping_interval
         self._arm_deadline()
 
-    def _send_ping(self) -> None:
-        self._ping_due = False
-        self._pongs_at_ping = self.upstream.pongs
-        self._pong_due = True
-        self._ping_payload = os.urandom(8)
-        self.client.write(ping_frame(self._ping_payload))
-
     def shutdown(self) -> None:
         self.close(CLOSE_GOING_AWAY, b"server shutting down")
+
+
+class _Detached(asyncio.Protocol):
+    """The protocol of a transport whose socket the engine took: uvloop only closes its fd
+    (no shutdown(): the engine's duplicate keeps the connection)."""
+
+    def eof_received(self) -> bool:
+        return False
+
+
+_DETACHED = _Detached()
+
+
+def open_tunnel(
+    ctx: WorkerContext,
+    client: asyncio.Transport,
+    backend: asyncio.Transport,
+    head: bytes,
+    client_tail: bytes,
+    backend_tail: bytes,
+    settings: WebSocketSettings,
+    info: TunnelInfo,
+) -> None:
+    """Hand both connections to a tunnel of the engine after a valid 101 (`head` is the 101
+    for the client, not yet written; the tails are bytes read past the handshake)."""
+    args = (ctx, client, backend, head, client_tail, backend_tail, settings, info)
+    if client.get_write_buffer_size() or backend.get_write_buffer_size():
+        _Drain(*args)  # the engine's bytes must follow what uvloop still holds
+    else:
+        _take_over(*args)
+
+
+def _take_over(
+    ctx: WorkerContext,
+    client: asyncio.Transport,
+    backend: asyncio.Transport,
+    head: bytes,
+    client_tail: bytes,
+    backend_tail: bytes,
+    settings: WebSocketSettings,
+    info: TunnelInfo,
+) -> None:
+    try:
+        client_fd = client.get_extra_info("socket").fileno()
+        backend_fd = backend.get_extra_info("socket").fileno()
+        tunnel = Tunnel(ctx, client_fd, backend_fd, settings, info)
+    except OSError as exc:  # e.g. out of fds for the duplicates
+        log.warning("cannot open a WebSocket tunnel: %s", exc)
+        _abandon(ctx, client, backend)
+        return
+    for transport in (client, backend):
+        transport.set_protocol(_DETACHED)
+        transport.close()  # stops reading now; the fd itself is closed on the next turn
+    tunnel.open(head, client_tail, backend_tail)
+
+
+class _Drain(asyncio.Protocol):
+    """Both transports, reading paused, until uvloop has written all they hold."""
+
+    def __init__(
+        self,
+        ctx: WorkerContext,
+        client: asyncio.Transport,
+        backend: asyncio.Transport,
+        *rest: object,
+    ) -> None:
+        self.args = (ctx, client, backend, *rest)
+        self.ctx = ctx
+        self.transports = (client, backend)
+        self.done = False
+        for transport in self.transports:
+            transport.pause_reading()
+            transport.set_protocol(self)
+            # resume_writing() comes when the buffer is empty, not merely low.
+            transport.set_write_buffer_limits(high=0, low=0)
+
+    def resume_writing(self) -> None:
+        if self.done or any(t.get_write_buffer_size() for t in self.transports):
+            return
+        self.done = True
+        _take_over(*self.args)  # type: ignore[arg-type]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.done:
+            self.done = True
+            _abandon(self.ctx, *self.transports)
+
+
+def _abandon(ctx: WorkerContext, client: asyncio.Transport, backend: asyncio.Transport) -> None:
+    """No tunnel after all: both connections are cut (the client never got the 101)."""
+    for transport in (client, backend):
+        transport.set_protocol(_DETACHED)
+        transport.abort()
+    if ctx.listeners is not None:
+        ctx.listeners.closed_one()  # the client connection counted at accept

@@ -1,0 +1,254 @@
+/* The Engine type: one epoll set per worker, served by run(). */
+
+#include "engine.h"  /* first: Python.h before the system headers */
+
+#include <errno.h>
+#include <sys/eventfd.h>
+#include <unistd.h>
+
+static PyObject *
+Engine_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"flush_limit", NULL};
+    double flush_limit = DEFAULT_FLUSH_LIMIT;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "|d:Engine", kwlist, &flush_limit))
+        return NULL;
+    EngineObject *e = (EngineObject *)type->tp_alloc(type, 0);
+    if (e == NULL)
+        return NULL;
+    e->epfd = e->wakefd = -1;
+    e->flush_limit = flush_limit;
+    e->buf = PyMem_Malloc(READ_SIZE);
+    if (e->buf == NULL) {
+        Py_DECREF(e);
+        return PyErr_NoMemory();
+    }
+    e->epfd = epoll_create1(EPOLL_CLOEXEC);
+    if (e->epfd >= 0)
+        e->wakefd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    if (e->epfd < 0 || e->wakefd < 0) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        Py_DECREF(e);
+        return NULL;
+    }
+    struct epoll_event ev;
+    ev.events = EPOLLIN;
+    ev.data.u64 = 0;  /* no tunnel: the wake-up */
+    if (epoll_ctl(e->epfd, EPOLL_CTL_ADD, e->wakefd, &ev) < 0) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        Py_DECREF(e);
+        return NULL;
+    }
+    e->now = monotonic();
+    return (PyObject *)e;
+}
+
+static int
+Engine_traverse(EngineObject *e, visitproc visit, void *arg)
+{
+    for (TunnelObject *t = e->notify; t; t = t->next_notify)
+        Py_VISIT(t);
+    for (TunnelObject *t = e->flushing; t; t = t->next_flush)
+        Py_VISIT(t);
+    for (TunnelObject *t = e->again; t; t = t->next_again)
+        Py_VISIT(t);
+    return 0;
+}
+
+/* Drop the engine's references: flushing tunnels are cut, reports are forgotten. */
+static int
+Engine_clear(EngineObject *e)
+{
+    while (e->notify) {
+        TunnelObject *t = e->notify;
+        e->notify = t->next_notify;
+        t->next_notify = NULL;
+        t->notified = 0;
+        t->events = 0;
+        Py_DECREF(t);
+    }
+    while (e->again) {
+        TunnelObject *t = e->again;
+        e->again = t->next_again;
+        t->next_again = NULL;
+        t->queued = 0;
+        Py_DECREF(t);
+    }
+    while (e->flushing) {
+        TunnelObject *t = e->flushing;
+        flush_list_remove(t);
+        close_side(t, CLIENT, 1);
+        close_side(t, BACKEND, 1);
+        Py_DECREF(t);
+    }
+    return 0;
+}
+
+static void
+Engine_dealloc(EngineObject *e)
+{
+    PyObject_GC_UnTrack(e);
+    Engine_clear(e);
+    if (e->wakefd >= 0)
+        close(e->wakefd);
+    if (e->epfd >= 0)
+        close(e->epfd);
+    PyMem_Free(e->buf);
+    PyMem_Free(e->release);
+    Py_TYPE(e)->tp_free((PyObject *)e);
+}
+
+static PyObject *
+Engine_fileno(EngineObject *e, PyObject *Py_UNUSED(ignored))
+{
+    return PyLong_FromLong(e->epfd);
+}
+
+/* Take the reports queued since the last run: None, or a list of (tunnel, flags, code). */
+static PyObject *
+take_reports(EngineObject *e)
+{
+    PyObject *list = NULL;
+    int failed = 0;
+    while (e->notify) {
+        TunnelObject *t = e->notify;
+        e->notify = t->next_notify;
+        t->next_notify = NULL;
+        t->notified = 0;
+        uint8_t events = t->events;
+        t->events = 0;
+        if (!t->finishing && events && !failed) {
+            if (list == NULL)
+                list = PyList_New(0);
+            PyObject *item = list ? Py_BuildValue("(OBH)", (PyObject *)t, events,
+                                                  t->refused_code) : NULL;
+            if (item == NULL || PyList_Append(list, item) < 0)
+                failed = 1;
+            Py_XDECREF(item);
+        }
+        Py_DECREF(t);  /* the list's tuple holds its own */
+    }
+    if (failed) {
+        Py_XDECREF(list);
+        return NULL;
+    }
+    if (list == NULL)
+        Py_RETURN_NONE;
+    return list;
+}
+
+/* Drop the references put aside while events were handled. */
+static void
+drain_release(EngineObject *e)
+{
+    Py_ssize_t count = e->release_len;
+    e->release_len = 0;
+    for (Py_ssize_t i = 0; i < count; i++)
+        Py_DECREF(e->release[i]);
+}
+
+static PyObject *
+Engine_run(EngineObject *e, PyObject *Py_UNUSED(ignored))
+{
+    int n;
+    do {
+        n = epoll_wait(e->epfd, e->events, MAX_EVENTS, 0);
+    } while (n < 0 && errno == EINTR);
+    if (n < 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    e->in_run = 1;
+    e->now = monotonic();
+    /* The wake-up is cleared before anything is served: what is queued from here on sets it
+     * again, for the next run. */
+    for (int i = 0; i < n; i++) {
+        if (e->events[i].data.u64 == 0) {
+            uint64_t count;
+            ssize_t r;
+            do {
+                r = read(e->wakefd, &count, sizeof(count));
+            } while (r < 0 && errno == EINTR);
+        }
+    }
+    TunnelObject *again = e->again;
+    e->again = NULL;
+    for (int i = 0; i < n; i++) {
+        uint64_t data = e->events[i].data.u64;
+        if (data != 0) {
+            TunnelObject *t = (TunnelObject *)(uintptr_t)(data & ~(uint64_t)1);
+            handle_event(t, (int)(data & 1), e->events[i].events);
+        }
+    }
+    while (again) {
+        TunnelObject *t = again;
+        again = t->next_again;
+        t->next_again = NULL;
+        t->queued = 0;
+        progress(t);
+        if (release_later(e, t) < 0)
+            PyErr_Clear();  /* a leaked reference: the tunnel is only kept longer */
+    }
+    e->in_run = 0;
+    /* Python code may run from here on (reference drops, allocations): the loop is done. */
+    PyObject *reports = take_reports(e);
+    drain_release(e);
+    return reports;
+}
+
+static PyObject *
+Engine_expire(EngineObject *e, PyObject *Py_UNUSED(ignored))
+{
+    /* Finished tunnels whose peer has not taken their last bytes within the limit: cut. */
+    double now = monotonic();
+    Py_ssize_t cut = 0;
+    TunnelObject *t = e->flushing;
+    e->in_run = 1;  /* references are dropped after the walk: a dealloc may run Python code */
+    while (t) {
+        TunnelObject *next = t->next_flush;
+        if (t->flush_deadline <= now) {
+            flush_list_remove(t);
+            close_side(t, CLIENT, 1);
+            close_side(t, BACKEND, 1);
+            cut++;
+            if (release_later(e, t) < 0)
+                PyErr_Clear();
+        }
+        t = next;
+    }
+    e->in_run = 0;
+    drain_release(e);
+    return PyLong_FromSsize_t(cut);
+}
+
+static PyObject *
+Engine_get_flushing(EngineObject *e, void *Py_UNUSED(closure))
+{
+    return PyLong_FromSsize_t(e->flushing_count);
+}
+
+static PyMethodDef Engine_methods[] = {
+    {"fileno", (PyCFunction)Engine_fileno, METH_NOARGS, "The epoll fd to watch for reading."},
+    {"run", (PyCFunction)Engine_run, METH_NOARGS,
+     "Serve the sockets that are ready; None, or a list of (tunnel, flags, refused code)."},
+    {"expire", (PyCFunction)Engine_expire, METH_NOARGS,
+     "Cut finished tunnels that could not flush within flush_limit; how many were cut."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef Engine_getset[] = {
+    {"flushing", (getter)Engine_get_flushing, NULL, "finished tunnels still flushing", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+PyTypeObject EngineType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "charon.worker.websocket._engine.Engine",
+    .tp_basicsize = sizeof(EngineObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "One epoll set running the tunnels of a worker.",
+    .tp_new = Engine_new,
+    .tp_dealloc = (destructor)Engine_dealloc,
+    .tp_traverse = (traverseproc)Engine_traverse,
+    .tp_clear = (inquiry)Engine_clear,
+    .tp_methods = Engine_methods,
+    .tp_getset = Engine_getset,
+};

@@ -1,0 +1,394 @@
+/* The Tunnel type (Python's Tunnel subclasses it) and the module. */
+
+#include "engine.h"  /* first: Python.h before the system headers */
+
+#include <errno.h>
+#include <fcntl.h>
+#include <string.h>
+#include <unistd.h>
+
+static PyObject *
+Tunnel_new(PyTypeObject *type, PyObject *Py_UNUSED(args), PyObject *Py_UNUSED(kwds))
+{
+    TunnelObject *t = (TunnelObject *)type->tp_alloc(type, 0);
+    if (t == NULL)
+        return NULL;
+    t->fd[0] = t->fd[1] = -1;
+    t->first_close = -1;
+    t->w[0].close_code = t->w[1].close_code = -1;
+    return (PyObject *)t;
+}
+
+static int
+Tunnel_init(TunnelObject *t, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"engine", "client_fd", "backend_fd", "max_frame_size", NULL};
+    PyObject *engine;
+    int fds[2];
+    unsigned long long max_size;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!iiK:Tunnel", kwlist, &EngineType, &engine,
+                                     &fds[0], &fds[1], &max_size))
+        return -1;
+    if (t->engine != NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "Tunnel already initialised");
+        return -1;
+    }
+    /* Own copies: the transports that held these fds are closed by the caller. */
+    for (int s = 0; s < 2; s++) {
+        int fd = fcntl(fds[s], F_DUPFD_CLOEXEC, 0);
+        int flags = fd >= 0 ? fcntl(fd, F_GETFL) : -1;
+        if (flags < 0 || fcntl(fd, F_SETFL, flags | O_NONBLOCK) < 0) {
+            PyErr_SetFromErrno(PyExc_OSError);
+            if (fd >= 0)
+                close(fd);
+            if (s == 1) {
+                close(t->fd[0]);
+                t->fd[0] = -1;
+            }
+            return -1;
+        }
+        t->fd[s] = fd;
+    }
+    Py_INCREF(engine);
+    t->engine = (EngineObject *)engine;
+    t->w[CLIENT].must_mask = 1;
+    t->w[CLIENT].max_size = max_size;
+    t->w[BACKEND].max_size = UINT64_MAX;
+    t->last_traffic = t->engine->now;
+    return 0;
+}
+
+static int
+Tunnel_traverse(TunnelObject *t, visitproc visit, void *arg)
+{
+    Py_VISIT(t->engine);
+    return 0;
+}
+
+/* No tp_clear: the engine reference is needed to unregister in dealloc, and cycles through
+ * the engine are broken by Engine_clear. */
+
+static void
+Tunnel_dealloc(TunnelObject *t)
+{
+    PyObject_GC_UnTrack(t);
+    if (t->engine) {
+        close_side(t, CLIENT, 0);
+        close_side(t, BACKEND, 0);
+    }
+    for (int s = 0; s < 2; s++) {
+        out_free(&t->out[s]);
+        PyMem_Free(t->inject[s]);
+    }
+    PyMem_Free(t->pong);
+    Py_CLEAR(t->engine);
+    /* A Python subclass's type reference is dropped by its own dealloc (subtype_dealloc). */
+    Py_TYPE(t)->tp_free((PyObject *)t);
+}
+
+static int
+ready(TunnelObject *t)
+{
+    if (t->engine == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "Tunnel not initialised");
+        return 0;
+    }
+    return 1;
+}
+
+static int
+side_arg(PyObject *arg, int *side)
+{
+    long v = PyLong_AsLong(arg);
+    if (v == -1 && PyErr_Occurred())
+        return 0;
+    if (v != CLIENT && v != BACKEND) {
+        PyErr_SetString(PyExc_ValueError, "side must be CLIENT (0) or BACKEND (1)");
+        return 0;
+    }
+    *side = (int)v;
+    return 1;
+}
+
+static PyObject *
+Tunnel_start(TunnelObject *t, PyObject *args)
+{
+    Py_buffer head, backend_tail, client_tail;
+    if (!ready(t) || !PyArg_ParseTuple(args, "y*y*y*:start", &head, &backend_tail, &client_tail))
+        return NULL;
+    if (t->started) {
+        PyErr_SetString(PyExc_RuntimeError, "Tunnel already started");
+    }
+    else if (register_sides(t) < 0) {
+        PyErr_SetFromErrno(PyExc_OSError);
+    }
+    else {
+        /* Until a read or a send says otherwise; epoll reports what is ready already. */
+        for (int s = 0; s < 2; s++)
+            t->rd_ready[s] = t->wr_ready[s] = 1;
+        t->started = 1;
+        t->last_traffic = monotonic();
+        /* The 101 first, then the frames that followed it in the backend's last read, then
+         * the client's frames pipelined behind its handshake. */
+        if (emit(t, CLIENT, head.buf, (size_t)head.len) == 0)
+            feed(t, BACKEND, backend_tail.buf, (size_t)backend_tail.len);
+        if (!t->lost_any && !t->w[BACKEND].error)
+            feed(t, CLIENT, client_tail.buf, (size_t)client_tail.len);
+    }
+    PyBuffer_Release(&head);
+    PyBuffer_Release(&backend_tail);
+    PyBuffer_Release(&client_tail);
+    if (PyErr_Occurred())
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+Tunnel_inject(TunnelObject *t, PyObject *args)
+{
+    PyObject *side_obj;
+    Py_buffer frame;
+    int side;
+    if (!ready(t) || !PyArg_ParseTuple(args, "Oy*:inject", &side_obj, &frame))
+        return NULL;
+    if (!side_arg(side_obj, &side)) {
+        PyBuffer_Release(&frame);
+        return NULL;
+    }
+    Walker *w = &t->w[1 - side];
+    if (t->fd[side] < 0 || t->finishing) {
+        /* nowhere to go */
+    }
+    else if (t->inject_len[side] + frame.len > MAX_INJECT) {
+        PyErr_SetString(PyExc_OverflowError, "too many proxy frames waiting for a boundary");
+    }
+    else {
+        uint8_t *p = PyMem_Realloc(t->inject[side], t->inject_len[side] + (size_t)frame.len);
+        if (p == NULL)
+            PyErr_NoMemory();
+        else {
+            memcpy(p + t->inject_len[side], frame.buf, (size_t)frame.len);
+            t->inject[side] = p;
+            t->inject_len[side] += (uint16_t)frame.len;
+            if (w->remaining == 0 || w->holding)
+                flush_inject(t, side);
+        }
+    }
+    PyBuffer_Release(&frame);
+    if (PyErr_Occurred())
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+Tunnel_expect_pong(TunnelObject *t, PyObject *arg)
+{
+    Py_buffer payload;
+    if (!ready(t) || PyObject_GetBuffer(arg, &payload, PyBUF_SIMPLE) < 0)
+        return NULL;
+    if (payload.len < 1 || payload.len > MAX_CONTROL) {
+        PyBuffer_Release(&payload);
+        PyErr_SetString(PyExc_ValueError, "a Ping payload has 1 to 125 bytes");
+        return NULL;
+    }
+    if (t->w[CLIENT].holding) {
+        /* The frame held for the previous Ping's payload goes on unchanged. */
+        PongWatch *pw = t->pong;
+        t->w[CLIENT].holding = 0;
+        if (pw->have)
+            emit(t, BACKEND, pw->frame, pw->have);
+    }
+    if (t->pong == NULL && (t->pong = PyMem_Malloc(sizeof(PongWatch))) == NULL) {
+        PyBuffer_Release(&payload);
+        return PyErr_NoMemory();
+    }
+    t->pong->len = (uint8_t)payload.len;
+    t->pong->have = 0;
+    memcpy(t->pong->payload, payload.buf, (size_t)payload.len);
+    PyBuffer_Release(&payload);
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+Tunnel_finish(TunnelObject *t, PyObject *Py_UNUSED(ignored))
+{
+    if (!ready(t))
+        return NULL;
+    if (t->finishing)
+        Py_RETURN_NONE;
+    t->finishing = 1;
+    for (int s = 0; s < 2; s++) {
+        t->w[s].hold_len = 0;  /* the start of a frame that will never be whole */
+        PyMem_Free(t->inject[s]);
+        t->inject[s] = NULL;
+        t->inject_len[s] = 0;
+    }
+    t->w[CLIENT].holding = 0;
+    PyMem_Free(t->pong);
+    t->pong = NULL;
+    if (t->notified)
+        t->events = 0;
+    finish_progress(t);
+    if (t->fd[CLIENT] >= 0 || t->fd[BACKEND] >= 0) {
+        /* Bytes still wait for a peer: the engine keeps the tunnel until they are gone or
+         * flush_limit has passed (expire()). */
+        EngineObject *e = t->engine;
+        Py_INCREF(t);
+        t->flushing = 1;
+        t->flush_deadline = monotonic() + e->flush_limit;
+        t->prev_flush = NULL;
+        t->next_flush = e->flushing;
+        if (e->flushing)
+            e->flushing->prev_flush = t;
+        e->flushing = t;
+        e->flushing_count++;
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+Tunnel_at_boundary(TunnelObject *t, PyObject *arg)
+{
+    int side;
+    if (!ready(t) || !side_arg(arg, &side))
+        return NULL;
+    Walker *w = &t->w[1 - side];
+    return PyBool_FromLong(w->remaining == 0 || w->holding);
+}
+
+static PyObject *
+Tunnel_injecting(TunnelObject *t, PyObject *arg)
+{
+    int side;
+    if (!ready(t) || !side_arg(arg, &side))
+        return NULL;
+    return PyBool_FromLong(t->inject_len[side] != 0);
+}
+
+static PyObject *
+close_code_or_none(int32_t code)
+{
+    if (code < 0)
+        Py_RETURN_NONE;
+    return PyLong_FromLong(code);
+}
+
+#define U64_GETTER(name, expr)                                                   \
+    static PyObject *Tunnel_get_##name(TunnelObject *t, void *Py_UNUSED(c))      \
+    {                                                                            \
+        return PyLong_FromUnsignedLongLong((unsigned long long)(expr));         \
+    }
+U64_GETTER(messages_in, t->w[CLIENT].messages)
+U64_GETTER(messages_out, t->w[BACKEND].messages)
+U64_GETTER(bytes_in, t->w[CLIENT].payload_bytes)
+U64_GETTER(bytes_out, t->w[BACKEND].payload_bytes)
+U64_GETTER(pongs_in, t->w[CLIENT].pongs)
+
+static PyObject *
+Tunnel_get_client_close_code(TunnelObject *t, void *Py_UNUSED(c))
+{
+    return close_code_or_none(t->w[CLIENT].close_code);
+}
+
+static PyObject *
+Tunnel_get_backend_close_code(TunnelObject *t, void *Py_UNUSED(c))
+{
+    return close_code_or_none(t->w[BACKEND].close_code);
+}
+
+static PyObject *
+Tunnel_get_first_close(TunnelObject *t, void *Py_UNUSED(c))
+{
+    if (t->first_close < 0)
+        Py_RETURN_NONE;
+    return PyLong_FromLong(t->first_close);
+}
+
+static PyObject *
+Tunnel_get_last_traffic(TunnelObject *t, void *Py_UNUSED(c))
+{
+    return PyFloat_FromDouble(t->last_traffic);
+}
+
+static PyObject *
+Tunnel_get_open_sides(TunnelObject *t, void *Py_UNUSED(c))
+{
+    return PyLong_FromLong((t->fd[CLIENT] >= 0) + (t->fd[BACKEND] >= 0));
+}
+
+static PyMethodDef Tunnel_methods[] = {
+    {"start", (PyCFunction)Tunnel_start, METH_VARARGS,
+     "start(head, backend_tail, client_tail): send the 101 head and the tails, then serve."},
+    {"inject", (PyCFunction)Tunnel_inject, METH_VARARGS,
+     "inject(side, frame): send a frame of the proxy's to side at its next frame boundary."},
+    {"expect_pong", (PyCFunction)Tunnel_expect_pong, METH_O,
+     "The next masked client Pong carrying this payload is consumed, not forwarded."},
+    {"finish", (PyCFunction)Tunnel_finish, METH_NOARGS,
+     "Stop reading; close each socket once what waits for it is sent (bounded)."},
+    {"at_boundary", (PyCFunction)Tunnel_at_boundary, METH_O,
+     "True when a frame may be written to side now."},
+    {"injecting", (PyCFunction)Tunnel_injecting, METH_O,
+     "True while a proxy frame waits for a frame boundary toward side."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef Tunnel_getset[] = {
+    {"messages_in", (getter)Tunnel_get_messages_in, NULL, "client messages", NULL},
+    {"messages_out", (getter)Tunnel_get_messages_out, NULL, "backend messages", NULL},
+    {"bytes_in", (getter)Tunnel_get_bytes_in, NULL, "client data payload bytes", NULL},
+    {"bytes_out", (getter)Tunnel_get_bytes_out, NULL, "backend data payload bytes", NULL},
+    {"pongs_in", (getter)Tunnel_get_pongs_in, NULL, "client Pongs, consumed ones too", NULL},
+    {"client_close_code", (getter)Tunnel_get_client_close_code, NULL, "or None", NULL},
+    {"backend_close_code", (getter)Tunnel_get_backend_close_code, NULL, "or None", NULL},
+    {"first_close", (getter)Tunnel_get_first_close, NULL, "side of the first Close, or None",
+     NULL},
+    {"last_traffic", (getter)Tunnel_get_last_traffic, NULL, "time.monotonic() of the last read",
+     NULL},
+    {"open_sides", (getter)Tunnel_get_open_sides, NULL, "sockets not closed yet", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+PyTypeObject TunnelType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "charon.worker.websocket._engine.Tunnel",
+    .tp_basicsize = sizeof(TunnelObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "Tunnel(engine, client_fd, backend_fd, max_frame_size): one WebSocket tunnel.",
+    .tp_new = Tunnel_new,
+    .tp_init = (initproc)Tunnel_init,
+    .tp_dealloc = (destructor)Tunnel_dealloc,
+    .tp_traverse = (traverseproc)Tunnel_traverse,
+    .tp_methods = Tunnel_methods,
+    .tp_getset = Tunnel_getset,
+};
+
+/* -- module -------------------------------------------------------------------------------- */
+
+static struct PyModuleDef engine_module = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "charon.worker.websocket._engine",
+    .m_doc = "The WebSocket tunnels' byte copying and frame walking, on one epoll set.",
+    .m_size = -1,
+};
+
+PyMODINIT_FUNC
+PyInit__engine(void)
+{
+    if (PyType_Ready(&EngineType) < 0 || PyType_Ready(&TunnelType) < 0)
+        return NULL;
+    PyObject *m = PyModule_Create(&engine_module);
+    if (m == NULL)
+        return NULL;
+    if (PyModule_AddObjectRef(m, "Engine", (PyObject *)&EngineType) < 0
+        || PyModule_AddObjectRef(m, "Tunnel", (PyObject *)&TunnelType) < 0
+        || PyModule_AddIntConstant(m, "CLIENT", CLIENT) < 0
+        || PyModule_AddIntConstant(m, "BACKEND", BACKEND) < 0
+        || PyModule_AddIntConstant(m, "CLIENT_LOST", EV_CLIENT_LOST) < 0
+        || PyModule_AddIntConstant(m, "BACKEND_LOST", EV_BACKEND_LOST) < 0
+        || PyModule_AddIntConstant(m, "REFUSED", EV_REFUSED) < 0
+        || PyModule_AddIntConstant(m, "READ_SIZE", READ_SIZE) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

@@ -1,0 +1,21 @@
+"""The C part of Charon: the WebSocket tunnel engine (plain CPython C API, no dependency).
+
+Everything else about the package is in pyproject.toml; setuptools builds this extension with
+`pip install -e .` or `pip install .`, which need a C compiler and the Python headers.
+"""
+
+from setuptools import Extension, setup
+
+setup(
+    ext_modules=[
+        Extension(
+            "charon.worker.websocket._engine",
+            sources=[
+                f"charon/worker/websocket/engine/{name}.c"
+                for name in ("sockets", "walk", "engine_type", "tunnel_type")
+            ],
+            depends=["charon/worker/websocket/engine/engine.h"],
+            extra_compile_args=["-O2", "-Wall", "-Wextra", "-fvisibility=hidden"],
+        )
+    ]
+)
