@@ -70,7 +70,7 @@ class Exchange:
         self.pending: list[bytes] = []
         self.pending_size = 0
         self.upstream: UpstreamConnection | None = None
-        self.connecting: asyncio.Task[None] | None = None
+        self.connecting: asyncio.Task[object] | None = None
         self.finished = False
         # Response side.
         self.parser: httptools.HttpResponseParser | None = None
@@ -166,22 +166,27 @@ class Exchange:
     def _connect(self) -> None:
         assert self.plan is not None
         self.client.set_deadline(CONNECT, self.plan.route.timeouts.connect)
-        self.connecting = self.client.ctx.loop.create_task(self._open_connection())
+        self.connecting = self.client.ctx.pool(self.plan.route.upstream).connect(self)
 
-    async def _open_connection(self) -> None:
-        assert self.plan is not None
-        pool = self.client.ctx.pool(self.plan.route.upstream)
-        try:
-            conn = await pool.connect()
-        except OSError:
-            self.connecting = None
-            self._fail(502, "cannot connect to the backend", ERR_CONNECT)
-            return
+    def upstream_connected(self, conn: UpstreamConnection) -> None:
+        """The connection opened for this exchange is up (its `connection_made`)."""
         self.connecting = None
         if self.finished:
-            pool.release(conn)
+            conn.pool.release(conn)
             return
         self._attach(conn, reused=False)
+
+    def connect_done(self, task: asyncio.Task[object]) -> None:
+        """The connect task ended: a failure is this exchange's if it still waits for it."""
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is None or task is not self.connecting:
+            return
+        self.connecting = None
+        if not isinstance(exc, OSError):
+            log.error("connecting to the backend failed", exc_info=exc)
+        self._fail(502, "cannot connect to the backend", ERR_CONNECT)
 
     def _attach(self, conn: UpstreamConnection, reused: bool) -> None:
         assert self.plan is not None

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import socket
+from functools import partial
+from typing import TYPE_CHECKING
 
 from charon.config.model import Upstream
 from charon.worker.upstreams.connection import UpstreamConnection
+
+if TYPE_CHECKING:
+    from charon.worker.http.exchange import Exchange
 
 MAX_IDLE = 256  # idle connections kept per backend; more are closed when released
 
@@ -18,14 +22,19 @@ class UpstreamPool:
         self.idle_timeout = idle_timeout
         self._idle: list[UpstreamConnection] = []  # oldest first
 
-    async def connect(self) -> UpstreamConnection:
-        _, conn = await self.loop.create_connection(
-            lambda: UpstreamConnection(self), self.upstream.host, self.upstream.port
+    def connect(self, exchange: Exchange) -> asyncio.Task[object]:
+        """Open a connection for `exchange`, which it joins in `connection_made`.
+
+        The task only drives uvloop's connect; its outcome matters when it fails (see
+        `Exchange.connect_done`). uvloop sets TCP_NODELAY on every TCP transport itself.
+        """
+        task: asyncio.Task[object] = self.loop.create_task(
+            self.loop.create_connection(
+                partial(UpstreamConnection, self, exchange), self.upstream.host, self.upstream.port
+            )
         )
-        sock = conn.transport.get_extra_info("socket")
-        if sock is not None:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return conn
+        task.add_done_callback(exchange.connect_done)
+        return task
 
     def take_idle(self) -> UpstreamConnection | None:
         idle = self._idle
