@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from charon.config.model import Location, ProxyHost, Timeouts, Upstream, WebSocketSettings
+from charon.config.model import ProxyHost, Timeouts, Upstream, WebSocketSettings
+
+if TYPE_CHECKING:
+    from charon.worker.upstreams.pool import UpstreamPool
 
 
 @dataclass(frozen=True, slots=True)
@@ -15,10 +20,14 @@ class Route:
     upstream: Upstream
     timeouts: Timeouts
     websocket: WebSocketSettings
+    pool: UpstreamPool  # the worker's connections to `upstream`, found once, not per request
+    host_name: str  # host.name, the label of logs and metrics
 
 
 class Router:
-    def __init__(self, hosts: tuple[ProxyHost, ...]) -> None:
+    def __init__(
+        self, hosts: tuple[ProxyHost, ...], pool_for: Callable[[Upstream], UpstreamPool]
+    ) -> None:
         self._exact: dict[bytes, ProxyHost] = {}
         self._wildcards: dict[bytes, ProxyHost] = {}  # ".example.org" -> host
         self._catch_all: ProxyHost | None = None
@@ -33,9 +42,19 @@ class Router:
                     self._wildcards[name[1:]] = host
                 else:
                     self._exact[name] = host
-            self._host_routes[id(host)] = Route(host, host.upstream, host.timeouts, host.websocket)
+            self._host_routes[id(host)] = Route(
+                host, host.upstream, host.timeouts, host.websocket, pool_for(host.upstream),
+                host.name,
+            )
             self._locations[id(host)] = tuple(
-                (loc.path.encode("latin-1"), _location_route(host, loc)) for loc in host.locations
+                (
+                    loc.path.encode("latin-1"),
+                    Route(
+                        host, loc.upstream, loc.timeouts, loc.websocket, pool_for(loc.upstream),
+                        host.name,
+                    ),
+                )
+                for loc in host.locations
             )
 
     def find_host(self, name: bytes) -> ProxyHost | None:
@@ -59,7 +78,3 @@ class Router:
             if path.startswith(prefix):
                 return route
         return self._host_routes[id(host)]
-
-
-def _location_route(host: ProxyHost, loc: Location) -> Route:
-    return Route(host, loc.upstream, loc.timeouts, loc.websocket)

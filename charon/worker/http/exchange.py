@@ -8,7 +8,6 @@ and written once.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from typing import TYPE_CHECKING
@@ -32,11 +31,12 @@ from charon.worker.http.response import (
     has_no_body,
     interim_head,
 )
-from charon.worker.websocket.handshake import check_response, switching_head
+from charon.worker.websocket.handshake import switching_response
 from charon.worker.websocket.tunnel import Tunnel, TunnelInfo
 
 if TYPE_CHECKING:
     from charon.worker.http.client import ClientConnection
+    from charon.worker.upstreams.connecting import Connecting
     from charon.worker.upstreams.connection import UpstreamConnection
 
 log = logging.getLogger("charon.worker")
@@ -70,7 +70,7 @@ class Exchange:
         self.pending: list[bytes] = []
         self.pending_size = 0
         self.upstream: UpstreamConnection | None = None
-        self.connecting: asyncio.Task[object] | None = None
+        self.connecting: Connecting | None = None
         self.finished = False
         # Response side.
         self.parser: httptools.HttpResponseParser | None = None
@@ -96,8 +96,7 @@ class Exchange:
             self._answer_locally(self.error)
             return
         assert self.plan is not None
-        pool = self.client.ctx.pool(self.plan.route.upstream)
-        conn = pool.take_idle()
+        conn = self.plan.route.pool.take_idle()
         if conn is not None:
             self._attach(conn, reused=True)
         else:
@@ -166,7 +165,9 @@ class Exchange:
     def _connect(self) -> None:
         assert self.plan is not None
         self.client.set_deadline(CONNECT, self.plan.route.timeouts.connect)
-        self.connecting = self.client.ctx.pool(self.plan.route.upstream).connect(self)
+        connecting = self.plan.route.pool.connect(self)
+        # (A connect that failed at once has already answered 502.)
+        self.connecting = None if self.finished else connecting
 
     def upstream_connected(self, conn: UpstreamConnection) -> None:
         """The connection opened for this exchange is up (its `connection_made`)."""
@@ -176,14 +177,11 @@ class Exchange:
             return
         self._attach(conn, reused=False)
 
-    def connect_done(self, task: asyncio.Task[object]) -> None:
-        """The connect task ended: a failure is this exchange's if it still waits for it."""
-        if task.cancelled():
-            return
-        exc = task.exception()
-        if exc is None or task is not self.connecting:
-            return
+    def connect_failed(self, exc: BaseException) -> None:
+        """The connection opened for this exchange could not be made."""
         self.connecting = None
+        if self.finished:
+            return
         if not isinstance(exc, OSError):
             log.error("connecting to the backend failed", exc_info=exc)
         self._fail(502, "cannot connect to the backend", ERR_CONNECT)
@@ -234,7 +232,8 @@ class Exchange:
         """The backend answered 101: check it, then hand both connections to a Tunnel."""
         plan, conn, client = self.plan, self.upstream, self.client
         assert plan is not None and plan.websocket_key is not None and conn is not None
-        if not check_response(self.headers, plan.websocket_key):
+        switching = switching_response(self.headers, plan.websocket_key)
+        if switching is None:
             self.upstream_reusable = False
             self._fail(
                 502, "the backend's 101 is not a valid WebSocket handshake", ERR_BAD_RESPONSE
@@ -244,14 +243,12 @@ class Exchange:
         if transport is None or transport.is_closing():
             self._fail(502, "the client left")
             return
-        transport.write(switching_head(self.headers))
+        head, subprotocol = switching
+        transport.write(head)
         self.response_started = self.response_done = self.finished = True
         self._report(101)
         conn.exchange = None
         self.upstream = None
-        subprotocol = next(
-            (v for n, v in self.headers if n.lower() == b"sec-websocket-protocol"), b""
-        )
         info = TunnelInfo(
             plan.route.host.name,
             plan.client_ip,
@@ -434,7 +431,7 @@ class Exchange:
     def _report(self, status: int) -> None:
         plan, ctx = self.plan, self.client.ctx
         ctx.telemetry.request(
-            plan.route.host.name if plan is not None else OTHER_HOST,
+            plan.route.host_name if plan is not None else OTHER_HOST,
             self.method,
             status,
             time.monotonic() - self.started,
@@ -447,6 +444,6 @@ class Exchange:
         plan, ctx = self.plan, self.client.ctx
         if plan is not None:
             ctx.telemetry.upstream_error(
-                plan.route.host.name, kind, status, plan.client_ip, self.target
+                plan.route.host_name, kind, status, plan.client_ip, self.target
             )
 

@@ -12,9 +12,8 @@ from charon.worker.http.errors import HttpError
 from charon.worker.http.headers import (
     ForwardedPolicy,
     Header,
-    connection_tokens,
-    droppable_by_connection,
-    split_host,
+    host_name,
+    parse_connection,
 )
 from charon.worker.routing import Route, Router
 from charon.worker.websocket.handshake import check_request, is_websocket_upgrade
@@ -22,6 +21,9 @@ from charon.worker.websocket.handshake import check_request, is_websocket_upgrad
 BODY_NONE = 0
 BODY_LENGTH = 1
 BODY_CHUNKED = 2
+
+_NO_BODY = (BODY_NONE, 0)
+_NOTHING: frozenset[bytes] = frozenset()
 
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 
@@ -122,15 +124,24 @@ def plan_request(
             ws_version = value
             kept.append((name, value))
 
-    host_value, host_name, path = _authority_and_path(target, method, host_values)
-    route = router.route(host_name, path)
+    if len(host_values) == 1 and target[:1] == b"/":  # origin-form: the usual case
+        host_value = host_values[0].strip()
+        route_name = host_name(host_value)
+        if route_name is None:
+            raise HttpError(400, "invalid Host header")
+        path = target
+    else:
+        host_value, route_name, path = _authority_and_path(target, method, host_values)
+    route = router.route(route_name, path)
     if route is None:
         raise HttpError(404, "no proxy host for this name", close=False)
 
-    body, body_length = _body_framing(length, te)
-    tokens = connection_tokens(conn_values) if conn_values else frozenset()
-    dropped = droppable_by_connection(tokens)
-    websocket = b"upgrade" in tokens and is_websocket_upgrade(upgrade)
+    body, body_length = _body_framing(length, te) if te or length is not None else _NO_BODY
+    if conn_values:
+        tokens, dropped = parse_connection(conn_values)
+        websocket = b"upgrade" in tokens and is_websocket_upgrade(upgrade)
+    else:
+        dropped, websocket = _NOTHING, False
     if websocket:
         if body != BODY_NONE:
             raise HttpError(400, "a WebSocket handshake cannot carry a body")
@@ -191,7 +202,7 @@ def _authority_and_path(
             raise HttpError(400, "userinfo is not allowed in the request target")
     else:
         raise HttpError(400, "invalid request target")
-    name = split_host(host_value)
+    name = host_name(host_value)
     if name is None:
         raise HttpError(400, "invalid Host header")
     return host_value, name, path

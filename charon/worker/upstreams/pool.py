@@ -7,6 +7,7 @@ from functools import partial
 from typing import TYPE_CHECKING
 
 from charon.config.model import Upstream
+from charon.worker.upstreams.connecting import Connecting
 from charon.worker.upstreams.connection import UpstreamConnection
 
 if TYPE_CHECKING:
@@ -22,19 +23,13 @@ class UpstreamPool:
         self.idle_timeout = idle_timeout
         self._idle: list[UpstreamConnection] = []  # oldest first
 
-    def connect(self, exchange: Exchange) -> asyncio.Task[object]:
-        """Open a connection for `exchange`, which it joins in `connection_made`.
-
-        The task only drives uvloop's connect; its outcome matters when it fails (see
-        `Exchange.connect_done`). uvloop sets TCP_NODELAY on every TCP transport itself.
-        """
-        task: asyncio.Task[object] = self.loop.create_task(
-            self.loop.create_connection(
-                partial(UpstreamConnection, self, exchange), self.upstream.host, self.upstream.port
-            )
+    def connect(self, exchange: Exchange) -> Connecting:
+        """Open a connection for `exchange`: it joins it in `connection_made`, or hears of the
+        failure in `connect_failed`. uvloop sets TCP_NODELAY on every TCP transport itself."""
+        coro = self.loop.create_connection(
+            partial(UpstreamConnection, self, exchange), self.upstream.host, self.upstream.port
         )
-        task.add_done_callback(exchange.connect_done)
-        return task
+        return Connecting(self.loop, coro, exchange.connect_failed)
 
     def take_idle(self) -> UpstreamConnection | None:
         idle = self._idle

@@ -1,0 +1,52 @@
+"""A backend connect in progress: uvloop's `create_connection` stepped without an asyncio Task.
+
+A Task per connect costs an entry in asyncio's set of all tasks (a Python WeakSet, added to on
+creation and removed from on release) and a loop turn before connect() is even called. The
+coroutine only ever waits on futures, so it is stepped here directly: the first step runs at
+once, each later one from the done callback of the future it waits on, as a Task would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+
+class Connecting:
+    __slots__ = ("_coro", "_waiting", "_on_failure", "_loop")
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        coro: Coroutine[Any, Any, object],
+        on_failure: Callable[[BaseException], None],
+    ) -> None:
+        self._loop = loop
+        self._coro = coro
+        self._on_failure = on_failure  # called with what the coroutine raised, unless cancelled
+        self._waiting: asyncio.Future[Any] | None = None
+        self._step()
+
+    def cancel(self) -> None:
+        """Give up: CancelledError is raised where the coroutine waits, and uvloop closes the
+        socket. Nothing is reported."""
+        waiting, self._waiting = self._waiting, None
+        if waiting is not None:
+            waiting.cancel()
+
+    def _step(self, _done: object = None) -> None:
+        self._waiting = None
+        try:
+            awaited = self._coro.send(None)
+        except (StopIteration, asyncio.CancelledError):
+            return  # connected (the protocol's connection_made has run), or cancelled
+        except Exception as exc:  # noqa: BLE001 - the exchange answers 502
+            self._on_failure(exc)
+            return
+        if awaited is None:  # a bare yield: go on at the next loop turn
+            self._loop.call_soon(self._step)
+            return
+        awaited._asyncio_future_blocking = False  # taken by us, as a Task takes it
+        self._waiting = awaited
+        awaited.add_done_callback(self._step)
