@@ -13,6 +13,7 @@ from collections import deque
 from typing import TYPE_CHECKING
 
 import httptools
+from httptools import HttpParserCallbackError, HttpParserError, HttpParserUpgrade
 
 from charon.worker.deadlines import HEADER, KEEPALIVE, NONE
 from charon.worker.http.errors import HttpError, error_response
@@ -34,6 +35,12 @@ HELD_LIMIT = 64 * 1024  # bytes read past a WebSocket handshake before the backe
 
 
 class ClientConnection(asyncio.Protocol):
+    __slots__ = (
+        "ctx", "transport", "parser", "peer_ip", "exchanges", "deadline", "deadline_kind",
+        "closing", "_paused", "write_paused", "_url", "_url_size", "_headers", "_header_size",
+        "_in_head", "_held",
+    )
+
     def __init__(self, ctx: WorkerContext) -> None:
         self.ctx = ctx
         self.transport: asyncio.Transport | None = None
@@ -72,14 +79,7 @@ class ClientConnection(asyncio.Protocol):
             return
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserCallbackError as exc:
-            cause = exc.__context__
-            if isinstance(cause, HttpError):
-                self._reject(cause)
-            else:
-                log.error("request handling failed", exc_info=cause)
-                self._reject(HttpError(500, "internal error"))
-        except httptools.HttpParserUpgrade as exc:
+        except HttpParserUpgrade as exc:
             # llhttp stops after any request with `Connection: upgrade`.
             tail = data[exc.args[0] :]
             last = self.exchanges[-1] if self.exchanges else None
@@ -91,7 +91,14 @@ class ClientConnection(asyncio.Protocol):
             elif tail:
                 # Another protocol's upgrade went to the backend as a plain request.
                 self.data_received(tail)
-        except httptools.HttpParserError:
+        except HttpParserCallbackError as exc:
+            cause = exc.__context__
+            if isinstance(cause, HttpError):
+                self._reject(cause)
+            else:
+                log.error("request handling failed", exc_info=cause)
+                self._reject(HttpError(500, "internal error"))
+        except HttpParserError:
             self._reject(HttpError(400, "malformed request"))
 
     def eof_received(self) -> bool:

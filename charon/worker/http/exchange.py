@@ -46,6 +46,14 @@ OTHER_HOST = "_other"  # the host label of requests that matched no proxy host
 
 
 class Exchange:
+    __slots__ = (
+        "client", "method", "target", "started", "status", "body_bytes", "plan", "error",
+        "http11", "keep_alive", "request_done", "pending", "pending_size", "upstream",
+        "connecting", "finished", "parser", "reason", "headers", "in_head", "interim", "framing",
+        "delimited", "response_started", "response_done", "upstream_reusable", "out", "reused",
+        "retried", "switching",
+    )
+
     def __init__(
         self,
         client: ClientConnection,
@@ -75,7 +83,7 @@ class Exchange:
         # Response side.
         self.parser: httptools.HttpResponseParser | None = None
         self.reason = b""
-        self.headers: list[tuple[bytes, bytes]] = []
+        self.headers: list[tuple[bytes, bytes]] = []  # a new list per response head (_attach)
         self.in_head = True
         self.interim = False
         self.framing = OUT_NONE
@@ -165,26 +173,38 @@ class Exchange:
     def _connect(self) -> None:
         assert self.plan is not None
         self.client.set_deadline(CONNECT, self.plan.route.timeouts.connect)
-        connecting = self.plan.route.pool.connect(self)
-        # (A connect that failed at once has already answered 502.)
-        self.connecting = None if self.finished else connecting
+        self.connecting = connecting = self.plan.route.pool.connect(self)
+        connecting.start()
 
     def upstream_connected(self, conn: UpstreamConnection) -> None:
-        """The connection opened for this exchange is up (its `connection_made`)."""
-        self.connecting = None
-        if self.finished:
-            conn.pool.release(conn)
-            return
-        self._attach(conn, reused=False)
+        """The connection opened for this exchange is up (its `connection_made`): the request
+        goes out at once, unless a pause is due. uvloop starts reading right after
+        connection_made, which would undo it: such a connection joins in `connect_done`."""
+        if not self.client.write_paused:
+            self._join(conn)
 
-    def connect_failed(self, exc: BaseException) -> None:
-        """The connection opened for this exchange could not be made."""
+    def connect_done(
+        self, connecting: Connecting, conn: UpstreamConnection | None, exc: BaseException | None
+    ) -> None:
+        """A connect of this exchange is complete or failed: its own if it still waits for it."""
+        if connecting is not self.connecting:
+            return  # joined in connection_made (or given up, or a retry's connect is under way)
         self.connecting = None
+        if conn is not None:
+            self._join(conn)
+            return
         if self.finished:
             return
         if not isinstance(exc, OSError):
             log.error("connecting to the backend failed", exc_info=exc)
         self._fail(502, "cannot connect to the backend", ERR_CONNECT)
+
+    def _join(self, conn: UpstreamConnection) -> None:
+        self.connecting = None
+        if self.finished:
+            conn.pool.release(conn)
+            return
+        self._attach(conn, reused=False)
 
     def _attach(self, conn: UpstreamConnection, reused: bool) -> None:
         assert self.plan is not None

@@ -12,37 +12,53 @@ import asyncio
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+from charon.worker.upstreams.connection import UpstreamConnection
+
+# (the Connecting, the connection or None, None or what was raised)
+ConnectDone = Callable[["Connecting", UpstreamConnection | None, BaseException | None], None]
+
 
 class Connecting:
-    __slots__ = ("_coro", "_waiting", "_on_failure", "_loop")
+    __slots__ = ("_coro", "_waiting", "_on_done", "_loop", "_cancelled")
 
     def __init__(
         self,
         loop: asyncio.AbstractEventLoop,
-        coro: Coroutine[Any, Any, object],
-        on_failure: Callable[[BaseException], None],
+        coro: Coroutine[Any, Any, tuple[asyncio.BaseTransport, UpstreamConnection]],
+        on_done: ConnectDone,
     ) -> None:
         self._loop = loop
         self._coro = coro
-        self._on_failure = on_failure  # called with what the coroutine raised, unless cancelled
+        self._on_done = on_done  # not called once cancelled
         self._waiting: asyncio.Future[Any] | None = None
+        self._cancelled = False
+
+    def start(self) -> None:
+        """The first step (a failure may be reported from within it)."""
         self._step()
 
     def cancel(self) -> None:
         """Give up: CancelledError is raised where the coroutine waits, and uvloop closes the
-        socket. Nothing is reported."""
+        socket, even one already connected. Nothing is reported."""
+        self._cancelled = True
         waiting, self._waiting = self._waiting, None
         if waiting is not None:
-            waiting.cancel()
+            waiting.cancel()  # steps at once, as a Task does, if it was not done yet
 
     def _step(self, _done: object = None) -> None:
         self._waiting = None
         try:
-            awaited = self._coro.send(None)
-        except (StopIteration, asyncio.CancelledError):
-            return  # connected (the protocol's connection_made has run), or cancelled
+            if self._cancelled:
+                awaited = self._coro.throw(asyncio.CancelledError())
+            else:
+                awaited = self._coro.send(None)
+        except StopIteration as stop:
+            self._on_done(self, stop.value[1], None)
+            return
+        except asyncio.CancelledError:
+            return
         except Exception as exc:  # noqa: BLE001 - the exchange answers 502
-            self._on_failure(exc)
+            self._on_done(self, None, exc)
             return
         if awaited is None:  # a bare yield: go on at the next loop turn
             self._loop.call_soon(self._step)

@@ -11,6 +11,8 @@ if TYPE_CHECKING:
 
 
 class UpstreamConnection(asyncio.Protocol):
+    __slots__ = ("pool", "transport", "exchange", "closed", "idle_since")
+
     def __init__(self, pool: UpstreamPool, exchange: Exchange | None = None) -> None:
         self.pool = pool
         self.transport: asyncio.Transport = None  # type: ignore[assignment]  # set on connect

@@ -24,12 +24,13 @@ class UpstreamPool:
         self._idle: list[UpstreamConnection] = []  # oldest first
 
     def connect(self, exchange: Exchange) -> Connecting:
-        """Open a connection for `exchange`: it joins it in `connection_made`, or hears of the
-        failure in `connect_failed`. uvloop sets TCP_NODELAY on every TCP transport itself."""
+        """A connection for `exchange`, to `start`: it hears of it in `connection_made` (via
+        `upstream_connected`) and when the connect is complete (`connect_done`). uvloop sets
+        TCP_NODELAY on every TCP transport itself."""
         coro = self.loop.create_connection(
             partial(UpstreamConnection, self, exchange), self.upstream.host, self.upstream.port
         )
-        return Connecting(self.loop, coro, exchange.connect_failed)
+        return Connecting(self.loop, coro, exchange.connect_done)
 
     def take_idle(self) -> UpstreamConnection | None:
         idle = self._idle
