@@ -112,6 +112,7 @@ class Exchange:
 
     def client_lost(self) -> None:
         self.finished = True
+        self.parser = None  # (see _release_upstream)
         if self.connecting is not None:
             self.connecting.cancel()
         if self.upstream is not None and not self.response_done:
@@ -265,6 +266,7 @@ class Exchange:
             return
         head, subprotocol = switching
         transport.write(head)
+        self.parser = None  # (see _release_upstream)
         self.response_started = self.response_done = self.finished = True
         self._report(101)
         conn.exchange = None
@@ -409,6 +411,7 @@ class Exchange:
         """End the exchange on an error: an error response if nothing was sent yet, else a cut.
 
         `kind` names a backend failure for the upstream error metric."""
+        self.parser = None  # never called from a parser callback (see _release_upstream)
         if self.finished:
             return
         if kind:
