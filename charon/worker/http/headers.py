@@ -126,6 +126,7 @@ class ForwardedPolicy:
 
     def __init__(self, trusted: tuple[IPNetwork, ...]) -> None:
         self._trusted = trusted
+        self.trusts_anyone = bool(trusted)  # else is_trusted need not be asked
         self._cache: dict[str, bool] = {}
 
     def is_trusted(self, ip: str) -> bool:

@@ -156,24 +156,24 @@ def plan_request(
             if body != BODY_NONE:
                 raise HttpError(400, "a WebSocket handshake cannot carry a body")
             check_request(method, version, ws_key, ws_version)
-    out[0] = b"%s %s HTTP/1.1\r\nHost: %s\r\n" % (method, target, host_value)
+    out[0] = b"".join((method, b" ", target, b" HTTP/1.1\r\nHost: ", host_value, b"\r\n"))
 
     peer = peer_ip.encode("latin-1")
-    trusted = policy.is_trusted(peer_ip)
+    trusted = policy.trusts_anyone and policy.is_trusted(peer_ip)
     joined_xff = b", ".join(xff) if xff else None
     if trusted:
-        out.append(
-            b"X-Forwarded-For: %s\r\nX-Forwarded-Proto: %s\r\nX-Forwarded-Host: %s\r\n" % (
-                joined_xff + b", " + peer if joined_xff else peer, xfp or scheme, xfh or host_value
-            )
+        out += (
+            b"X-Forwarded-For: ", joined_xff + b", " + peer if joined_xff else peer,
+            b"\r\nX-Forwarded-Proto: ", xfp or scheme,
+            b"\r\nX-Forwarded-Host: ", xfh or host_value, b"\r\n",
         )
         if forwarded:
             node = b'"[' + peer + b']"' if b":" in peer else peer
             out += (b"Forwarded: ", b", ".join(forwarded), b", for=", node, b"\r\n")
     else:
-        out.append(
-            b"X-Forwarded-For: %s\r\nX-Forwarded-Proto: %s\r\nX-Forwarded-Host: %s\r\n"
-            % (peer, scheme, host_value)
+        out += (
+            b"X-Forwarded-For: ", peer, b"\r\nX-Forwarded-Proto: ", scheme,
+            b"\r\nX-Forwarded-Host: ", host_value, b"\r\n",
         )
     if via:
         out += (b"Via: ", b", ".join(via), b", 1.1 charon\r\n")
