@@ -166,7 +166,8 @@ class Exchange:
                 self.upstream.transport.write(b"0\r\n\r\n")
             else:
                 self.pending.append(b"0\r\n\r\n")
-        if self.upstream is not None and not self.response_started:
+        # (Without a body, _attach started the first-byte deadline: the request was complete.)
+        if self.upstream is not None and not self.response_started and self.plan.body != BODY_NONE:
             self.client.set_deadline(FIRST_BYTE, self.plan.route.timeouts.first_byte)
 
     # -- backend connection ----------------------------------------------------------------
