@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 import binascii
-import hashlib
+
+try:
+    # CPython's own SHA-1: a quarter fewer instructions per short digest than OpenSSL's
+    # (EVP context set-up), and no security question here (RFC 6455 accept value).
+    from _sha1 import sha1
+except ImportError:  # a Python built without it
+    from hashlib import sha1
 
 from charon.worker.http.errors import HttpError
 from charon.worker.http.headers import Header, parse_connection
@@ -37,7 +43,7 @@ def check_request(method: bytes, version: str, key: bytes | None, ws_version: by
 
 
 def accept_value(key: bytes) -> bytes:
-    return binascii.b2a_base64(hashlib.sha1(key.strip() + _GUID).digest(), newline=False)
+    return binascii.b2a_base64(sha1(key.strip() + _GUID).digest(), newline=False)
 
 
 # Backend headers the proxy does not relay with a 101: it writes Upgrade and Connection itself.
