@@ -24,7 +24,6 @@ class WorkerContext:
     ) -> None:
         self.loop = loop
         self.config = config
-        self.router = Router(config.hosts)
         self.forwarded = ForwardedPolicy(config.server.trusted_proxies)
         self.limits = config.server.limits
         self.timeouts = config.timeouts
@@ -37,6 +36,7 @@ class WorkerContext:
         self.draining = False
         self.closing_tunnels = False
         self._pools: dict[tuple[str, int], UpstreamPool] = {}
+        self.router = Router(config.hosts, self.pool)
 
     def pool(self, upstream: Upstream) -> UpstreamPool:
         pool = self._pools.get(upstream.key)

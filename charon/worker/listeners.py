@@ -49,6 +49,10 @@ class LoadTable:
         self.workers = max(1, min(workers, GENERATION_SLOTS))
         self._mean_format = struct.Struct(f"{self.workers}q")
         self.count = 0
+        # The mean counts this worker too (mean >= count / workers), so up to this count the
+        # pause test below cannot pass and the table need not be read.
+        share = 1 - PAUSE_ABOVE / self.workers
+        self.never_above = PAUSE_SLACK / share if share > 0 else float("inf")
         self.write(0)
 
     def write(self, count: int) -> None:
@@ -90,7 +94,11 @@ class Listeners:
         if table is None:
             return
         table.write(table.count + 1)
-        if not self.paused and table.count > table.mean() * PAUSE_ABOVE + PAUSE_SLACK:
+        if (
+            not self.paused
+            and table.count > table.never_above
+            and table.count > table.mean() * PAUSE_ABOVE + PAUSE_SLACK
+        ):
             self.paused = True
             self._close_servers()
             # Others' counts move too: look again soon, or two workers could both stay paused.

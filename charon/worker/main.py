@@ -21,6 +21,7 @@ import os
 import resource
 import signal
 import sys
+from functools import partial
 
 import uvloop
 
@@ -75,7 +76,7 @@ class Worker:
             access_log = AccessLog(loop, self.config.server.access_log, self.log_format == "json")
             loop.add_signal_handler(signal.SIGUSR1, access_log.reopen)
         ctx = WorkerContext(loop, self.config, Telemetry(publisher, access_log, events))
-        listeners = Listeners(loop, self.listen_fds, lambda: ClientConnection(ctx), self.table)
+        listeners = Listeners(loop, self.listen_fds, partial(ClientConnection, ctx), self.table)
         await listeners.start()
         ctx.listeners = listeners
         loop.add_signal_handler(signal.SIGTERM, self._request_stop, STOP)

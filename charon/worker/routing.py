@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from charon.config.model import Location, ProxyHost, Timeouts, Upstream, WebSocketSettings
+from charon.config.model import ProxyHost, Timeouts, Upstream, WebSocketSettings
+
+if TYPE_CHECKING:
+    from charon.worker.upstreams.pool import UpstreamPool
 
 
 @dataclass(frozen=True, slots=True)
@@ -15,51 +20,57 @@ class Route:
     upstream: Upstream
     timeouts: Timeouts
     websocket: WebSocketSettings
+    pool: UpstreamPool  # the worker's connections to `upstream`, found once, not per request
+    host_name: str  # host.name, the label of logs and metrics
+
+
+# A proxy host's routes: (location prefix, route) longest first, and the host's own route.
+HostRoutes = tuple[tuple[tuple[bytes, Route], ...], Route]
 
 
 class Router:
-    def __init__(self, hosts: tuple[ProxyHost, ...]) -> None:
-        self._exact: dict[bytes, ProxyHost] = {}
-        self._wildcards: dict[bytes, ProxyHost] = {}  # ".example.org" -> host
-        self._catch_all: ProxyHost | None = None
-        self._locations: dict[int, tuple[tuple[bytes, Route], ...]] = {}
-        self._host_routes: dict[int, Route] = {}
+    def __init__(
+        self, hosts: tuple[ProxyHost, ...], pool_for: Callable[[Upstream], UpstreamPool]
+    ) -> None:
+        self._exact: dict[bytes, HostRoutes] = {}
+        self._wildcards: dict[bytes, HostRoutes] = {}  # ".example.org" -> routes
+        self._catch_all: HostRoutes | None = None
         for host in hosts:
+            routes = _host_routes(host, pool_for)
             for domain in host.domains:
                 name = domain.encode("ascii")
                 if name == b"*":
-                    self._catch_all = host
+                    self._catch_all = routes
                 elif name.startswith(b"*."):
-                    self._wildcards[name[1:]] = host
+                    self._wildcards[name[1:]] = routes
                 else:
-                    self._exact[name] = host
-            self._host_routes[id(host)] = Route(host, host.upstream, host.timeouts, host.websocket)
-            self._locations[id(host)] = tuple(
-                (loc.path.encode("latin-1"), _location_route(host, loc)) for loc in host.locations
-            )
-
-    def find_host(self, name: bytes) -> ProxyHost | None:
-        """The proxy host for a lowercased host name without port."""
-        host = self._exact.get(name)
-        if host is not None:
-            return host
-        # A wildcard covers exactly one label: "*.example.org" matches "a.example.org" only.
-        dot = name.find(b".")
-        if dot > 0:
-            host = self._wildcards.get(name[dot:])
-            if host is not None:
-                return host
-        return self._catch_all
+                    self._exact[name] = routes
 
     def route(self, name: bytes, path: bytes) -> Route | None:
-        host = self.find_host(name)
-        if host is None:
-            return None
-        for prefix, route in self._locations[id(host)]:
+        """Where a request for host `name` (lowercased, without port) and `path` goes."""
+        routes = self._exact.get(name)
+        if routes is None:
+            # A wildcard covers exactly one label: "*.example.org" matches "a.example.org" only.
+            dot = name.find(b".")
+            if dot > 0:
+                routes = self._wildcards.get(name[dot:])
+            if routes is None:
+                routes = self._catch_all
+                if routes is None:
+                    return None
+        locations, own = routes
+        for prefix, route in locations:
             if path.startswith(prefix):
                 return route
-        return self._host_routes[id(host)]
+        return own
 
 
-def _location_route(host: ProxyHost, loc: Location) -> Route:
-    return Route(host, loc.upstream, loc.timeouts, loc.websocket)
+def _host_routes(host: ProxyHost, pool_for: Callable[[Upstream], UpstreamPool]) -> HostRoutes:
+    def route(upstream: Upstream, timeouts: Timeouts, websocket: WebSocketSettings) -> Route:
+        return Route(host, upstream, timeouts, websocket, pool_for(upstream), host.name)
+
+    locations = tuple(
+        (loc.path.encode("latin-1"), route(loc.upstream, loc.timeouts, loc.websocket))
+        for loc in host.locations
+    )
+    return locations, route(host.upstream, host.timeouts, host.websocket)

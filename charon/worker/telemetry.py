@@ -1,15 +1,15 @@
 """What a worker reports: a record per request or tunnel for the live log, and metric deltas.
 
-Metrics are summed here, in the worker (a dict increment per request), and sent as deltas once a
+Metrics are summed here, in the worker (per host label, see HostTotals), and sent as deltas once a
 second in a METRICS event; the supervisor adds the deltas up, so its totals never go backwards
 when a worker is replaced. Records for the live log go out in the publisher's batches.
 """
 
 from __future__ import annotations
 
-import bisect
 import time
-from collections import Counter, defaultdict
+from bisect import bisect_left
+from collections import Counter
 from typing import TYPE_CHECKING, Any
 
 from charon.events.publisher import EventPublisher
@@ -30,34 +30,39 @@ WS_BUCKETS = (1.0, 10.0, 60.0, 300.0, 900.0, 3600.0, 14400.0, 86400.0, 604800.0)
 KNOWN_METHODS = frozenset(
     {"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "CONNECT", "TRACE"}
 )
-# The method as llhttp gives it -> its name and its `method` label (one lookup per request).
-_METHOD_NAMES = {m.encode(): (m, m) for m in KNOWN_METHODS}
 PATH_LIMIT = 512  # characters of a path kept in a record
 
 
-class Histogram:
-    """Per-label bucket counts (not cumulative), sum and count, since the last flush."""
+_METHOD_NAMES = {name.encode(): name for name in KNOWN_METHODS}
 
-    __slots__ = ("bounds", "buckets", "sums")
 
-    def __init__(self, bounds: tuple[float, ...]) -> None:
-        self.bounds = bounds
-        self.buckets: dict[str, list[int]] = {}
-        self.sums: dict[str, float] = defaultdict(float)
+class HostTotals:
+    """One host label's sums since the last METRICS, and its open tunnels (a gauge).
 
-    def observe(self, label: str, value: float) -> None:
-        counts = self.buckets.get(label)
-        if counts is None:
-            counts = self.buckets[label] = [0] * (len(self.bounds) + 1)
-        counts[bisect.bisect_left(self.bounds, value)] += 1
-        self.sums[label] += value
+    One object per label instead of a Counter per metric: a request or a tunnel costs one dict
+    lookup, not one per metric with a tuple key each.
+    """
 
-    def snapshot(self) -> list[list[Any]]:
-        return [[label, counts, self.sums[label]] for label, counts in self.buckets.items()]
+    __slots__ = (
+        "requests", "response_bytes", "http_buckets", "http_seconds", "ws_active", "ws_opened",
+        "ws_closed", "messages_in", "messages_out", "bytes_in", "bytes_out", "ws_buckets",
+        "ws_seconds",
+    )
+
+    def __init__(self) -> None:
+        self.ws_active = 0
+        self.clear()
 
     def clear(self) -> None:
-        self.buckets = {}
-        self.sums = defaultdict(float)
+        self.requests = 0  # none: the label has no HTTP entries in the next METRICS
+        self.response_bytes = 0
+        self.http_buckets = [0] * (len(HTTP_BUCKETS) + 1)  # per bucket, not cumulative
+        self.http_seconds = 0.0
+        self.ws_opened = 0
+        self.ws_closed = 0  # none: no message, byte or duration entries for tunnels
+        self.messages_in = self.messages_out = self.bytes_in = self.bytes_out = 0
+        self.ws_buckets = [0] * (len(WS_BUCKETS) + 1)
+        self.ws_seconds = 0.0
 
 
 class Telemetry:
@@ -68,21 +73,26 @@ class Telemetry:
         self.access_log = access_log
         self.enabled = enabled  # [admin] events
         self.requests: Counter[tuple[str, str, int]] = Counter()
-        self.response_bytes: Counter[str] = Counter()
         self.upstream_errors: Counter[tuple[str, str]] = Counter()
-        self.ws_opened: Counter[str] = Counter()
-        self.ws_active: Counter[str] = Counter()  # a gauge: current tunnels per host
-        self.ws_messages: Counter[tuple[str, str]] = Counter()
-        self.ws_bytes: Counter[tuple[str, str]] = Counter()
         self.ws_closes: Counter[tuple[str, int]] = Counter()
-        self.http_durations = Histogram(HTTP_BUCKETS)
-        self.ws_durations = Histogram(WS_BUCKETS)
+        self.hosts: dict[str, HostTotals] = {}
+
+    def _totals(self, host: str) -> HostTotals:
+        totals = self.hosts.get(host)
+        if totals is None:
+            totals = self.hosts[host] = HostTotals()
+        return totals
 
     def request(
         self, host: str, method: bytes, status: int, duration: float, response_bytes: int,
         client_ip: str, path: bytes,
     ) -> None:
-        name, label = _METHOD_NAMES.get(method) or (method.decode("latin-1"), "OTHER")
+        name = _METHOD_NAMES.get(method)
+        if name is None:
+            name = method.decode("latin-1")
+            label = "OTHER"
+        else:
+            label = name
         text_path = path[:PATH_LIMIT].decode("latin-1")
         if self.access_log is not None:
             self.access_log.request(
@@ -91,8 +101,11 @@ class Telemetry:
         if not self.enabled:
             return
         self.requests[(host, label, status)] += 1
-        self.response_bytes[host] += response_bytes
-        self.http_durations.observe(host, duration)
+        totals = self.hosts.get(host) or self._totals(host)
+        totals.requests += 1
+        totals.response_bytes += response_bytes
+        totals.http_buckets[bisect_left(HTTP_BUCKETS, duration)] += 1
+        totals.http_seconds += duration
         self.publisher.emit(
             (REQUEST, time.time(), host, name, status, duration, response_bytes, client_ip,
              text_path)
@@ -112,8 +125,9 @@ class Telemetry:
     def websocket_open(self, info: TunnelInfo) -> None:
         if not self.enabled:
             return
-        self.ws_opened[info.host] += 1
-        self.ws_active[info.host] += 1
+        totals = self.hosts.get(info.host) or self._totals(info.host)
+        totals.ws_opened += 1
+        totals.ws_active += 1
         self.publisher.emit(
             (WS_OPEN, time.time(), info.host, info.client_ip, info.path[:PATH_LIMIT],
              info.subprotocol)
@@ -123,37 +137,52 @@ class Telemetry:
         if not self.enabled:
             return
         host = info.host
-        self.ws_active[host] -= 1
-        self.ws_messages[(host, "in")] += summary["messages_in"]
-        self.ws_messages[(host, "out")] += summary["messages_out"]
-        self.ws_bytes[(host, "in")] += summary["bytes_in"]
-        self.ws_bytes[(host, "out")] += summary["bytes_out"]
-        self.ws_closes[(host, summary["close_code"])] += 1
-        self.ws_durations.observe(host, summary["duration"])
+        totals = self.hosts.get(host) or self._totals(host)
+        totals.ws_active -= 1
+        totals.ws_closed += 1
+        messages_in = summary["messages_in"]
+        messages_out = summary["messages_out"]
+        bytes_in = summary["bytes_in"]
+        bytes_out = summary["bytes_out"]
+        close_code = summary["close_code"]
+        duration = summary["duration"]
+        totals.messages_in += messages_in
+        totals.messages_out += messages_out
+        totals.bytes_in += bytes_in
+        totals.bytes_out += bytes_out
+        totals.ws_buckets[bisect_left(WS_BUCKETS, duration)] += 1
+        totals.ws_seconds += duration
+        self.ws_closes[(host, close_code)] += 1
         self.publisher.emit(
             (WS_CLOSE, time.time(), host, info.client_ip, info.path[:PATH_LIMIT],
-             info.subprotocol, summary["duration"], summary["messages_in"],
-             summary["messages_out"], summary["bytes_in"], summary["bytes_out"],
-             summary["close_code"], summary["closed_by"])
+             info.subprotocol, duration, messages_in, messages_out, bytes_in, bytes_out,
+             close_code, summary["closed_by"])
         )
 
     def flush_metrics(self, in_flight: int, connections: int, tunnels: int) -> None:
         """Send the deltas since the last call, and the gauges as they are now."""
         if not self.enabled:
             return
+        hosts = self.hosts.items()
         deltas = {
             "requests": [[h, m, c, n] for (h, m, c), n in self.requests.items()],
-            "response_bytes": [[h, n] for h, n in self.response_bytes.items()],
+            "response_bytes": [[h, t.response_bytes] for h, t in hosts if t.requests],
             "upstream_errors": [[h, k, n] for (h, k), n in self.upstream_errors.items()],
-            "ws_opened": [[h, n] for h, n in self.ws_opened.items()],
-            "ws_messages": [[h, d, n] for (h, d), n in self.ws_messages.items()],
-            "ws_bytes": [[h, d, n] for (h, d), n in self.ws_bytes.items()],
+            "ws_opened": [[h, t.ws_opened] for h, t in hosts if t.ws_opened],
+            "ws_messages": [
+                entry for h, t in hosts if t.ws_closed
+                for entry in ([h, "in", t.messages_in], [h, "out", t.messages_out])
+            ],
+            "ws_bytes": [
+                entry for h, t in hosts if t.ws_closed
+                for entry in ([h, "in", t.bytes_in], [h, "out", t.bytes_out])
+            ],
             "ws_closes": [[h, c, n] for (h, c), n in self.ws_closes.items()],
-            "http_durations": self.http_durations.snapshot(),
-            "ws_durations": self.ws_durations.snapshot(),
+            "http_durations": [[h, t.http_buckets, t.http_seconds] for h, t in hosts if t.requests],
+            "ws_durations": [[h, t.ws_buckets, t.ws_seconds] for h, t in hosts if t.ws_closed],
         }
         gauges = {
-            "ws_active": [[h, n] for h, n in self.ws_active.items() if n],
+            "ws_active": [[h, t.ws_active] for h, t in hosts if t.ws_active],
             "in_flight": in_flight,
             "connections": connections,
             "tunnels": tunnels,
@@ -164,8 +193,7 @@ class Telemetry:
         if not self.publisher.send_now((METRICS, deltas, gauges)):
             self.publisher.dropped += 1
             return
-        for counter in (self.requests, self.response_bytes, self.upstream_errors,
-                        self.ws_opened, self.ws_messages, self.ws_bytes, self.ws_closes):
+        for counter in (self.requests, self.upstream_errors, self.ws_closes):
             counter.clear()
-        self.http_durations.clear()
-        self.ws_durations.clear()
+        for totals in self.hosts.values():
+            totals.clear()

@@ -13,6 +13,7 @@ from collections import deque
 from typing import TYPE_CHECKING
 
 import httptools
+from httptools import HttpParserCallbackError, HttpParserError, HttpParserUpgrade
 
 from charon.worker.deadlines import HEADER, KEEPALIVE, NONE
 from charon.worker.http.errors import HttpError, error_response
@@ -34,6 +35,12 @@ HELD_LIMIT = 64 * 1024  # bytes read past a WebSocket handshake before the backe
 
 
 class ClientConnection(asyncio.Protocol):
+    __slots__ = (
+        "ctx", "transport", "parser", "peer_ip", "exchanges", "deadline", "deadline_kind",
+        "closing", "_paused", "write_paused", "_url", "_url_size", "_headers", "_header_size",
+        "_in_head", "_held", "_max_header_bytes", "_max_header_count",
+    )
+
     def __init__(self, ctx: WorkerContext) -> None:
         self.ctx = ctx
         self.transport: asyncio.Transport | None = None
@@ -52,6 +59,9 @@ class ClientConnection(asyncio.Protocol):
         self._header_size = 0
         self._in_head = False
         self._held: bytearray | None = None
+        limits = ctx.limits  # copied: read for every header field
+        self._max_header_bytes = limits.max_header_bytes
+        self._max_header_count = limits.max_header_count
 
     # -- asyncio.Protocol ------------------------------------------------------------------
 
@@ -72,26 +82,27 @@ class ClientConnection(asyncio.Protocol):
             return
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserCallbackError as exc:
-            cause = exc.__context__
-            if isinstance(cause, HttpError):
-                self._reject(cause)
-            else:
-                log.error("request handling failed", exc_info=cause)
-                self._reject(HttpError(500, "internal error"))
-        except httptools.HttpParserUpgrade as exc:
+        except HttpParserUpgrade as exc:
             # llhttp stops after any request with `Connection: upgrade`.
             tail = data[exc.args[0] :]
             last = self.exchanges[-1] if self.exchanges else None
             if last is not None and last.plan is not None and last.plan.websocket_key:
                 # Bytes past a WebSocket handshake wait for the backend's answer: frames for
                 # the tunnel after a 101, the next HTTP request after anything else.
-                self._held = bytearray()
-                self._hold(tail)
+                self._held = bytearray(tail)
+                if len(tail) > HELD_LIMIT:
+                    self._pause(_PAUSE_QUEUE)
             elif tail:
                 # Another protocol's upgrade went to the backend as a plain request.
                 self.data_received(tail)
-        except httptools.HttpParserError:
+        except HttpParserCallbackError as exc:
+            cause = exc.__context__
+            if isinstance(cause, HttpError):
+                self._reject(cause)
+            else:
+                log.error("request handling failed", exc_info=cause)
+                self._reject(HttpError(500, "internal error"))
+        except HttpParserError:
             self._reject(HttpError(400, "malformed request"))
 
     def eof_received(self) -> bool:
@@ -141,15 +152,17 @@ class ClientConnection(asyncio.Protocol):
             raise HttpError(414, "request target too long")
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if not self._in_head:
-            return  # a trailer field of a chunked body: dropped, the proxy re-frames
-        self._headers.append((name, value))
-        self._header_size += len(name) + len(value) + 4
-        limits = self.ctx.limits
-        if self._header_size > limits.max_header_bytes:
+        if self._in_head:  # else a trailer field of a chunked body: dropped, the proxy re-frames
+            headers = self._headers
+            headers.append((name, value))
+            self._header_size += len(name) + len(value) + 4
+            if self._header_size > self._max_header_bytes or len(headers) > self._max_header_count:
+                self._header_limit_reached()
+
+    def _header_limit_reached(self) -> None:
+        if self._header_size > self._max_header_bytes:
             raise HttpError(431, "request header section too large")
-        if len(self._headers) > limits.max_header_count:
-            raise HttpError(431, "too many request header fields")
+        raise HttpError(431, "too many request header fields")
 
     def on_headers_complete(self) -> None:
         self._in_head = False

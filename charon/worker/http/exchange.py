@@ -8,7 +8,6 @@ and written once.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from typing import TYPE_CHECKING
@@ -32,11 +31,12 @@ from charon.worker.http.response import (
     has_no_body,
     interim_head,
 )
-from charon.worker.websocket.handshake import check_response, switching_head
+from charon.worker.websocket.handshake import switching_response
 from charon.worker.websocket.tunnel import TunnelInfo, open_tunnel
 
 if TYPE_CHECKING:
     from charon.worker.http.client import ClientConnection
+    from charon.worker.upstreams.connecting import Connecting
     from charon.worker.upstreams.connection import UpstreamConnection
 
 log = logging.getLogger("charon.worker")
@@ -46,6 +46,14 @@ OTHER_HOST = "_other"  # the host label of requests that matched no proxy host
 
 
 class Exchange:
+    __slots__ = (
+        "client", "method", "target", "started", "status", "body_bytes", "plan", "error",
+        "http11", "keep_alive", "request_done", "pending", "pending_size", "upstream",
+        "connecting", "finished", "parser", "reason", "headers", "in_head", "interim", "framing",
+        "delimited", "response_started", "response_done", "upstream_reusable", "out", "reused",
+        "retried", "switching",
+    )
+
     def __init__(
         self,
         client: ClientConnection,
@@ -70,12 +78,12 @@ class Exchange:
         self.pending: list[bytes] = []
         self.pending_size = 0
         self.upstream: UpstreamConnection | None = None
-        self.connecting: asyncio.Task[None] | None = None
+        self.connecting: Connecting | None = None
         self.finished = False
         # Response side.
         self.parser: httptools.HttpResponseParser | None = None
         self.reason = b""
-        self.headers: list[tuple[bytes, bytes]] = []
+        self.headers: list[tuple[bytes, bytes]] = []  # a new list per response head (_attach)
         self.in_head = True
         self.interim = False
         self.framing = OUT_NONE
@@ -96,8 +104,7 @@ class Exchange:
             self._answer_locally(self.error)
             return
         assert self.plan is not None
-        pool = self.client.ctx.pool(self.plan.route.upstream)
-        conn = pool.take_idle()
+        conn = self.plan.route.pool.take_idle()
         if conn is not None:
             self._attach(conn, reused=True)
         else:
@@ -105,6 +112,7 @@ class Exchange:
 
     def client_lost(self) -> None:
         self.finished = True
+        self.parser = None  # (see _release_upstream)
         if self.connecting is not None:
             self.connecting.cancel()
         if self.upstream is not None and not self.response_done:
@@ -158,7 +166,8 @@ class Exchange:
                 self.upstream.transport.write(b"0\r\n\r\n")
             else:
                 self.pending.append(b"0\r\n\r\n")
-        if self.upstream is not None and not self.response_started:
+        # (Without a body, _attach started the first-byte deadline: the request was complete.)
+        if self.upstream is not None and not self.response_started and self.plan.body != BODY_NONE:
             self.client.set_deadline(FIRST_BYTE, self.plan.route.timeouts.first_byte)
 
     # -- backend connection ----------------------------------------------------------------
@@ -166,20 +175,36 @@ class Exchange:
     def _connect(self) -> None:
         assert self.plan is not None
         self.client.set_deadline(CONNECT, self.plan.route.timeouts.connect)
-        self.connecting = self.client.ctx.loop.create_task(self._open_connection())
+        self.connecting = connecting = self.plan.route.pool.connect(self)
+        connecting.start()
 
-    async def _open_connection(self) -> None:
-        assert self.plan is not None
-        pool = self.client.ctx.pool(self.plan.route.upstream)
-        try:
-            conn = await pool.connect()
-        except OSError:
-            self.connecting = None
-            self._fail(502, "cannot connect to the backend", ERR_CONNECT)
+    def upstream_connected(self, conn: UpstreamConnection) -> None:
+        """The connection opened for this exchange is up (its `connection_made`): the request
+        goes out at once, unless a pause is due. uvloop starts reading right after
+        connection_made, which would undo it: such a connection joins in `connect_done`."""
+        if not self.client.write_paused:
+            self._join(conn)
+
+    def connect_done(
+        self, connecting: Connecting, conn: UpstreamConnection | None, exc: BaseException | None
+    ) -> None:
+        """A connect of this exchange is complete or failed: its own if it still waits for it."""
+        if connecting is not self.connecting:
+            return  # joined in connection_made (or given up, or a retry's connect is under way)
+        self.connecting = None
+        if conn is not None:
+            self._join(conn)
             return
+        if self.finished:
+            return
+        if not isinstance(exc, OSError):
+            log.error("connecting to the backend failed", exc_info=exc)
+        self._fail(502, "cannot connect to the backend", ERR_CONNECT)
+
+    def _join(self, conn: UpstreamConnection) -> None:
         self.connecting = None
         if self.finished:
-            pool.release(conn)
+            conn.pool.release(conn)
             return
         self._attach(conn, reused=False)
 
@@ -230,7 +255,8 @@ class Exchange:
         (which sends the 101 to the client itself, before any frame)."""
         plan, conn, client = self.plan, self.upstream, self.client
         assert plan is not None and plan.websocket_key is not None and conn is not None
-        if not check_response(self.headers, plan.websocket_key):
+        switching = switching_response(self.headers, plan.websocket_key)
+        if switching is None:
             self.upstream_reusable = False
             self._fail(
                 502, "the backend's 101 is not a valid WebSocket handshake", ERR_BAD_RESPONSE
@@ -240,13 +266,12 @@ class Exchange:
         if transport is None or transport.is_closing():
             self._fail(502, "the client left")
             return
+        head, subprotocol = switching
+        self.parser = None  # (see _release_upstream)
         self.response_started = self.response_done = self.finished = True
         self._report(101)
         conn.exchange = None
         self.upstream = None
-        subprotocol = next(
-            (v for n, v in self.headers if n.lower() == b"sec-websocket-protocol"), b""
-        )
         info = TunnelInfo(
             plan.route.host.name,
             plan.client_ip,
@@ -257,7 +282,7 @@ class Exchange:
             client.ctx,
             transport,
             conn.transport,
-            switching_head(self.headers),
+            head,
             client.become_tunnel(),
             backend_tail,
             plan.route.websocket,
@@ -395,6 +420,7 @@ class Exchange:
         """End the exchange on an error: an error response if nothing was sent yet, else a cut.
 
         `kind` names a backend failure for the upstream error metric."""
+        self.parser = None  # never called from a parser callback (see _release_upstream)
         if self.finished:
             return
         if kind:
@@ -437,7 +463,7 @@ class Exchange:
     def _report(self, status: int) -> None:
         plan, ctx = self.plan, self.client.ctx
         ctx.telemetry.request(
-            plan.route.host.name if plan is not None else OTHER_HOST,
+            plan.route.host_name if plan is not None else OTHER_HOST,
             self.method,
             status,
             time.monotonic() - self.started,
@@ -450,6 +476,6 @@ class Exchange:
         plan, ctx = self.plan, self.client.ctx
         if plan is not None:
             ctx.telemetry.upstream_error(
-                plan.route.host.name, kind, status, plan.client_ip, self.target
+                plan.route.host_name, kind, status, plan.client_ip, self.target
             )
 

@@ -60,11 +60,50 @@ def connection_tokens(values: Iterable[bytes]) -> frozenset[bytes]:
     return frozenset(tokens)
 
 
+CACHE_LIMIT = 1024  # entries of each cache below; a full cache starts over
+
+# A request's Connection value (b"Upgrade", b"keep-alive", ...) is one of a few: parsing each
+# once saves splitting and lowercasing it per request.
+_connection_cache: dict[bytes, tuple[frozenset[bytes], frozenset[bytes]]] = {}
+
+
+def parse_connection(values: list[bytes]) -> tuple[frozenset[bytes], frozenset[bytes]]:
+    """(tokens, droppable_by_connection(tokens)) of one or more `Connection` values."""
+    if len(values) != 1:
+        tokens = connection_tokens(values)
+        return tokens, droppable_by_connection(tokens)
+    value = values[0]
+    parsed = _connection_cache.get(value)
+    if parsed is None:
+        tokens = connection_tokens(values)
+        parsed = (tokens, droppable_by_connection(tokens))
+        if len(_connection_cache) >= CACHE_LIMIT:
+            _connection_cache.clear()
+        _connection_cache[value] = parsed
+    return parsed
+
+
 def droppable_by_connection(tokens: frozenset[bytes]) -> frozenset[bytes]:
     """The extra header names a `Connection` header removes, minus the ones it may not."""
     if tokens <= _PLAIN_CONNECTION_TOKENS:
         return frozenset()
     return frozenset(t for t in tokens if t not in NEVER_DROPPED and _TOKEN.match(t))
+
+
+_host_cache: dict[bytes, bytes | None] = {}
+_UNKNOWN = b"\0"  # not a host name split_host can return
+
+
+def host_name(value: bytes) -> bytes | None:
+    """split_host(value), remembered: most requests name one of a few hosts."""
+    name = _host_cache.get(value, _UNKNOWN)
+    if name is not _UNKNOWN:
+        return name
+    name = split_host(value)
+    if len(_host_cache) >= CACHE_LIMIT:
+        _host_cache.clear()
+    _host_cache[value] = name
+    return name
 
 
 def split_host(value: bytes) -> bytes | None:
@@ -87,6 +126,7 @@ class ForwardedPolicy:
 
     def __init__(self, trusted: tuple[IPNetwork, ...]) -> None:
         self._trusted = trusted
+        self.trusts_anyone = bool(trusted)  # else is_trusted need not be asked
         self._cache: dict[str, bool] = {}
 
     def is_trusted(self, ip: str) -> bool:

@@ -12,9 +12,8 @@ from charon.worker.http.errors import HttpError
 from charon.worker.http.headers import (
     ForwardedPolicy,
     Header,
-    connection_tokens,
-    droppable_by_connection,
-    split_host,
+    host_name,
+    parse_connection,
 )
 from charon.worker.routing import Route, Router
 from charon.worker.websocket.handshake import check_request, is_websocket_upgrade
@@ -23,11 +22,16 @@ BODY_NONE = 0
 BODY_LENGTH = 1
 BODY_CHUNKED = 2
 
+_NO_BODY = (BODY_NONE, 0)
+_NOTHING: frozenset[bytes] = frozenset()
+
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 
-# What each specially treated request header is; every other header is forwarded as is.
-(_HOST, _LENGTH, _TE, _CONNECTION, _XFF, _XFP, _XFH, _FORWARDED, _VIA, _UPGRADE, _DROP, _WS_KEY,
- _WS_VERSION) = range(13)
+# What each specially treated request header is; every other header is forwarded as is. The
+# ones from _FORWARDED_TOO on are read and forwarded.
+(_HOST, _CONNECTION, _UPGRADE, _LENGTH, _TE, _XFF, _XFP, _XFH, _FORWARDED, _VIA, _DROP,
+ _WS_KEY, _WS_VERSION) = range(13)
+_FORWARDED_TOO = _WS_KEY
 _SPECIAL = {
     b"host": _HOST,
     b"content-length": _LENGTH,
@@ -77,88 +81,112 @@ def plan_request(
     if method == b"CONNECT":
         raise HttpError(405, "CONNECT is not supported")
 
-    host_values: list[bytes] = []
-    length: bytes | None = None
-    te: list[bytes] = []
-    conn_values: list[bytes] = []
-    xff: list[bytes] = []
-    xfp: bytes | None = None
-    xfh: bytes | None = None
-    forwarded: list[bytes] = []
-    via: list[bytes] = []
-    upgrade: bytes | None = None
-    ws_key: bytes | None = None
-    ws_version: bytes | None = None
-    kept: list[Header] = []
-    special = _SPECIAL
+    # One pass: ordinary fields go straight into the head (out[0], the request line and Host,
+    # is known after it); the few the proxy treats specially are set aside.
+    out: list[bytes] = [b""]
+    specials: list[tuple[int, bytes]] = []
+    special = _SPECIAL.get
     for name, value in headers:
-        kind = special.get(name.lower())
+        kind = special(name.lower())
         if kind is None:
-            kept.append((name, value))
-        elif kind == _HOST:
+            out += (name, b": ", value, b"\r\n")
+        else:
+            specials.append((kind, value))
+            if kind >= _FORWARDED_TOO:
+                out += (name, b": ", value, b"\r\n")
+
+    host_values: list[bytes] = []
+    conn_values: list[bytes] = []
+    upgrade = length = xfp = xfh = ws_key = ws_version = None
+    te: list[bytes] | None = None
+    xff: list[bytes] | None = None
+    forwarded: list[bytes] | None = None
+    via: list[bytes] | None = None
+    for kind, value in specials:
+        if kind == _HOST:
             host_values.append(value)
+        elif kind == _CONNECTION:
+            conn_values.append(value)
+        elif kind == _UPGRADE:
+            upgrade = value
+        elif kind == _WS_KEY:
+            ws_key = value
+        elif kind == _WS_VERSION:
+            ws_version = value
         elif kind == _LENGTH:
             length = value
         elif kind == _TE:
-            te.append(value)  # several lines form one list (RFC 9110 5.3)
-        elif kind == _CONNECTION:
-            conn_values.append(value)
+            te = [*te, value] if te else [value]  # several lines form one list (RFC 9110 5.3)
         elif kind == _XFF:
-            xff.append(value)
+            xff = [*xff, value] if xff else [value]
         elif kind == _XFP:
             xfp = value
         elif kind == _XFH:
             xfh = value
         elif kind == _FORWARDED:
-            forwarded.append(value)
+            forwarded = [*forwarded, value] if forwarded else [value]
         elif kind == _VIA:
-            via.append(value)
-        elif kind == _UPGRADE:
-            upgrade = value
-        elif kind == _WS_KEY:
-            ws_key = value
-            kept.append((name, value))
-        elif kind == _WS_VERSION:
-            ws_version = value
-            kept.append((name, value))
+            via = [*via, value] if via else [value]
 
-    host_value, host_name, path = _authority_and_path(target, method, host_values)
-    route = router.route(host_name, path)
+    if len(host_values) == 1 and target[:1] == b"/":  # origin-form: the usual case
+        host_value = host_values[0].strip()
+        route_name = host_name(host_value)
+        if route_name is None:
+            raise HttpError(400, "invalid Host header")
+        path = target
+    else:
+        host_value, route_name, path = _authority_and_path(target, method, host_values)
+    route = router.route(route_name, path)
     if route is None:
         raise HttpError(404, "no proxy host for this name", close=False)
 
-    body, body_length = _body_framing(length, te)
-    tokens = connection_tokens(conn_values) if conn_values else frozenset()
-    dropped = droppable_by_connection(tokens)
-    websocket = b"upgrade" in tokens and is_websocket_upgrade(upgrade)
-    if websocket:
-        if body != BODY_NONE:
-            raise HttpError(400, "a WebSocket handshake cannot carry a body")
-        check_request(method, version, ws_key, ws_version)
-
-    out = [method, b" ", target, b" HTTP/1.1\r\nHost: ", host_value, b"\r\n"]
-    for name, value in kept:
-        if dropped and name.lower() in dropped:
-            continue
-        out += (name, b": ", value, b"\r\n")
+    body, body_length = _body_framing(length, te) if te or length is not None else _NO_BODY
+    websocket = False
+    if conn_values:
+        tokens, dropped = parse_connection(conn_values)
+        if dropped:  # Connection names more fields to drop (rare): the ordinary fields again
+            out = [b""]
+            for name, value in headers:
+                lname = name.lower()
+                kind = special(lname)
+                if (kind is None or kind >= _FORWARDED_TOO) and lname not in dropped:
+                    out += (name, b": ", value, b"\r\n")
+        websocket = b"upgrade" in tokens and is_websocket_upgrade(upgrade)
+        if websocket:
+            if body != BODY_NONE:
+                raise HttpError(400, "a WebSocket handshake cannot carry a body")
+            check_request(method, version, ws_key, ws_version)
+    out[0] = b"".join((method, b" ", target, b" HTTP/1.1\r\nHost: ", host_value, b"\r\n"))
 
     peer = peer_ip.encode("latin-1")
-    trusted = policy.is_trusted(peer_ip)
+    trusted = policy.trusts_anyone and policy.is_trusted(peer_ip)
     joined_xff = b", ".join(xff) if xff else None
-    out += (b"X-Forwarded-For: ", joined_xff + b", " + peer if trusted and joined_xff else peer)
-    out += (b"\r\nX-Forwarded-Proto: ", xfp if trusted and xfp else scheme)
-    out += (b"\r\nX-Forwarded-Host: ", xfh if trusted and xfh else host_value, b"\r\n")
-    if trusted and forwarded:
-        node = b'"[' + peer + b']"' if b":" in peer else peer
-        out += (b"Forwarded: ", b", ".join(forwarded), b", for=", node, b"\r\n")
-    out += (b"Via: ", b", ".join(via) + b", 1.1 charon" if via else b"1.1 charon", b"\r\n")
+    if trusted:
+        out += (
+            b"X-Forwarded-For: ", joined_xff + b", " + peer if joined_xff else peer,
+            b"\r\nX-Forwarded-Proto: ", xfp or scheme,
+            b"\r\nX-Forwarded-Host: ", xfh or host_value, b"\r\n",
+        )
+        if forwarded:
+            node = b'"[' + peer + b']"' if b":" in peer else peer
+            out += (b"Forwarded: ", b", ".join(forwarded), b", for=", node, b"\r\n")
+    else:
+        out += (
+            b"X-Forwarded-For: ", peer, b"\r\nX-Forwarded-Proto: ", scheme,
+            b"\r\nX-Forwarded-Host: ", host_value, b"\r\n",
+        )
+    if via:
+        out += (b"Via: ", b", ".join(via), b", 1.1 charon\r\n")
+    else:
+        out.append(b"Via: 1.1 charon\r\n")
     if body == BODY_LENGTH:
-        out += (b"Content-Length: ", length or b"0", b"\r\n")
+        out += (b"Content-Length: ", length or b"0", b"\r\n\r\n")
     elif body == BODY_CHUNKED:
-        out.append(b"Transfer-Encoding: chunked\r\n")
-    if websocket:
-        out.append(b"Connection: Upgrade\r\nUpgrade: websocket\r\n")
-    out.append(b"\r\n")
+        out.append(b"Transfer-Encoding: chunked\r\n\r\n")
+    elif websocket:
+        out.append(b"Connection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
+    else:
+        out.append(b"\r\n")
 
     client_ip = policy.client_ip(peer_ip, joined_xff) if trusted else peer_ip
     return RequestPlan(
@@ -191,13 +219,13 @@ def _authority_and_path(
             raise HttpError(400, "userinfo is not allowed in the request target")
     else:
         raise HttpError(400, "invalid request target")
-    name = split_host(host_value)
+    name = host_name(host_value)
     if name is None:
         raise HttpError(400, "invalid Host header")
     return host_value, name, path
 
 
-def _body_framing(length: bytes | None, te: list[bytes]) -> tuple[int, int]:
+def _body_framing(length: bytes | None, te: list[bytes] | None) -> tuple[int, int]:
     # llhttp already refused CL with TE, repeated or invalid CL. It reports a Transfer-Encoding
     # not ending in chunked only after on_headers_complete, i.e. after this ran.
     if te:

@@ -11,15 +11,20 @@ if TYPE_CHECKING:
 
 
 class UpstreamConnection(asyncio.Protocol):
-    def __init__(self, pool: UpstreamPool) -> None:
+    __slots__ = ("pool", "transport", "exchange", "closed", "idle_since")
+
+    def __init__(self, pool: UpstreamPool, exchange: Exchange | None = None) -> None:
         self.pool = pool
         self.transport: asyncio.Transport = None  # type: ignore[assignment]  # set on connect
-        self.exchange: Exchange | None = None
+        self.exchange = exchange  # the exchange it was opened for, until it is attached
         self.closed = False
         self.idle_since = 0.0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        exchange, self.exchange = self.exchange, None
+        if exchange is not None:
+            exchange.upstream_connected(self)
 
     def data_received(self, data: bytes) -> None:
         exchange = self.exchange

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import socket
+from functools import partial
+from typing import TYPE_CHECKING
 
 from charon.config.model import Upstream
+from charon.worker.upstreams.connecting import Connecting
 from charon.worker.upstreams.connection import UpstreamConnection
+
+if TYPE_CHECKING:
+    from charon.worker.http.exchange import Exchange
 
 MAX_IDLE = 256  # idle connections kept per backend; more are closed when released
 
@@ -18,14 +23,14 @@ class UpstreamPool:
         self.idle_timeout = idle_timeout
         self._idle: list[UpstreamConnection] = []  # oldest first
 
-    async def connect(self) -> UpstreamConnection:
-        _, conn = await self.loop.create_connection(
-            lambda: UpstreamConnection(self), self.upstream.host, self.upstream.port
+    def connect(self, exchange: Exchange) -> Connecting:
+        """A connection for `exchange`, to `start`: it hears of it in `connection_made` (via
+        `upstream_connected`) and when the connect is complete (`connect_done`). uvloop sets
+        TCP_NODELAY on every TCP transport itself."""
+        coro = self.loop.create_connection(
+            partial(UpstreamConnection, self, exchange), self.upstream.host, self.upstream.port
         )
-        sock = conn.transport.get_extra_info("socket")
-        if sock is not None:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return conn
+        return Connecting(self.loop, coro, exchange.connect_done)
 
     def take_idle(self) -> UpstreamConnection | None:
         idle = self._idle
