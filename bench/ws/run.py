@@ -33,6 +33,7 @@ import select
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -982,6 +983,50 @@ def bound_by(r: Result, args: argparse.Namespace) -> str:
     return f"neither core full (latency-bound): {detail}"
 
 
+def median_rounds(results: list[Result]) -> list[Result]:
+    """One result per scenario and target, in first-seen order: its median round by CPU/op."""
+    groups: dict[tuple[str, str], list[Result]] = {}
+    for r in results:
+        groups.setdefault((r.scenario, r.target), []).append(r)
+    chosen = []
+    for runs in groups.values():
+        good = sorted(
+            (r for r in runs if not r.failure and r.cpu_us_per_op is not None),
+            key=lambda r: r.cpu_us_per_op or 0.0,
+        )
+        chosen.append(good[(len(good) - 1) // 2] if good else runs[0])
+    return chosen
+
+
+def rounds_summary(results: list[Result]) -> list[str]:
+    """Per scenario: every round's CPU/op per target, and each round's CPU/op ratio to nginx
+    in the same round (paired), with the median of those ratios."""
+    rounds: dict[tuple[str, str], list[Result]] = {}
+    for r in results:
+        rounds.setdefault((r.scenario, r.target), []).append(r)
+    lines = []
+    for scenario in dict.fromkeys(r.scenario for r in results):
+        parts = []
+        nginx = rounds.get((scenario, "nginx"), [])
+        for (sc, target), runs in rounds.items():
+            if sc != scenario:
+                continue
+            cpu = [r.cpu_us_per_op for r in runs]
+            text = f"{target} " + ", ".join(fmt(c, 1) if c else "-" for c in cpu)
+            if target != "nginx" and nginx:
+                paired = [
+                    c / n.cpu_us_per_op
+                    for c, n in zip(cpu, nginx, strict=False)
+                    if c and n.cpu_us_per_op and not n.failure
+                ]
+                if paired:
+                    text += " (vs nginx " + ", ".join(f"{x:.2f}x" for x in paired)
+                    text += f"; median {statistics.median(paired):.2f}x)"
+            parts.append(text)
+        lines.append(f"{scenario}: proxy CPU µs/op per round: " + "; ".join(parts))
+    return lines
+
+
 def build_tables(
     results: list[Result], scenarios: dict[str, Scenario], args: argparse.Namespace
 ) -> tuple[list[str], list[list[str]], list[str], list[list[str]], list[str]]:
@@ -1206,6 +1251,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--retries", type=int, default=1, help="how often a noisy run is repeated")
     p.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run every scenario and target N times, interleaved; the table shows each one's "
+        "median round by CPU/op and a note gives every round's CPU/op and paired ratio to nginx",
+    )
+    p.add_argument(
         "--max-restarts",
         type=int,
         default=3,
@@ -1223,8 +1275,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="strace each proxy's main process for the signals it gets (who stopped it?)",
     )
     args = p.parse_args(argv)
-    if args.duration <= 0 or args.warmup < 0:
-        p.error("--duration must be > 0 and --warmup >= 0")
+    if args.duration <= 0 or args.warmup < 0 or args.rounds < 1:
+        p.error("--duration must be > 0, --warmup >= 0 and --rounds >= 1")
     return args
 
 
@@ -1329,91 +1381,97 @@ def main(argv: list[str] | None = None) -> int:
                 limits[f"{t.name} {comm(p)} ({p})"] = max_open_files(p)
         nginx_err = tmp / "nginx" / "error.log"
         runner = Runner(args, tmp, started)
-        for sc_name in wanted_sc:
-            sc = scenario_defs[sc_name]
-            for t in targets:
-                log(f"{sc.title} -> {t.name}")
-                if t.proc is not None and not t.proc.alive():
-                    old = t.proc
-                    why = f"{t.name} (pid {old.pid}) had exited with status {old.proc.returncode}"
-                    tracer = tracers.get(old.pid)
-                    if tracer is not None and tracer.signals_log is not None:
-                        time.sleep(0.5)
-                        why += " -- signals: " + describe_sender(tracer.signals_log)
-                    log(f"  {why}; log tail:\n{old.log_tail(30)}")
-                    old.stop()
-                    t.restarts += 1
-                    if t.restarts > args.max_restarts:
-                        extra.append(why + "; not restarted (--max-restarts)")
-                    else:
-                        launch(t)
-                        assert t.proc is not None
-                        t.proc.pin_all(args.proxy_cpus)
-                        if t.name == "charon":
-                            charon = t.proc
-                        why += f"; restarted (pid {t.proc.pid}) before '{sc.title}'"
-                        extra.append(why)
-                        log(f"  {why}")
-                r = None
-                tries: list[float] = []
-                attempts = 1 + max(0, args.retries)
-                for attempt in range(attempts):
-                    if sc.kind == "idle" and t.used and t.proc is not None:
-                        # A fresh proxy: what earlier runs left allocated would skew the
-                        # baseline (memory kept from an earlier idle attempt inflates it; free
-                        # memory kept from other scenarios hides the tunnels' own).
-                        t.proc.stop()
-                        launch(t)
-                        assert t.proc is not None
-                        t.proc.pin_all(args.proxy_cpus)
-                        if t.name == "charon":
-                            charon = t.proc
-                    wait_quiet(started, args.quiet_threshold, args.quiet_wait)
-                    cand = runner.run(sc, t)
-                    t.used = True
-                    tries.append(cand.others_cores)
-                    if r is None or (cand.others_cores < r.others_cores and not cand.failure):
-                        r = cand
-                    if r.others_cores < args.noisy or r.failure or attempt + 1 == attempts:
-                        break
-                    log(
-                        f"  noisy: other processes used {r.others_cores:.2f} cores "
-                        f"({r.others_top}); trying again"
-                    )
-                assert r is not None
-                if len(tries) > 1:
-                    r.notes.append(
-                        "ran "
-                        + str(len(tries))
-                        + " times (other load "
-                        + ", ".join(f"{x:.2f}" for x in tries)
-                        + " cores); kept the quietest"
-                    )
-                results.append(r)
-                summary = (
-                    f"rate {fmt(r.rate)} {sc.unit}, p50 {fmt(r.p50_us)} µs, "
-                    f"p99 {fmt(r.p99_us)} µs, CPU/op {fmt(r.cpu_us_per_op, 1)} µs, "
-                    f"proxy {fmt(r.proxy_cores, 2)} s/s, errors {r.errors}"
+        # Rounds interleave every scenario and target, so slow drift of the machine (other
+        # guests, frequency) touches all targets alike; each round's ratio is paired.
+        plan = [
+            (rnd, scenario_defs[sc_name], t)
+            for rnd in range(args.rounds)
+            for sc_name in wanted_sc
+            for t in targets
+        ]
+        for rnd, sc, t in plan:
+            log(f"{sc.title} -> {t.name}" + (f" (round {rnd + 1})" if args.rounds > 1 else ""))
+            if t.proc is not None and not t.proc.alive():
+                old = t.proc
+                why = f"{t.name} (pid {old.pid}) had exited with status {old.proc.returncode}"
+                tracer = tracers.get(old.pid)
+                if tracer is not None and tracer.signals_log is not None:
+                    time.sleep(0.5)
+                    why += " -- signals: " + describe_sender(tracer.signals_log)
+                log(f"  {why}; log tail:\n{old.log_tail(30)}")
+                old.stop()
+                t.restarts += 1
+                if t.restarts > args.max_restarts:
+                    extra.append(why + "; not restarted (--max-restarts)")
+                else:
+                    launch(t)
+                    assert t.proc is not None
+                    t.proc.pin_all(args.proxy_cpus)
+                    if t.name == "charon":
+                        charon = t.proc
+                    why += f"; restarted (pid {t.proc.pid}) before '{sc.title}'"
+                    extra.append(why)
+                    log(f"  {why}")
+            r = None
+            tries: list[float] = []
+            attempts = 1 + max(0, args.retries)
+            for attempt in range(attempts):
+                if sc.kind == "idle" and t.used and t.proc is not None:
+                    # A fresh proxy: what earlier runs left allocated would skew the
+                    # baseline (memory kept from an earlier idle attempt inflates it; free
+                    # memory kept from other scenarios hides the tunnels' own).
+                    t.proc.stop()
+                    launch(t)
+                    assert t.proc is not None
+                    t.proc.pin_all(args.proxy_cpus)
+                    if t.name == "charon":
+                        charon = t.proc
+                wait_quiet(started, args.quiet_threshold, args.quiet_wait)
+                cand = runner.run(sc, t)
+                t.used = True
+                tries.append(cand.others_cores)
+                if r is None or (cand.others_cores < r.others_cores and not cand.failure):
+                    r = cand
+                if r.others_cores < args.noisy or r.failure or attempt + 1 == attempts:
+                    break
+                log(
+                    f"  noisy: other processes used {r.others_cores:.2f} cores "
+                    f"({r.others_top}); trying again"
                 )
-                if sc.kind == "idle" and t.proc is not None:
-                    summary += f", {fmt(r.kib_per_conn, 2)} KiB/conn"
-                log(f"  {summary}")
-                if r.failure or r.errors or r.notes:
-                    log(f"  failure: {r.failure}  errors: {r.error_detail}  notes: {r.notes}")
-                if t.proc is not None and (r.failure or r.errors):
-                    tail = t.proc.log_tail(60)
-                    if t.name == "nginx" and nginx_err.exists():
-                        tail = "\n".join(nginx_err.read_text(errors="replace").splitlines()[-60:])
-                    log(f"  {t.name} log tail:\n{tail}")
-                if t.proc is not None and not t.proc.alive():
-                    log(
-                        f"  {t.name} DIED (status {t.proc.proc.returncode}); log tail:\n"
-                        f"{t.proc.log_tail(80)}"
-                    )
-                    extra.append(
-                        f"{t.name} exited during '{sc.title}' with status {t.proc.proc.returncode}"
-                    )
-                time.sleep(1.0)  # let closes settle before the next run
+            assert r is not None
+            if len(tries) > 1:
+                r.notes.append(
+                    "ran "
+                    + str(len(tries))
+                    + " times (other load "
+                    + ", ".join(f"{x:.2f}" for x in tries)
+                    + " cores); kept the quietest"
+                )
+            results.append(r)
+            summary = (
+                f"rate {fmt(r.rate)} {sc.unit}, p50 {fmt(r.p50_us)} µs, "
+                f"p99 {fmt(r.p99_us)} µs, CPU/op {fmt(r.cpu_us_per_op, 1)} µs, "
+                f"proxy {fmt(r.proxy_cores, 2)} s/s, errors {r.errors}"
+            )
+            if sc.kind == "idle" and t.proc is not None:
+                summary += f", {fmt(r.kib_per_conn, 2)} KiB/conn"
+            log(f"  {summary}")
+            if r.failure or r.errors or r.notes:
+                log(f"  failure: {r.failure}  errors: {r.error_detail}  notes: {r.notes}")
+            if t.proc is not None and (r.failure or r.errors):
+                tail = t.proc.log_tail(60)
+                if t.name == "nginx" and nginx_err.exists():
+                    tail = "\n".join(nginx_err.read_text(errors="replace").splitlines()[-60:])
+                log(f"  {t.name} log tail:\n{tail}")
+            if t.proc is not None and not t.proc.alive():
+                log(
+                    f"  {t.name} DIED (status {t.proc.proc.returncode}); log tail:\n"
+                    f"{t.proc.log_tail(80)}"
+                )
+                extra.append(
+                    f"{t.name} exited during '{sc.title}' with status {t.proc.proc.returncode}"
+                )
+            time.sleep(1.0)  # let closes settle before the next run
         if nginx_err.exists():
             alerts = [
                 ln
@@ -1448,7 +1506,10 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(tmp, ignore_errors=True)
 
     if results:
+        round_notes = rounds_summary(results) if args.rounds > 1 else []
+        results = median_rounds(results)
         tables = build_tables(results, scenario_defs, args)
+        tables[4].extend(round_notes)
         head, rows, mem_head, mem_rows, notes = tables
         print()
         print(text_table(head, rows))
