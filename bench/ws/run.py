@@ -568,6 +568,8 @@ def build_wsload() -> None:
 class LoadRun:
     """One wsload client run; its JSON lines are read as they come (with a deadline)."""
 
+    running: set[LoadRun] = set()  # not finished yet: main() kills these when it is interrupted
+
     def __init__(self, argv: list[str], timeout: float, stderr_path: Path):
         self.argv = argv
         self._err = open(stderr_path, "wb")  # noqa: SIM115 - closed in finish()
@@ -580,6 +582,7 @@ class LoadRun:
             start_new_session=True,
             preexec_fn=raise_nofile,  # noqa: PLW1509
         )
+        LoadRun.running.add(self)
         self.deadline = time.monotonic() + timeout
         self._buf = b""
         self.lines: list[dict] = []
@@ -609,6 +612,7 @@ class LoadRun:
 
     def finish(self) -> str:
         """Wait for the exit (bounded), killing it past the deadline; returns its stderr tail."""
+        LoadRun.running.discard(self)
         try:
             self.proc.wait(max(1.0, self.deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
@@ -1299,8 +1303,16 @@ def check_fd_budget(args: argparse.Namespace, scenarios: list[str], extra: list[
         log(f"soft RLIMIT_NOFILE {soft}: children raise theirs to the hard limit {hard}")
 
 
+def _interrupted(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt  # the finally block of main() stops what was started, by PID
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # A SIGTERM (timeout, pkill) used to end the driver without its cleanup, leaving nginx,
+    # Charon and wsload running.
+    signal.signal(signal.SIGTERM, _interrupted)
+    signal.signal(signal.SIGHUP, _interrupted)
     command = "python bench/ws/run.py " + " ".join(sys.argv[1:] if argv is None else argv)
     scenario_defs = build_scenarios(args)
     wanted_sc = [s.strip() for s in args.scenarios.split(",") if s.strip()]
@@ -1498,6 +1510,9 @@ def main(argv: list[str] | None = None) -> int:
         log("interrupted")
         exit_code = 130
     finally:
+        for load in list(LoadRun.running):
+            load.deadline = 0.0  # finish() kills it at once
+            load.finish()
         for m in reversed(started):
             m.stop()
         if args.keep_tmp:
