@@ -33,14 +33,13 @@ Tunnel_init(TunnelObject *t, PyObject *args, PyObject *kwds)
         PyErr_SetString(PyExc_RuntimeError, "Tunnel already initialised");
         return -1;
     }
-    /* Own copies: the transports that held these fds are closed by the caller. */
+    /* Own copies: the transports that held these fds are closed by the caller. Every recv
+     * and send passes MSG_DONTWAIT, so the copies' blocking mode (shared with the original's
+     * open file) is never relied on: no F_GETFL/F_SETFL, two system calls per socket. */
     for (int s = 0; s < 2; s++) {
         int fd = fcntl(fds[s], F_DUPFD_CLOEXEC, 0);
-        int flags = fd >= 0 ? fcntl(fd, F_GETFL) : -1;
-        if (flags < 0 || fcntl(fd, F_SETFL, flags | O_NONBLOCK) < 0) {
+        if (fd < 0) {
             PyErr_SetFromErrno(PyExc_OSError);
-            if (fd >= 0)
-                close(fd);
             if (s == 1) {
                 close(t->fd[0]);
                 t->fd[0] = -1;

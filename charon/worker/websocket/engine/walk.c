@@ -208,7 +208,7 @@ pump(TunnelObject *t, int src)
     for (int i = 0; i < READS_PER_EVENT; i++) {
         if (!reading(t, src))
             return 0;
-        ssize_t r = recv(t->fd[src], e->buf, READ_SIZE, 0);
+        ssize_t r = recv(t->fd[src], e->buf, READ_SIZE, MSG_DONTWAIT);
         if (r < 0) {
             if (errno == EINTR) {
                 i--;
