@@ -11,13 +11,13 @@ from typing import Any, Protocol
 
 import msgpack
 import zmq
-import zmq.asyncio
 
 from charon.events.schema import CONTROL, RECORDS
 
 log = logging.getLogger("charon.events")
 
 RECEIVE_HWM = 50  # batches per worker; beyond this ZeroMQ pushes back and workers drop and count
+MAX_MESSAGES_PER_TURN = 64  # batches read in one loop turn; the rest on the next
 
 
 class EventSink(Protocol):
@@ -65,41 +65,64 @@ def default_endpoint() -> str:
 
 
 class EventReceiver:
+    """Reads the PULL socket whenever ZeroMQ signals it, without a Future per message.
+
+    zmq.asyncio's `await recv()` costs a Future, a reader registration and a loop turn for
+    every message; here one wake-up reads every batch that is queued (bounded per turn)."""
+
     def __init__(self, hub: EventHub, endpoint: str | None = None) -> None:
         self.hub = hub
         self.endpoint = endpoint or default_endpoint()
         self.bad_messages = 0
-        self._context = zmq.asyncio.Context()
+        self._context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         self._socket = self._context.socket(zmq.PULL)
         self._socket.setsockopt(zmq.RCVHWM, RECEIVE_HWM)
         self._socket.setsockopt(zmq.LINGER, 0)
-        self._task: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._fd = -1
 
     def start(self) -> None:
         self._socket.bind(self.endpoint)
-        self._task = asyncio.get_running_loop().create_task(self._run())
+        self._loop = asyncio.get_running_loop()
+        fd = self._socket.getsockopt(zmq.FD)
+        assert isinstance(fd, int)
+        self._fd = fd
+        self._loop.add_reader(self._fd, self._drain)
+        self._loop.call_soon(self._drain)  # the FD signals edges: what came before is read now
 
-    async def _run(self) -> None:
-        while True:
-            message = await self._socket.recv()
+    def _drain(self) -> None:
+        # ZeroMQ's FD is edge-triggered: read until nothing is left. A flood is read over several
+        # loop turns (no new edge would come for what is left, so the next turn is scheduled).
+        socket = self._socket
+        for _ in range(MAX_MESSAGES_PER_TURN):
             try:
-                tag, worker_id, pid, *rest = msgpack.unpackb(message)
-                if tag == RECORDS:
-                    count, packed = rest
-                    self.hub.records(worker_id, pid, count, packed)
-                elif tag == CONTROL:
-                    self.hub.dispatch(worker_id, pid, rest[0])
-                else:
-                    raise ValueError(f"unknown message tag {tag!r}")
-            except Exception:  # a bad message must not stop the bus
-                self.bad_messages += 1
-                log.exception("bad event message dropped")
+                message = socket.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            except zmq.ZMQError:  # closed by stop()
+                return
+            self._handle(message)
+        assert self._loop is not None
+        self._loop.call_soon(self._drain)
+
+    def _handle(self, message: bytes) -> None:
+        try:
+            tag, worker_id, pid, *rest = msgpack.unpackb(message)
+            if tag == RECORDS:
+                count, packed = rest
+                self.hub.records(worker_id, pid, count, packed)
+            elif tag == CONTROL:
+                self.hub.dispatch(worker_id, pid, rest[0])
+            else:
+                raise ValueError(f"unknown message tag {tag!r}")
+        except Exception:  # a bad message must not stop the bus
+            self.bad_messages += 1
+            log.exception("bad event message dropped")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        if self._loop is not None and self._fd >= 0:
+            self._loop.remove_reader(self._fd)
+            self._fd = -1
         self._socket.close(linger=0)
         self._context.term()
         if self.endpoint.startswith("ipc://"):
