@@ -37,7 +37,6 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
-import msgpack
 from aiohttp import WSCloseCode, web
 
 from charon.config.model import AdminConfig
@@ -49,6 +48,7 @@ from charon.events.schema import (
     WS_CLOSE,
     WS_OPEN,
     as_dict,
+    unpack_records,
 )
 
 log = logging.getLogger("charon.admin")
@@ -278,7 +278,7 @@ class LiveLogSection:
         if not self._subscribers:
             self._keep(worker_id, count, packed)  # decoded only if someone asks for a backlog
             return
-        batch = msgpack.unpackb(packed)
+        batch = unpack_records(packed)
         self._keep(worker_id, count, batch)
         self._fan_out_batch(worker_id, batch)
 
@@ -316,7 +316,7 @@ class LiveLogSection:
         texts: list[str] = []
         seen = 0
         for worker_id, _, kept in reversed(self._ring):
-            batch = msgpack.unpackb(kept) if isinstance(kept, bytes) else kept
+            batch = unpack_records(kept) if isinstance(kept, bytes) else kept
             for event in reversed(batch):
                 if not event or event[0] not in LOGGED:
                     continue

@@ -13,12 +13,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from array import array
 from typing import Any
 
 import msgpack
 import zmq
 
-from charon.events.schema import CONTROL, RECORDS
+from charon.events.schema import CONTROL, RECORDS, REQUEST_COLUMNS, pack_text
 
 log = logging.getLogger("charon.events")
 
@@ -37,6 +38,40 @@ def _array_header(count: int) -> bytes:
     return _header_packer.pack_array_header(count)  # type: ignore[no-any-return]
 
 
+class RequestColumns:
+    """The REQUEST records of the batch being gathered, one list per field (FIELDS[REQUEST]):
+    a request costs eight appends; the batch is packed once, at the flush."""
+
+    __slots__ = (
+        "time", "host", "method", "status", "duration", "response_bytes", "client_ip", "path",
+    )
+
+    def __init__(self) -> None:
+        self.time: list[float] = []
+        self.host: list[str] = []
+        self.method: list[str] = []
+        self.status: list[int] = []
+        self.duration: list[float] = []
+        self.response_bytes: list[int] = []
+        self.client_ip: list[str] = []
+        self.path: list[str] = []
+
+    def __len__(self) -> int:
+        return len(self.time)
+
+    def pack(self) -> list[Any]:
+        """[count, column, ...]: numbers as native arrays' bytes, text joined with NUL."""
+        packed: list[Any] = [len(self)]
+        for name, typecode in REQUEST_COLUMNS:
+            values = getattr(self, name)
+            packed.append(array(typecode, values).tobytes() if typecode else pack_text(values))
+            values.clear()
+        return packed
+
+
+assert RequestColumns.__slots__ == tuple(name for name, _ in REQUEST_COLUMNS)
+
+
 class EventPublisher:
     def __init__(self, loop: asyncio.AbstractEventLoop, endpoint: str | None, worker_id: int):
         self.loop = loop
@@ -44,7 +79,9 @@ class EventPublisher:
         self.pid = os.getpid()
         self.dropped = 0
         self._packer = msgpack.Packer(autoreset=False)
-        self._count = 0  # events in the packer's buffer
+        self._count = 0  # records queued: events in the packer's buffer, and `requests`
+        # REQUEST records, appended to by Telemetry.request; None when events go nowhere.
+        self.requests: RequestColumns | None = None
         self._flush_handle: asyncio.TimerHandle | None = None
         self._context: zmq.Context[zmq.Socket[bytes]] | None = None
         self._socket: zmq.Socket[bytes] | None = None
@@ -56,12 +93,17 @@ class EventPublisher:
             sock.setsockopt(zmq.LINGER, 0)
             sock.connect(endpoint)
             self._socket = sock
+            self.requests = RequestColumns()
 
     def emit(self, event: tuple[Any, ...]) -> None:
-        """Queue one event; never blocks."""
+        """Queue one event (not a REQUEST: those go into `requests`); never blocks."""
         if self._socket is None:
             return
         self._packer.pack(event)
+        self.added()
+
+    def added(self) -> None:
+        """A record was queued (by `emit`, or appended to `requests`): flush when due."""
         self._count += 1
         if self._count >= MAX_BATCH:
             self.flush()
@@ -73,11 +115,15 @@ class EventPublisher:
             self._flush_handle.cancel()
             self._flush_handle = None
         count, self._count = self._count, 0
-        if not count or self._socket is None:
+        requests = self.requests
+        if not count or requests is None or self._socket is None:
             return
         packer = self._packer
-        # The events as one msgpack array: its header, then the events packed one by one.
-        packed = _array_header(count) + packer.bytes()
+        # [request columns, events]: the events as one msgpack array, its header and then the
+        # events packed one by one (see schema.unpack_records).
+        events = count - len(requests)
+        columns = msgpack.packb(requests.pack() if events < count else None)
+        packed = _array_header(2) + columns + _array_header(events) + packer.bytes()
         packer.reset()
         try:
             message = [RECORDS, self.worker_id, self.pid, count, packed]

@@ -5,17 +5,23 @@ the field names live here, once, for both ends.
 
 A message on the wire is one msgpack array, of one of two shapes:
 
-- `[RECORDS, worker_id, pid, count, packed]`: a batch of records for the live log (requests,
-  tunnels, upstream errors); `packed` is the msgpack array of `count` events, left packed. The
-  supervisor decodes it only when someone reads the live log: with nobody watching, a record
-  costs it nothing but its share of one receive per batch. Workers send a batch at most every
-  FLUSH_INTERVAL.
+- `[RECORDS, worker_id, pid, count, packed]`: a batch of `count` records for the live log
+  (requests, tunnels, upstream errors), left packed: `packed` is the msgpack array
+  `[request_columns, events]` (see `unpack_records`): the REQUEST records field by field (numbers
+  as native arrays, text joined with NUL: the worker pays a list append per field and a C loop
+  per batch, not msgpack's per-value dispatch for every request), then every other record as an
+  array. The supervisor decodes it only when someone reads the live log: with nobody watching,
+  a record costs it nothing but its share of one receive per batch. Workers send a batch at
+  most every FLUSH_INTERVAL.
 - `[CONTROL, worker_id, pid, [event, ...]]`: events the supervisor always acts on (METRICS).
 """
 
 from __future__ import annotations
 
+from array import array
 from typing import Any
+
+import msgpack
 
 # Message tags: the first element of every message.
 RECORDS = 0
@@ -51,6 +57,45 @@ ERR_CONNECT = "connect"
 ERR_TIMEOUT = "timeout"
 ERR_BAD_RESPONSE = "bad_response"
 ERR_CLOSED = "closed"
+
+
+# The columns of a batch's REQUEST records, in the order of FIELDS[REQUEST], with how each is
+# packed: an array typecode for numbers, "" for text joined with NUL.
+REQUEST_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("time", "d"), ("host", ""), ("method", ""), ("status", "H"), ("duration", "d"),
+    ("response_bytes", "Q"), ("client_ip", ""), ("path", ""),
+)
+
+
+def pack_text(values: list[str]) -> str | list[str]:
+    """A text column: one string joined with NUL, or the list itself in the rare batch where a
+    value holds a NUL (a path can; host labels, methods and addresses cannot)."""
+    joined = "\0".join(values)
+    if joined.count("\0") != len(values) - 1:
+        return list(values)  # a copy: the caller clears its list for the next batch
+    return joined
+
+
+def unpack_records(packed: bytes) -> list[list[Any]]:
+    """A RECORDS batch as events (arrays as in FIELDS), in the order they happened."""
+    columns, events = msgpack.unpackb(packed)
+    if not columns:
+        return events  # type: ignore[no-any-return]
+    count, *packed_columns = columns
+    values: list[list[Any]] = []
+    for (_, typecode), column in zip(REQUEST_COLUMNS, packed_columns, strict=True):
+        if typecode:
+            numbers = array(typecode)
+            numbers.frombytes(column)
+            values.append(numbers.tolist())
+        elif isinstance(column, str):
+            values.append(column.split("\0") if count else [])
+        else:
+            values.append(column)
+    requests = [[REQUEST, *fields] for fields in zip(*values, strict=True)]
+    if not events:
+        return requests
+    return sorted(requests + events, key=lambda event: event[1])  # by time (stable)
 
 
 def as_dict(event: list[Any] | tuple[Any, ...]) -> dict[str, Any]:

@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING, Any
 from charon.events.publisher import EventPublisher
 from charon.events.schema import (
     METRICS,
-    REQUEST,
     UPSTREAM_ERROR,
     WS_CLOSE,
     WS_OPEN,
@@ -106,10 +105,17 @@ class Telemetry:
         totals.response_bytes += response_bytes
         totals.http_buckets[bisect_left(HTTP_BUCKETS, duration)] += 1
         totals.http_seconds += duration
-        self.publisher.emit(
-            (REQUEST, time.time(), host, name, status, duration, response_bytes, client_ip,
-             text_path)
-        )
+        columns = self.publisher.requests
+        if columns is not None:
+            columns.time.append(time.time())
+            columns.host.append(host)
+            columns.method.append(name)
+            columns.status.append(status)
+            columns.duration.append(duration)
+            columns.response_bytes.append(response_bytes)
+            columns.client_ip.append(client_ip)
+            columns.path.append(text_path)
+            self.publisher.added()
 
     def upstream_error(
         self, host: str, kind: str, status: int, client_ip: str, path: bytes
