@@ -68,8 +68,8 @@ REQUEST_COLUMNS: tuple[tuple[str, str], ...] = (
 
 
 def pack_text(values: list[str]) -> str | list[str]:
-    """A text column: one string joined with NUL, or the list itself in the rare batch where a
-    value holds a NUL (a path can; host labels, methods and addresses cannot)."""
+    """A text column: one string joined with NUL, or a copy of the list in the rare batch where
+    a value holds a NUL (a path can; host labels, methods and addresses cannot)."""
     joined = "\0".join(values)
     if joined.count("\0") != len(values) - 1:
         return list(values)  # a copy: the caller clears its list for the next batch
@@ -81,7 +81,7 @@ def unpack_records(packed: bytes) -> list[list[Any]]:
     columns, events = msgpack.unpackb(packed)
     if not columns:
         return events  # type: ignore[no-any-return]
-    count, *packed_columns = columns
+    _count, *packed_columns = columns  # only batches with requests have columns
     values: list[list[Any]] = []
     for (_, typecode), column in zip(REQUEST_COLUMNS, packed_columns, strict=True):
         if typecode:
@@ -89,7 +89,7 @@ def unpack_records(packed: bytes) -> list[list[Any]]:
             numbers.frombytes(column)
             values.append(numbers.tolist())
         elif isinstance(column, str):
-            values.append(column.split("\0") if count else [])
+            values.append(column.split("\0"))
         else:
             values.append(column)
     requests = [[REQUEST, *fields] for fields in zip(*values, strict=True)]
