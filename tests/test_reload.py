@@ -996,7 +996,7 @@ def test_handshake_in_flight_at_retire_gets_the_drain(make_charon, http_backend,
                                                       drain: str) -> None:
     """The backend answers the handshake after the reload retired the worker: the tunnel still
     gets the drain: open for drain_timeout (5 min), or a Close 1001 (0s) - never a bare cut."""
-    slow = backend_factory("reload_slow_ws.py")
+    slow = backend_factory("ws_backend.py")  # its /slow-echo answers the handshake late
     charon = make_charon(hosts_toml(http_backend, ws_backend, slow_ws=slow), workers=1,
                          server=f'drain_timeout = "{drain}"\nshutdown_timeout = "10s"')
     (old_pid,) = health(charon)["worker_pids"]

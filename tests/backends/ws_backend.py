@@ -11,12 +11,14 @@ WebSocket paths (any query is ignored, except `id`, see /last-close):
   /close/<code>    closes at once with that code and the reason "bye <code>"
   /die             echoes the first message; on the second one the connection is reset (RST)
   /silent          accepts, reads and drops everything, never sends
+  /slow-echo       waits `?delay=S` seconds (default 2) before the 101, then as /echo
 HTTP paths:
   /reject/<status> a plain response with that status and the body "denied" (302 adds a Location)
   /plain           200 "plain"
   /last-close      JSON {"id", "path", "code", "reason"} of the last WebSocket connection that
                    ended (`?id=X`: the last one opened with `?id=X`), 404 if none yet
   /seen            JSON list of every request received: {"method", "path", "upgrade"}
+  /pending         how many /slow-echo handshakes are waiting for their 101 now
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ MAX_MESSAGE = 64 * 1024 * 1024
 
 _closes: dict[str, dict[str, object]] = {}
 _seen: list[dict[str, object]] = []
+_pending = 0  # /slow-echo handshakes not answered yet
 
 
 @web.middleware
@@ -134,6 +137,20 @@ async def silent(request: web.Request) -> web.StreamResponse:
     return ws
 
 
+async def slow_echo(request: web.Request) -> web.StreamResponse:
+    global _pending
+    _pending += 1
+    try:
+        await asyncio.sleep(float(request.query.get("delay", "2")))
+    finally:
+        _pending -= 1
+    return await echo(request)
+
+
+async def pending(request: web.Request) -> web.StreamResponse:
+    return web.Response(text=str(_pending))
+
+
 async def reject(request: web.Request) -> web.StreamResponse:
     status = int(request.match_info["status"])
     extra = {"Location": "/elsewhere"} if 300 <= status < 400 else {}
@@ -162,6 +179,8 @@ async def main(port: int) -> None:
     app.router.add_get("/close/{code:\\d+}", close)
     app.router.add_get("/die", die)
     app.router.add_get("/silent", silent)
+    app.router.add_get("/slow-echo", slow_echo)
+    app.router.add_get("/pending", pending)
     app.router.add_route("*", "/reject/{status:\\d+}", reject)
     app.router.add_route("*", "/plain", plain)
     app.router.add_get("/last-close", last_close)
