@@ -17,8 +17,10 @@ import time
 import urllib.error
 import urllib.request
 import zlib
-from collections.abc import Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -215,15 +217,27 @@ class Env:
     raw: Backend
 
 
-@pytest.fixture(scope="module")
-def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
+@contextmanager
+def ws_env(tmp: Path, hosts: Callable[[Backend, Backend], str]) -> Iterator[Env]:
+    """Charon in front of ws_backend.py and ws_raw_backend.py; `hosts(ws, raw)` gives its
+    [[hosts]] tables. Every process is stopped at the end."""
     started: list[Backend] = []
     try:
         ws = Backend("ws_backend.py")
         started.append(ws)
         raw = Backend("ws_raw_backend.py")
         started.append(raw)
-        hosts = f"""
+        with running_charon(tmp, hosts(ws, raw)) as charon:
+            yield Env(charon, charon.port, ws, raw)
+    finally:
+        for backend in started:
+            backend.stop()
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
+    def hosts(ws: Backend, raw: Backend) -> str:
+        return f"""
             [[hosts]]
             domains = ["{HOST}"]
             upstream = "{ws.url}"
@@ -237,11 +251,9 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
             domains = ["dead.test"]
             upstream = "http://{HOST}:{free_port()}"
             """
-        with running_charon(tmp_path_factory.mktemp("ws-handshake"), hosts) as charon:
-            yield Env(charon, charon.port, ws, raw)
-    finally:
-        for backend in started:
-            backend.stop()
+
+    with ws_env(tmp_path_factory.mktemp("ws-handshake"), hosts) as env:
+        yield env
 
 
 def seen_upgrades(env: Env, path: str) -> list[dict[str, Any]]:

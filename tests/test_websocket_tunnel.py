@@ -10,18 +10,19 @@ import signal
 import struct
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import aiohttp
 import pytest
-from harness import HOST, Backend, Charon, running_charon
+from harness import HOST, Backend, running_charon
 from test_websocket_handshake import (
+    Env,
     Frame,
     RawWs,
     client_frame,
     last_close,
     run,
     ws_connect,
+    ws_env,
     ws_request,
 )
 from websockets.exceptions import ConnectionClosed
@@ -32,23 +33,10 @@ HALF_FRAME = bytes((0x81, 100)) + b"x" * 50  # what ws_raw_backend's /half-frame
 OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x1, 0x2, 0x8, 0x9, 0xA
 
 
-@dataclass
-class Env:
-    charon: Charon
-    port: int
-    ws: Backend
-    raw: Backend
-
-
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
-    started: list[Backend] = []
-    try:
-        ws = Backend("ws_backend.py")
-        started.append(ws)
-        raw = Backend("ws_raw_backend.py")
-        started.append(raw)
-        hosts = f"""
+    def hosts(ws: Backend, raw: Backend) -> str:
+        return f"""
             [[hosts]]
             domains = ["{HOST}"]
             upstream = "{ws.url}"
@@ -82,11 +70,9 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
             upstream = "{raw.url}"
             websocket_ping_interval = "1s"
             """
-        with running_charon(tmp_path_factory.mktemp("ws-tunnel"), hosts) as charon:
-            yield Env(charon, charon.port, ws, raw)
-    finally:
-        for backend in started:
-            backend.stop()
+
+    with ws_env(tmp_path_factory.mktemp("ws-tunnel"), hosts) as env:
+        yield env
 
 
 def conn_id(tag: str) -> str:
