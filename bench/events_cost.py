@@ -97,7 +97,7 @@ def measure(args: argparse.Namespace, tmp: Path, backend_port: int, events: bool
         if not requests:
             raise BenchError(f"wrk completed no request:\n{load.stdout}\n{load.stderr}")
         per_process = {pid: callgrind_totals(cdir, pid) / requests for pid in pids}
-        return {"name": name, "requests": requests, "errors": errors, "per_process": per_process,
+        return {"name": name, "requests": requests, "errors": errors,
                 "supervisor": per_process[charon.pid],
                 "workers": sum(v for p, v in per_process.items() if p != charon.pid)}  # fmt: skip
     finally:

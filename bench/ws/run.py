@@ -987,13 +987,18 @@ def bound_by(r: Result, args: argparse.Namespace) -> str:
     return f"neither core full (latency-bound): {detail}"
 
 
-def median_rounds(results: list[Result]) -> list[Result]:
-    """One result per scenario and target, in first-seen order: its median round by CPU/op."""
+def by_scenario_and_target(results: list[Result]) -> dict[tuple[str, str], list[Result]]:
+    """Every round's result of each scenario and target, in first-seen order."""
     groups: dict[tuple[str, str], list[Result]] = {}
     for r in results:
         groups.setdefault((r.scenario, r.target), []).append(r)
+    return groups
+
+
+def median_rounds(results: list[Result]) -> list[Result]:
+    """One result per scenario and target, in first-seen order: its median round by CPU/op."""
     chosen = []
-    for runs in groups.values():
+    for runs in by_scenario_and_target(results).values():
         good = sorted(
             (r for r in runs if not r.failure and r.cpu_us_per_op is not None),
             key=lambda r: r.cpu_us_per_op or 0.0,
@@ -1005,9 +1010,7 @@ def median_rounds(results: list[Result]) -> list[Result]:
 def rounds_summary(results: list[Result]) -> list[str]:
     """Per scenario: every round's CPU/op per target, and each round's CPU/op ratio to nginx
     in the same round (paired), with the median of those ratios."""
-    rounds: dict[tuple[str, str], list[Result]] = {}
-    for r in results:
-        rounds.setdefault((r.scenario, r.target), []).append(r)
+    rounds = by_scenario_and_target(results)
     lines = []
     for scenario in dict.fromkeys(r.scenario for r in results):
         parts = []

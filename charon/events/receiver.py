@@ -97,9 +97,7 @@ class EventReceiver:
         for _ in range(MAX_MESSAGES_PER_TURN):
             try:
                 message = socket.recv(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            except zmq.ZMQError:  # closed by stop()
+            except zmq.ZMQError:  # zmq.Again: nothing left; another error: closed by stop()
                 return
             self._handle(message)
         assert self._loop is not None
