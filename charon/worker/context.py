@@ -15,6 +15,7 @@ from charon.worker.websocket.tunnel import TunnelEngine
 if TYPE_CHECKING:
     from charon.worker.http.client import ClientConnection
     from charon.worker.listeners import Listeners
+    from charon.worker.websocket.dialled import DialledTunnel
     from charon.worker.websocket.tunnel import Tunnel
 
 
@@ -30,6 +31,7 @@ class WorkerContext:
         self.scheme = b"http"
         self.connections: set[ClientConnection] = set()
         self.tunnels: set[Tunnel] = set()
+        self.dialling: set[DialledTunnel] = set()  # handshakes the front door took, until 101
         self.engine = TunnelEngine(loop)  # every tunnel's sockets, on one epoll set
         self.telemetry = telemetry
         self.listeners: Listeners | None = None  # set once serving

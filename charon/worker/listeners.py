@@ -11,11 +11,16 @@ mean, so some worker always accepts.
 from __future__ import annotations
 
 import asyncio
+import logging
 import mmap
 import os
-import socket
 import struct
-from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from charon.worker.websocket._engine import Engine
+
+log = logging.getLogger("charon.worker")
 
 PAUSE_ABOVE = 1.25  # pause accepting above this many times the mean ...
 PAUSE_SLACK = 8  # ... plus this many connections (no flapping at small numbers)
@@ -64,43 +69,34 @@ class LoadTable:
 
 
 class Listeners:
-    """Serves the inherited listening fds; pauses and resumes accepting by load."""
+    """The inherited listening fds, served by the engine's front door (door.c); pauses and
+    resumes accepting by load."""
 
-    def __init__(
-        self,
-        loop: asyncio.AbstractEventLoop,
-        fds: list[int],
-        factory: Callable[[], asyncio.Protocol],
-        table: LoadTable | None,
-    ) -> None:
-        self.loop = loop
-        self.fds = fds  # kept open: each server gets a duplicate, closed by uvloop with it
-        self.factory = factory
+    def __init__(self, engine: Engine, fds: list[int], table: LoadTable | None) -> None:
+        self.engine = engine
+        self.fds = fds  # ours (the supervisor keeps its own): closed when this worker stops
         self.table = table
-        self.servers: list[asyncio.AbstractServer] = []
         self.paused = False
         self.closed = False
-        self._resuming = False
+        self.loop = asyncio.get_running_loop()
 
-    async def start(self) -> None:
+    def start(self) -> None:
         for fd in self.fds:
-            sock = socket.socket(fileno=os.dup(fd))
-            server = await self.loop.create_server(self.factory, sock=sock, backlog=4096)
-            sock.detach()  # uvloop owns the fd now and closes it with the server
-            self.servers.append(server)
+            os.set_blocking(fd, False)  # the front door takes until the queue is empty
+            self.engine.listen(fd)
 
-    def opened(self) -> None:
+    def opened(self, count: int = 1) -> None:
         table = self.table
         if table is None:
             return
-        table.write(table.count + 1)
+        table.write(table.count + count)
         if (
             not self.paused
             and table.count > table.never_above
             and table.count > table.mean() * PAUSE_ABOVE + PAUSE_SLACK
         ):
             self.paused = True
-            self._close_servers()
+            self._stop_accepting()
             # Others' counts move too: look again soon, or two workers could both stay paused.
             self.loop.call_later(PAUSED_RECHECK, self._recheck)
 
@@ -113,42 +109,38 @@ class Listeners:
             self.check()
 
     def check(self) -> None:
-        """Accept again once near the mean (also called each second: others' counts move)."""
+        """Accept again once near the mean (also called each second: others' counts move),
+        or after the front door ran out of fds (its listening fds left the epoll set)."""
+        error = self.engine.take_accept_error()
+        if error and not self.closed:
+            log.warning("accepting paused for a second: %s", os.strerror(error))
+            if not self.paused:
+                self.start()
         table = self.table
         if (
             self.paused
             and not self.closed
-            and not self._resuming
             and table is not None
             and table.count <= table.mean() * RESUME_AT + RESUME_SLACK
         ):
-            self._resuming = True
-            self.loop.create_task(self._resume())
+            self.paused = False
+            self.start()
 
     def _recheck(self) -> None:
         if self.paused and not self.closed:
             self.check()
             self.loop.call_later(PAUSED_RECHECK, self._recheck)
 
-    async def _resume(self) -> None:
-        try:
-            if not self.closed:
-                await self.start()
-                self.paused = False
-        finally:
-            self._resuming = False
-
     def close(self) -> None:
         """Stop accepting for good (drain, retire); the table no longer counts this worker."""
         self.closed = True
-        self._close_servers()
+        self._stop_accepting()
         for fd in self.fds:
             os.close(fd)
         self.fds = []
         # The count is kept up to date while the connections end: a worker retired by TTOU stays
         # in its generation's mean until it is gone.
 
-    def _close_servers(self) -> None:
-        for server in self.servers:
-            server.close()
-        self.servers = []
+    def _stop_accepting(self) -> None:
+        for fd in self.fds:
+            self.engine.unlisten(fd)

@@ -28,10 +28,10 @@ import uvloop
 from charon import logsetup
 from charon.config import Config, load_config_text
 from charon.events.publisher import EventPublisher
+from charon.worker import door
 from charon.worker.accesslog import AccessLog
 from charon.worker.context import WorkerContext
 from charon.worker.deadlines import DeadlineSweeper
-from charon.worker.http.client import ClientConnection
 from charon.worker.listeners import Listeners, LoadTable
 from charon.worker.telemetry import Telemetry
 
@@ -76,15 +76,17 @@ class Worker:
             access_log = AccessLog(loop, self.config.server.access_log, self.log_format == "json")
             loop.add_signal_handler(signal.SIGUSR1, access_log.reopen)
         ctx = WorkerContext(loop, self.config, Telemetry(publisher, access_log, events))
-        listeners = Listeners(loop, self.listen_fds, partial(ClientConnection, ctx), self.table)
-        await listeners.start()
+        ctx.engine.on_arrivals = partial(door.arrived, ctx)
+        listeners = Listeners(ctx.engine.engine, self.listen_fds, self.table)
+        listeners.start()
         ctx.listeners = listeners
         loop.add_signal_handler(signal.SIGTERM, self._request_stop, STOP)
         loop.add_signal_handler(signal.SIGUSR2, self._request_stop, RETIRE)
         loop.add_signal_handler(signal.SIGINT, self._request_stop, FAST)
         loop.add_signal_handler(signal.SIGQUIT, self._request_stop, FAST)
         sweeper = DeadlineSweeper(
-            loop, lambda: itertools.chain(ctx.connections, ctx.tunnels, (ctx.engine,))
+            loop,
+            lambda: itertools.chain(ctx.connections, ctx.tunnels, ctx.dialling, (ctx.engine,)),
         )
         sweeper.start()
         self._heartbeat(loop, ctx, b"R")  # R: serving; the supervisor counts the worker ready
@@ -102,7 +104,9 @@ class Worker:
             for conn in list(ctx.connections):
                 conn.shutdown()
             deadline = loop.time() + self.config.server.shutdown_timeout
-            while ctx.connections and loop.time() < deadline and not self._fast:
+            # A handshake being dialled is an in-flight request too: its tunnel, once open,
+            # closes with 1001 at once (closing_tunnels).
+            while (ctx.connections or ctx.dialling) and loop.time() < deadline and not self._fast:
                 await asyncio.sleep(0.05)
             if ctx.connections:
                 log.warning("%d connections open after shutdown_timeout", len(ctx.connections))
@@ -130,7 +134,7 @@ class Worker:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.config.server.drain_timeout
         while (
-            (ctx.connections or ctx.tunnels)
+            (ctx.connections or ctx.tunnels or ctx.dialling)
             and loop.time() < deadline
             and not self._fast
             and not self._stop_asked

@@ -22,6 +22,7 @@ from charon.worker.http.request import BODY_NONE, plan_request
 
 if TYPE_CHECKING:
     from charon.worker.context import WorkerContext
+    from charon.worker.http.adopted import Handover
 
 log = logging.getLogger("charon.worker")
 
@@ -38,7 +39,7 @@ class ClientConnection(asyncio.Protocol):
     __slots__ = (
         "ctx", "transport", "parser", "peer_ip", "exchanges", "deadline", "deadline_kind",
         "closing", "_paused", "write_paused", "_url", "_url_size", "_headers", "_header_size",
-        "_in_head", "_held", "_max_header_bytes", "_max_header_count",
+        "_in_head", "_held", "_max_header_bytes", "_max_header_count", "first_read", "handover",
     )
 
     def __init__(self, ctx: WorkerContext) -> None:
@@ -62,6 +63,9 @@ class ClientConnection(asyncio.Protocol):
         limits = ctx.limits  # copied: read for every header field
         self._max_header_bytes = limits.max_header_bytes
         self._max_header_count = limits.max_header_count
+        # From the front door (http/adopted.py): bytes it read, and what it did with them.
+        self.first_read = b""
+        self.handover: Handover | None = None
 
     # -- asyncio.Protocol ------------------------------------------------------------------
 
@@ -69,10 +73,11 @@ class ClientConnection(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
         peer = transport.get_extra_info("peername")
         self.peer_ip = peer[0] if peer else ""
-        self.ctx.connections.add(self)
-        if self.ctx.listeners is not None:
-            self.ctx.listeners.opened()
+        self.ctx.connections.add(self)  # (counted for accept back-off by the front door)
         self.set_deadline(HEADER, self.ctx.timeouts.header)
+        if self.first_read:
+            data, self.first_read = self.first_read, b""
+            self.data_received(data)
 
     def data_received(self, data: bytes) -> None:
         if self._held is not None:
@@ -120,6 +125,9 @@ class ClientConnection(asyncio.Protocol):
         self.closing = True
         while self.exchanges:
             self.exchanges.popleft().client_lost()
+        if self.handover is not None:
+            self.handover.close()
+            self.handover = None
         self.transport = None
         self._drop_parser()
 

@@ -9,6 +9,7 @@ and written once.
 from __future__ import annotations
 
 import logging
+import socket
 import time
 from typing import TYPE_CHECKING
 
@@ -35,6 +36,7 @@ from charon.worker.websocket.handshake import switching_response
 from charon.worker.websocket.tunnel import TunnelInfo, open_tunnel
 
 if TYPE_CHECKING:
+    from charon.worker.http.adopted import Handover
     from charon.worker.http.client import ClientConnection
     from charon.worker.upstreams.connecting import Connecting
     from charon.worker.upstreams.connection import UpstreamConnection
@@ -51,7 +53,7 @@ class Exchange:
         "http11", "keep_alive", "request_done", "pending", "pending_size", "upstream",
         "connecting", "finished", "parser", "reason", "headers", "in_head", "interim", "framing",
         "delimited", "response_started", "response_done", "upstream_reusable", "out", "reused",
-        "retried", "switching",
+        "retried", "switching", "answered",
     )
 
     def __init__(
@@ -95,6 +97,7 @@ class Exchange:
         self.reused = False  # the backend connection came from the pool (see _may_retry)
         self.retried = False
         self.switching = False
+        self.answered: bytes | None = None  # the backend's answer read by the front door
 
     # -- lifecycle, driven by the client connection ------------------------------------------
 
@@ -104,6 +107,11 @@ class Exchange:
             self._answer_locally(self.error)
             return
         assert self.plan is not None
+        handover = self.client.handover
+        if handover is not None:
+            self.client.handover = None
+            self._resume_handover(handover)
+            return
         conn = self.plan.route.pool.take_idle()
         if conn is not None:
             self._attach(conn, reused=True)
@@ -178,6 +186,23 @@ class Exchange:
         self.connecting = connecting = self.plan.route.pool.connect(self)
         connecting.start()
 
+    def _resume_handover(self, handover: Handover) -> None:
+        """Go on from where the front door's dial of a WebSocket handshake stopped: its
+        failure is answered, or the backend's answer so far is read on its connection."""
+        assert self.plan is not None
+        if handover.failure is not None:
+            handover.close()
+            self._fail(*handover.failure)
+            return
+        upstream = self.plan.route.pool.upstream
+        family = socket.AF_INET6 if ":" in upstream.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM, 0, handover.backend_fd)
+        handover.backend_fd = -1
+        self.answered = handover.answered
+        self.client.set_deadline(FIRST_BYTE, self.plan.route.timeouts.first_byte)
+        self.connecting = connecting = self.plan.route.pool.adopt(self, sock)
+        connecting.start()
+
     def upstream_connected(self, conn: UpstreamConnection) -> None:
         """The connection opened for this exchange is up (its `connection_made`): the request
         goes out at once, unless a pause is due. uvloop starts reading right after
@@ -218,6 +243,12 @@ class Exchange:
         self.parser = httptools.HttpResponseParser(self)
         self.in_head = True
         self.headers = []
+        answered, self.answered = self.answered, None
+        if answered is not None:  # the request went out before the connection was handed over
+            self.client.set_deadline(FIRST_BYTE, self.plan.route.timeouts.first_byte)
+            if answered:
+                self.upstream_data(answered)
+            return
         conn.transport.write(self.plan.head)
         if self.pending:
             conn.transport.writelines(self.pending)

@@ -1,4 +1,5 @@
-"""A backend connect in progress: uvloop's `create_connection` stepped without an asyncio Task.
+"""A connect in progress: uvloop's `create_connection` (or `connect_accepted_socket`) stepped
+without an asyncio Task.
 
 A Task per connect costs an entry in asyncio's set of all tasks (a Python WeakSet, added to on
 creation and removed from on release) and a loop turn before connect() is even called. The
@@ -12,10 +13,8 @@ import asyncio
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from charon.worker.upstreams.connection import UpstreamConnection
-
-# (the Connecting, the connection or None, None or what was raised)
-ConnectDone = Callable[["Connecting", UpstreamConnection | None, BaseException | None], None]
+# (the Connecting, the protocol or None, None or what was raised)
+ConnectDone = Callable[["Connecting", Any, BaseException | None], None]
 
 
 class Connecting:
@@ -24,7 +23,7 @@ class Connecting:
     def __init__(
         self,
         loop: asyncio.AbstractEventLoop,
-        coro: Coroutine[Any, Any, tuple[asyncio.BaseTransport, UpstreamConnection]],
+        coro: Coroutine[Any, Any, tuple[asyncio.BaseTransport, asyncio.BaseProtocol]],
         on_done: ConnectDone,
     ) -> None:
         self._loop = loop

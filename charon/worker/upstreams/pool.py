@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 from functools import partial
 from typing import TYPE_CHECKING
 
@@ -30,6 +31,11 @@ class UpstreamPool:
         coro = self.loop.create_connection(
             partial(UpstreamConnection, self, exchange), self.upstream.host, self.upstream.port
         )
+        return Connecting(self.loop, coro, exchange.connect_done)
+
+    def adopt(self, exchange: Exchange, sock: socket.socket) -> Connecting:
+        """A connection made elsewhere (the front door's dial), for `exchange`, to `start`."""
+        coro = self.loop.create_connection(partial(UpstreamConnection, self, exchange), sock=sock)
         return Connecting(self.loop, coro, exchange.connect_done)
 
     def take_idle(self) -> UpstreamConnection | None:

@@ -12,6 +12,7 @@ import asyncio
 import logging
 import os
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from charon.worker.deadlines import NONE, TUNNEL_IDLE
@@ -28,6 +29,7 @@ from charon.worker.websocket.frames import (
 if TYPE_CHECKING:
     from charon.config.model import WebSocketSettings
     from charon.worker.context import WorkerContext
+    from charon.worker.websocket._engine import Arrival
 
 log = logging.getLogger("charon.worker")
 
@@ -49,12 +51,16 @@ class TunnelInfo:
 
 
 class TunnelEngine:
-    """The worker's engine: read when its epoll fd is ready, swept with the deadlines."""
+    """The worker's engine: read when its epoll fd is ready, swept with the deadlines.
 
-    __slots__ = ("engine", "deadline", "deadline_kind", "_loop")
+    It is also the front door (door.c): `on_arrivals` gets the connections it accepted (and
+    how many more connections are open than at the last call)."""
+
+    __slots__ = ("engine", "deadline", "deadline_kind", "_loop", "on_arrivals")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
+        self.on_arrivals: Callable[[list[Arrival] | None, int], None] | None = None
         self.engine = _engine.Engine()
         loop.add_reader(self.engine.fileno(), self._ready)
         # The sweep looks at the engine every time: finished tunnels that cannot flush are
@@ -63,14 +69,22 @@ class TunnelEngine:
         self.deadline_kind = TUNNEL_IDLE
 
     def _ready(self) -> None:
-        reports = self.engine.run()
+        ran = self.engine.run()
+        if ran is None:
+            return
+        reports, arrivals, accepted = ran
         if reports is not None:
             for tunnel, flags, code in reports:
                 tunnel.on_report(flags, code)  # type: ignore[attr-defined]
+        if arrivals is not None or accepted:
+            if self.on_arrivals is not None:
+                self.on_arrivals(arrivals, accepted)
+            elif arrivals is not None:  # not serving (yet or any more)
+                for fd, *_ in arrivals:
+                    os.close(fd)
 
     def on_deadline(self, kind: int) -> None:
-        if self.engine.flushing:
-            self.engine.expire()
+        self.engine.expire()  # tunnels that could not flush; silent new connections
         self.deadline_kind = TUNNEL_IDLE
 
     @property
@@ -103,9 +117,10 @@ class Tunnel(_engine.Tunnel):
         backend_fd: int,
         settings: WebSocketSettings,
         info: TunnelInfo,
+        adopt: bool = False,
     ) -> None:
-        # The engine works on its own duplicates of the fds.
-        super().__init__(ctx.engine.engine, client_fd, backend_fd, settings.max_frame_size)
+        # The engine works on its own duplicates of the fds, or on these (adopt).
+        super().__init__(ctx.engine.engine, client_fd, backend_fd, settings.max_frame_size, adopt)
         self.ctx = ctx
         self.info = info
         self.settings = settings
@@ -126,6 +141,10 @@ class Tunnel(_engine.Tunnel):
             if self.ctx.listeners is not None:
                 self.ctx.listeners.closed_one()
             return
+        self.running()
+
+    def running(self) -> None:
+        """The engine serves the tunnel from now on."""
         self.ctx.tunnels.add(self)
         self._arm_deadline()
         self.ctx.telemetry.websocket_open(self.info)

@@ -15,8 +15,16 @@
  * No Python code runs while events are handled (reports and releases wait until the end of
  * run()), so a tunnel cannot vanish under the loop.
  *
+ * The front door: the engine also serves the worker's listening sockets. It accepts, reads
+ * once, and hands every connection to Python (run()'s arrivals); a connection whose first read
+ * holds a whole WebSocket handshake comes with its head split into fields, and Python may make
+ * it a Tunnel that dials the backend itself (dial.c): the handshake's every socket operation
+ * is then done here, none in uvloop.
+ *
  * Files: sockets.c (buffers, sends, epoll interest, closing), walk.c (frame walking, reads,
- * events), engine_type.c and tunnel_type.c (the Python types and the module). */
+ * events), door.c (accepting, the first read, the head split), dial.c (the backend connect,
+ * the handshake request, the 101's checks), engine_type.c and tunnel_type.c (the Python types
+ * and the module). */
 
 #ifndef CHARON_ENGINE_H
 #define CHARON_ENGINE_H
@@ -26,6 +34,7 @@
 
 #include <stdint.h>
 #include <sys/epoll.h>
+#include <sys/socket.h>
 #include <time.h>
 
 #define READ_SIZE (64 * 1024)  /* the engine's one read buffer */
@@ -46,6 +55,58 @@
 #define EV_CLIENT_LOST 1
 #define EV_BACKEND_LOST 2
 #define EV_REFUSED 4
+#define EV_OPENED 8      /* a dialled tunnel got a valid 101 and is running */
+#define EV_HANDED_BACK 16 /* a dial ended without a tunnel: Python takes the sockets back */
+
+/* Epoll data tags: a tunnel's address | side (objects are 8-aligned), 0 for the wake-up,
+ * a listening socket's fd << 2 | LISTEN_TAG, a new connection that had sent nothing yet
+ * fd << 2 | WAITING_TAG. */
+#define LISTEN_TAG 2
+#define WAITING_TAG 3
+#define WAIT_LIMIT 0.5        /* seconds a silent new connection waits before going to Python */
+
+#define FIRST_READ 16384      /* the front door's one read of a new connection */
+#define MAX_ARRIVALS 64       /* connections accepted per run() */
+#define MAX_FAST_FIELDS 100   /* header fields of a head the front door splits */
+#define MAX_RESPONSE_HEAD 16384
+
+/* A connection accepted by the front door, until run() hands it to Python. */
+typedef struct {
+    int fd;
+    int websocket;           /* the first read is a whole handshake head, split cleanly */
+    struct sockaddr_storage peer;
+    uint8_t *data;           /* the first read (PyMem), len bytes */
+    uint32_t len;
+} Arrival;
+
+/* A new connection whose first read found nothing yet (door.c). */
+typedef struct {
+    int fd;
+    double since;
+    struct sockaddr_storage peer;
+} Waiting;
+
+/* A request head as split by door.c: offsets into the first read. */
+typedef struct {
+    uint32_t method_len, target_off, target_len, head_len;
+    uint32_t count;
+    uint32_t name_off[MAX_FAST_FIELDS], name_len[MAX_FAST_FIELDS];
+    uint32_t value_off[MAX_FAST_FIELDS], value_len[MAX_FAST_FIELDS];
+} SplitHead;
+
+/* A tunnel's backend connect and handshake, until the 101 or a hand-back (dial.c). */
+typedef struct {
+    uint8_t *request;        /* the handshake request for the backend, then nothing */
+    uint32_t request_len, request_sent;
+    uint8_t *response;       /* what the backend sent so far (MAX_RESPONSE_HEAD at most) */
+    uint32_t response_len;
+    uint8_t *client_tail;    /* bytes the client sent past its head */
+    uint32_t client_tail_len;
+    uint8_t accept[28];      /* the Sec-WebSocket-Accept the backend must send */
+    uint8_t connected;
+    int error;               /* errno of a failed connect or read; -1: the answer is no 101 */
+    double connected_at;
+} DialState;
 
 typedef struct {
     uint8_t *data;
@@ -87,6 +148,8 @@ typedef struct TunnelObject {
     uint8_t rd_ready[2], wr_ready[2];
     uint8_t rd_end[2];       /* the peer's FIN (or an error) is queued behind the bytes */
     uint8_t finishing, started, lost_any, notified, flushing, queued;
+    uint8_t handed_back;     /* the sockets went back to Python: nothing to close here */
+    uint8_t adopted;         /* the fds are no copies: closing them leaves the epoll set */
     uint8_t events;          /* EV_* waiting for run() to report */
     uint16_t refused_code;
     int8_t first_close;      /* side whose Close passed first, -1: none yet */
@@ -95,6 +158,9 @@ typedef struct TunnelObject {
     uint8_t *inject[2];      /* by destination side: proxy frames waiting for a boundary */
     uint16_t inject_len[2];
     PongWatch *pong;
+    DialState *dial;         /* while dialling the backend (NULL otherwise) */
+    uint8_t *subprotocol;    /* the backend's Sec-WebSocket-Protocol, from a dialled 101 */
+    uint16_t subprotocol_len;
     double last_traffic;
     double flush_deadline;
     struct TunnelObject *next_notify;
@@ -116,6 +182,15 @@ struct EngineObject {
     Py_ssize_t flushing_count;
     TunnelObject **release;  /* references to drop once run() is done with the events */
     Py_ssize_t release_len, release_cap;
+    Arrival arrivals[MAX_ARRIVALS];
+    int arrivals_len;
+    int accept_errno;        /* a listening socket hit EMFILE/ENFILE (it left the set) */
+    int accepted;            /* connections the front door took in minus those it closed,
+                              * since the last run(): Python's count of open connections */
+    Waiting *waiting;        /* silent new connections, in no order */
+    int waiting_len, waiting_cap;
+    int *waiting_at;         /* by fd: index in waiting + 1, 0 if not waiting */
+    int waiting_at_cap;
     struct epoll_event events[MAX_EVENTS];
 };
 
@@ -131,6 +206,7 @@ monotonic(void)
 }
 
 /* sockets.c */
+void wake(EngineObject *e);
 void notify(TunnelObject *t, uint8_t what);
 int release_later(EngineObject *e, TunnelObject *t);
 void flush_list_remove(TunnelObject *t);
@@ -140,9 +216,27 @@ void side_lost(TunnelObject *t, int side);
 int emit(TunnelObject *t, int dst, const uint8_t *p, size_t n);
 int flush_out(TunnelObject *t, int dst);
 int reading(TunnelObject *t, int side);
+int register_side(TunnelObject *t, int side);
 int register_sides(TunnelObject *t);
 void queue_again(TunnelObject *t);
 void finish_progress(TunnelObject *t);
+
+/* door.c */
+void accept_ready(EngineObject *e, int listen_fd);
+void first_read_ready(EngineObject *e, int fd);
+void expire_waiting(EngineObject *e, double now);
+void free_waiting(EngineObject *e);
+int split_head(const uint8_t *p, uint32_t n, SplitHead *h);
+int split_fields(const uint8_t *p, uint32_t at, uint32_t end, SplitHead *h);
+int has_token(const uint8_t *p, uint32_t n, const char *token);
+int lower_equals(const uint8_t *p, uint32_t n, const char *word);
+PyObject *take_arrivals(EngineObject *e);
+void free_arrivals(EngineObject *e);
+
+/* dial.c */
+int dial_start(TunnelObject *t, const struct sockaddr *addr, socklen_t addr_len);
+void dial_event(TunnelObject *t, int side, uint32_t ev);
+void dial_free(TunnelObject *t);
 
 /* walk.c */
 int flush_inject(TunnelObject *t, int dst);

@@ -89,6 +89,8 @@ Engine_dealloc(EngineObject *e)
 {
     PyObject_GC_UnTrack(e);
     Engine_clear(e);
+    free_arrivals(e);
+    free_waiting(e);
     if (e->wakefd >= 0)
         close(e->wakefd);
     if (e->epfd >= 0)
@@ -173,7 +175,11 @@ Engine_run(EngineObject *e, PyObject *Py_UNUSED(ignored))
     e->again = NULL;
     for (int i = 0; i < n; i++) {
         uint64_t data = e->events[i].data.u64;
-        if (data != 0) {
+        if ((data & 3) == WAITING_TAG)
+            first_read_ready(e, (int)(data >> 2));
+        else if (data & LISTEN_TAG)
+            accept_ready(e, (int)(data >> 2));
+        else if (data != 0) {
             TunnelObject *t = (TunnelObject *)(uintptr_t)(data & ~(uint64_t)1);
             handle_event(t, (int)(data & 1), e->events[i].events);
         }
@@ -189,9 +195,73 @@ Engine_run(EngineObject *e, PyObject *Py_UNUSED(ignored))
     }
     e->in_run = 0;
     /* Python code may run from here on (reference drops, allocations): the loop is done. */
+    PyObject *arrivals = Py_NewRef(Py_None);
+    if (e->arrivals_len) {
+        Py_DECREF(arrivals);
+        arrivals = take_arrivals(e);
+    }
     PyObject *reports = take_reports(e);
     drain_release(e);
-    return reports;
+    if (reports == NULL || arrivals == NULL) {
+        Py_XDECREF(reports);
+        Py_XDECREF(arrivals);
+        return NULL;
+    }
+    if (reports == Py_None && arrivals == Py_None && e->accepted == 0) {
+        Py_DECREF(arrivals);
+        return reports;
+    }
+    int accepted = e->accepted;
+    e->accepted = 0;
+    return Py_BuildValue("(NNi)", reports, arrivals, accepted);
+}
+
+static int
+listen_arg(EngineObject *e, PyObject *arg, int *fd)
+{
+    long v = PyLong_AsLong(arg);
+    if (v == -1 && PyErr_Occurred())
+        return 0;
+    if (v < 0 || v > INT32_MAX) {
+        PyErr_SetString(PyExc_ValueError, "not an fd");
+        return 0;
+    }
+    *fd = (int)v;
+    return e->epfd >= 0;
+}
+
+static PyObject *
+Engine_listen(EngineObject *e, PyObject *arg)
+{
+    int fd;
+    if (!listen_arg(e, arg, &fd))
+        return NULL;
+    struct epoll_event ev;
+    ev.events = EPOLLIN;  /* level-triggered: accept_ready() takes a bounded number a turn */
+    ev.data.u64 = ((uint64_t)fd << 2) | LISTEN_TAG;
+    if (epoll_ctl(e->epfd, EPOLL_CTL_ADD, fd, &ev) < 0 && errno != EEXIST)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+Engine_unlisten(EngineObject *e, PyObject *arg)
+{
+    int fd;
+    if (!listen_arg(e, arg, &fd))
+        return NULL;
+    struct epoll_event dummy = {0};
+    if (epoll_ctl(e->epfd, EPOLL_CTL_DEL, fd, &dummy) < 0 && errno != ENOENT)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+Engine_take_accept_error(EngineObject *e, PyObject *Py_UNUSED(ignored))
+{
+    int err = e->accept_errno;
+    e->accept_errno = 0;
+    return PyLong_FromLong(err);
 }
 
 static PyObject *
@@ -216,6 +286,12 @@ Engine_expire(EngineObject *e, PyObject *Py_UNUSED(ignored))
     }
     e->in_run = 0;
     drain_release(e);
+    if (e->waiting_len) {
+        int before = e->arrivals_len;
+        expire_waiting(e, now);
+        if (e->arrivals_len > before)
+            wake(e);  /* run() hands them over */
+    }
     return PyLong_FromSsize_t(cut);
 }
 
@@ -228,9 +304,18 @@ Engine_get_flushing(EngineObject *e, void *Py_UNUSED(closure))
 static PyMethodDef Engine_methods[] = {
     {"fileno", (PyCFunction)Engine_fileno, METH_NOARGS, "The epoll fd to watch for reading."},
     {"run", (PyCFunction)Engine_run, METH_NOARGS,
-     "Serve the sockets that are ready; None, or a list of (tunnel, flags, refused code)."},
+     "Serve the sockets that are ready. None, or (reports, arrivals, accepted): reports None "
+     "or a list of (tunnel, flags, refused code); arrivals None or a list of (fd, peer IP, "
+     "first read, None or the split WebSocket head (method, target, fields, head length)); "
+     "accepted: connections taken in minus those the front door closed itself."},
+    {"listen", (PyCFunction)Engine_listen, METH_O,
+     "Accept on this listening fd from run() (the caller keeps it open)."},
+    {"unlisten", (PyCFunction)Engine_unlisten, METH_O, "Stop accepting on this fd."},
+    {"take_accept_error", (PyCFunction)Engine_take_accept_error, METH_NOARGS,
+     "errno of an accept that ran out of fds or memory (its listening fd left the set), or 0."},
     {"expire", (PyCFunction)Engine_expire, METH_NOARGS,
-     "Cut finished tunnels that could not flush within flush_limit; how many were cut."},
+     "Cut finished tunnels that could not flush within flush_limit (how many were cut); "
+     "new connections silent for 0.5 s go to the next run()'s arrivals."},
     {NULL, NULL, 0, NULL},
 };
 

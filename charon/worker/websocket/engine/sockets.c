@@ -8,7 +8,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
-static void
+void
 wake(EngineObject *e)
 {
     uint64_t one = 1;
@@ -111,8 +111,10 @@ close_side(TunnelObject *t, int side, int reset)
         return;
     if (t->registered[side]) {
         struct epoll_event dummy = {0};
-        /* Explicitly: a dup elsewhere (uvloop's fd until its close) would keep us registered. */
-        epoll_ctl(t->engine->epfd, EPOLL_CTL_DEL, fd, &dummy);
+        /* Explicitly: a dup elsewhere (uvloop's fd until its close) would keep us registered.
+         * An adopted fd has no other copy: its close takes it out of the set. */
+        if (!t->adopted)
+            epoll_ctl(t->engine->epfd, EPOLL_CTL_DEL, fd, &dummy);
         t->registered[side] = 0;
     }
     if (reset) {
@@ -217,22 +219,26 @@ reading(TunnelObject *t, int side)
            && t->w[side].error == 0 && t->out[side].len == 0;
 }
 
-/* Both sockets join the epoll set once, edge-triggered: no epoll_ctl when a direction
- * blocks or drains, and no second look at every ready socket by the next epoll_wait. */
+/* A socket joins the epoll set once, edge-triggered: no epoll_ctl when a direction blocks
+ * or drains, and no second look at every ready socket by the next epoll_wait. */
+int
+register_side(TunnelObject *t, int s)
+{
+    if (t->fd[s] < 0 || t->registered[s])
+        return 0;
+    struct epoll_event ev;
+    ev.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET;
+    ev.data.u64 = (uint64_t)(uintptr_t)t | (uint64_t)s;  /* objects are 8-aligned */
+    if (epoll_ctl(t->engine->epfd, EPOLL_CTL_ADD, t->fd[s], &ev) < 0)
+        return -1;
+    t->registered[s] = 1;
+    return 0;
+}
+
 int
 register_sides(TunnelObject *t)
 {
-    for (int s = 0; s < 2; s++) {
-        if (t->fd[s] < 0 || t->registered[s])
-            continue;
-        struct epoll_event ev;
-        ev.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET;
-        ev.data.u64 = (uint64_t)(uintptr_t)t | (uint64_t)s;  /* objects are 8-aligned */
-        if (epoll_ctl(t->engine->epfd, EPOLL_CTL_ADD, t->fd[s], &ev) < 0)
-            return -1;
-        t->registered[s] = 1;
-    }
-    return 0;
+    return register_side(t, CLIENT) < 0 || register_side(t, BACKEND) < 0 ? -1 : 0;
 }
 
 /* A tunnel that stopped reading on its budget while bytes may remain: no new edge will come

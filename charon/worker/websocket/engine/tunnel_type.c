@@ -2,8 +2,10 @@
 
 #include "engine.h"  /* first: Python.h before the system headers */
 
+#include <arpa/inet.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <netinet/in.h>
 #include <string.h>
 #include <unistd.h>
 
@@ -22,21 +24,26 @@ Tunnel_new(PyTypeObject *type, PyObject *Py_UNUSED(args), PyObject *Py_UNUSED(kw
 static int
 Tunnel_init(TunnelObject *t, PyObject *args, PyObject *kwds)
 {
-    static char *kwlist[] = {"engine", "client_fd", "backend_fd", "max_frame_size", NULL};
+    static char *kwlist[] = {"engine", "client_fd", "backend_fd", "max_frame_size", "adopt", NULL};
     PyObject *engine;
     int fds[2];
     unsigned long long max_size;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!iiK:Tunnel", kwlist, &EngineType, &engine,
-                                     &fds[0], &fds[1], &max_size))
+    int adopt = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!iiK|p:Tunnel", kwlist, &EngineType, &engine,
+                                     &fds[0], &fds[1], &max_size, &adopt))
         return -1;
     if (t->engine != NULL) {
         PyErr_SetString(PyExc_RuntimeError, "Tunnel already initialised");
         return -1;
     }
-    /* Own copies: the transports that held these fds are closed by the caller. Every recv
-     * and send passes MSG_DONTWAIT, so the copies' blocking mode (shared with the original's
-     * open file) is never relied on: no F_GETFL/F_SETFL, two system calls per socket. */
-    for (int s = 0; s < 2; s++) {
+    /* adopt: the fds are the tunnel's own from here on (the front door's client socket, and
+     * -1 for a backend to dial). Else own copies: the transports that held these fds are
+     * closed by the caller. Every recv and send passes MSG_DONTWAIT, so the copies' blocking
+     * mode (shared with the original's open file) is never relied on: no F_GETFL/F_SETFL. */
+    for (int s = 0; s < 2 && adopt; s++)
+        t->fd[s] = fds[s];
+    t->adopted = (uint8_t)adopt;
+    for (int s = 0; s < 2 && !adopt; s++) {
         int fd = fcntl(fds[s], F_DUPFD_CLOEXEC, 0);
         if (fd < 0) {
             PyErr_SetFromErrno(PyExc_OSError);
@@ -80,6 +87,8 @@ Tunnel_dealloc(TunnelObject *t)
         PyMem_Free(t->inject[s]);
     }
     PyMem_Free(t->pong);
+    PyMem_Free(t->subprotocol);
+    dial_free(t);
     Py_CLEAR(t->engine);
     /* A Python subclass's type reference is dropped by its own dealloc (subtype_dealloc). */
     Py_TYPE(t)->tp_free((PyObject *)t);
@@ -140,6 +149,97 @@ Tunnel_start(TunnelObject *t, PyObject *args)
     if (PyErr_Occurred())
         return NULL;
     Py_RETURN_NONE;
+}
+
+static uint8_t *
+copy_buffer(const Py_buffer *b, uint32_t *len)
+{
+    *len = (uint32_t)b->len;
+    if (b->len == 0)
+        return NULL;
+    uint8_t *p = PyMem_Malloc((size_t)b->len);
+    if (p != NULL)
+        memcpy(p, b->buf, (size_t)b->len);
+    return p;
+}
+
+static PyObject *
+Tunnel_dial(TunnelObject *t, PyObject *args)
+{
+    const char *host;
+    int port;
+    Py_buffer request, accept, client_tail;
+    if (!ready(t) || !PyArg_ParseTuple(args, "siy*y*y*:dial", &host, &port, &request, &accept,
+                                       &client_tail))
+        return NULL;
+    struct sockaddr_storage addr;
+    socklen_t addr_len = 0;
+    memset(&addr, 0, sizeof(addr));
+    struct sockaddr_in *v4 = (struct sockaddr_in *)&addr;
+    struct sockaddr_in6 *v6 = (struct sockaddr_in6 *)&addr;
+    if (inet_pton(AF_INET, host, &v4->sin_addr) == 1) {
+        v4->sin_family = AF_INET;
+        v4->sin_port = htons((uint16_t)port);
+        addr_len = sizeof(*v4);
+    }
+    else if (inet_pton(AF_INET6, host, &v6->sin6_addr) == 1) {
+        v6->sin6_family = AF_INET6;
+        v6->sin6_port = htons((uint16_t)port);
+        addr_len = sizeof(*v6);
+    }
+    DialState *d = NULL;
+    if (addr_len == 0)
+        PyErr_SetString(PyExc_ValueError, "dial() takes an IP address");
+    else if (t->started || t->dial != NULL || t->fd[CLIENT] < 0 || t->fd[BACKEND] >= 0)
+        PyErr_SetString(PyExc_RuntimeError, "only a new tunnel with a client and no backend dials");
+    else if (accept.len != sizeof(d->accept) || request.len == 0)
+        PyErr_SetString(PyExc_ValueError, "dial() needs a request and a 28-byte accept value");
+    else if ((d = PyMem_Calloc(1, sizeof(DialState))) == NULL)
+        PyErr_NoMemory();
+    else {
+        memcpy(d->accept, accept.buf, sizeof(d->accept));
+        d->request = copy_buffer(&request, &d->request_len);
+        d->client_tail = copy_buffer(&client_tail, &d->client_tail_len);
+        t->dial = d;
+        if (d->request == NULL || (client_tail.len && d->client_tail == NULL))
+            PyErr_NoMemory();
+        else if (dial_start(t, (struct sockaddr *)&addr, addr_len) < 0)
+            d->error = errno;  /* Python hands it back at once (see dial_error) */
+    }
+    if (PyErr_Occurred())
+        dial_free(t);
+    PyBuffer_Release(&request);
+    PyBuffer_Release(&accept);
+    PyBuffer_Release(&client_tail);
+    if (PyErr_Occurred())
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+Tunnel_hand_back(TunnelObject *t, PyObject *Py_UNUSED(ignored))
+{
+    if (!ready(t))
+        return NULL;
+    if (t->dial == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "only a dialling tunnel hands its sockets back");
+        return NULL;
+    }
+    DialState *d = t->dial;
+    if (t->registered[BACKEND]) {
+        struct epoll_event dummy = {0};
+        epoll_ctl(t->engine->epfd, EPOLL_CTL_DEL, t->fd[BACKEND], &dummy);
+        t->registered[BACKEND] = 0;
+    }
+    PyObject *result = Py_BuildValue("(iiy#)", t->fd[CLIENT], t->fd[BACKEND],
+                                     d->response ? (const char *)d->response : "",
+                                     (Py_ssize_t)d->response_len);
+    if (result == NULL)
+        return NULL;
+    t->fd[CLIENT] = t->fd[BACKEND] = -1;  /* Python's now */
+    t->handed_back = 1;
+    dial_free(t);
+    return result;
 }
 
 static PyObject *
@@ -315,7 +415,40 @@ Tunnel_get_open_sides(TunnelObject *t, void *Py_UNUSED(c))
     return PyLong_FromLong((t->fd[CLIENT] >= 0) + (t->fd[BACKEND] >= 0));
 }
 
+static PyObject *
+Tunnel_get_subprotocol(TunnelObject *t, void *Py_UNUSED(c))
+{
+    return PyBytes_FromStringAndSize(t->subprotocol ? (const char *)t->subprotocol : "",
+                                     t->subprotocol_len);
+}
+
+static PyObject *
+Tunnel_get_dialling(TunnelObject *t, void *Py_UNUSED(c))
+{
+    return PyBool_FromLong(t->dial != NULL);
+}
+
+static PyObject *
+Tunnel_get_connected_at(TunnelObject *t, void *Py_UNUSED(c))
+{
+    if (t->dial == NULL || !t->dial->connected)
+        Py_RETURN_NONE;
+    return PyFloat_FromDouble(t->dial->connected_at);
+}
+
+static PyObject *
+Tunnel_get_dial_error(TunnelObject *t, void *Py_UNUSED(c))
+{
+    return PyLong_FromLong(t->dial != NULL ? t->dial->error : 0);
+}
+
 static PyMethodDef Tunnel_methods[] = {
+    {"dial", (PyCFunction)Tunnel_dial, METH_VARARGS,
+     "dial(ip, port, request, accept, client_tail): connect to the backend, send the "
+     "handshake request, check its answer; run() reports OPENED or HANDED_BACK."},
+    {"hand_back", (PyCFunction)Tunnel_hand_back, METH_NOARGS,
+     "A dialling tunnel's sockets go back to Python: (client fd, backend fd or -1, the "
+     "backend's bytes read)."},
     {"start", (PyCFunction)Tunnel_start, METH_VARARGS,
      "start(head, backend_tail, client_tail): send the 101 head and the tails, then serve."},
     {"inject", (PyCFunction)Tunnel_inject, METH_VARARGS,
@@ -344,6 +477,14 @@ static PyGetSetDef Tunnel_getset[] = {
     {"last_traffic", (getter)Tunnel_get_last_traffic, NULL, "time.monotonic() of the last read",
      NULL},
     {"open_sides", (getter)Tunnel_get_open_sides, NULL, "sockets not closed yet", NULL},
+    {"subprotocol", (getter)Tunnel_get_subprotocol, NULL, "the dialled 101's protocol, or b''",
+     NULL},
+    {"dialling", (getter)Tunnel_get_dialling, NULL, "dial() is under way", NULL},
+    {"connected_at", (getter)Tunnel_get_connected_at, NULL,
+     "time.monotonic() when the dialled backend took the first request byte, or None", NULL},
+    {"dial_error", (getter)Tunnel_get_dial_error, NULL,
+     "0 while dialling, errno of a failed connect or read, -1 for an answer not a valid 101",
+     NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
 
@@ -385,6 +526,8 @@ PyInit__engine(void)
         || PyModule_AddIntConstant(m, "CLIENT_LOST", EV_CLIENT_LOST) < 0
         || PyModule_AddIntConstant(m, "BACKEND_LOST", EV_BACKEND_LOST) < 0
         || PyModule_AddIntConstant(m, "REFUSED", EV_REFUSED) < 0
+        || PyModule_AddIntConstant(m, "OPENED", EV_OPENED) < 0
+        || PyModule_AddIntConstant(m, "HANDED_BACK", EV_HANDED_BACK) < 0
         || PyModule_AddIntConstant(m, "READ_SIZE", READ_SIZE) < 0) {
         Py_DECREF(m);
         return NULL;

@@ -259,6 +259,10 @@ handle_event(TunnelObject *t, int side, uint32_t ev)
 {
     if (t->fd[side] < 0)
         return;  /* closed earlier in this batch */
+    if (t->dial != NULL) {
+        dial_event(t, side, ev);
+        return;
+    }
     /* A hang-up or error shows as readable (the read gets the EOF or the error) and
      * writable (the send gets the error); a source whose destination is slow keeps it
      * until it is read again: the bytes before it still go through first. */

@@ -1,0 +1,73 @@
+"""Connections the front door accepted, handed to uvloop as HTTP client connections.
+
+The bytes the front door read are fed to the new `ClientConnection` before any other. A
+connection whose WebSocket handshake the engine dialled comes with a `Handover`: the backend's
+answer so far (with its socket, the request already sent) or the failure to answer with.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from typing import TYPE_CHECKING, Any
+
+from charon.worker.http.client import ClientConnection
+from charon.worker.upstreams.connecting import Connecting
+
+if TYPE_CHECKING:
+    from charon.worker.context import WorkerContext
+
+log = logging.getLogger("charon.worker")
+
+
+class Handover:
+    """What the engine did for the first request of a connection it hands over."""
+
+    __slots__ = ("backend_fd", "answered", "failure")
+
+    def __init__(
+        self,
+        backend_fd: int = -1,
+        answered: bytes = b"",
+        failure: tuple[int, str, str] | None = None,
+    ) -> None:
+        self.backend_fd = backend_fd  # the request went out on it; -1: none
+        self.answered = answered  # what the backend sent on it so far
+        self.failure = failure  # (status, detail, upstream error kind) to answer instead
+
+    def close(self) -> None:
+        """Unused after all (the client left first): the backend connection is cut."""
+        if self.backend_fd >= 0:
+            os.close(self.backend_fd)
+            self.backend_fd = -1
+
+
+def adopt_client(
+    ctx: WorkerContext,
+    fd: int,
+    peer_ip: str,
+    first_read: bytes,
+    handover: Handover | None = None,
+) -> None:
+    family = socket.AF_INET6 if ":" in peer_ip else socket.AF_INET
+    try:
+        sock = socket.socket(family, socket.SOCK_STREAM, 0, fd)
+    except OSError:
+        os.close(fd)
+        if handover is not None:
+            handover.close()
+        if ctx.listeners is not None:
+            ctx.listeners.closed_one()
+        return
+    conn = ClientConnection(ctx)
+    conn.first_read = first_read
+    conn.handover = handover
+    # connect_accepted_socket only waits for connection_made: stepped without a Task.
+    coro = ctx.loop.connect_accepted_socket(lambda: conn, sock)
+    Connecting(ctx.loop, coro, _adopted).start()
+
+
+def _adopted(_connecting: Connecting, _conn: Any, exc: BaseException | None) -> None:
+    if exc is not None:  # (uvloop closed the socket; connection_lost never comes)
+        log.warning("cannot serve an accepted connection: %s", exc)

@@ -1,0 +1,112 @@
+"""A tunnel whose backend the engine dials (dial.c), for a handshake the front door took.
+
+The request was planned as the HTTP path plans one (`plan_request`); the engine connects,
+sends it, reads the answer's head and starts the tunnel on a valid 101 (OPENED). Anything else
+comes back (HANDED_BACK) and the connection goes on as HTTP with the backend's answer, so a
+401 or a bad 101 gets exactly the HTTP path's response. Deadlines are the HTTP path's:
+connect, then the first byte (decision 12); either one ends with 504.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import TYPE_CHECKING
+
+from charon.events.schema import ERR_TIMEOUT
+from charon.worker.deadlines import CONNECT, FIRST_BYTE
+from charon.worker.http.adopted import Handover, adopt_client
+from charon.worker.websocket._engine import HANDED_BACK, OPENED
+from charon.worker.websocket.handshake import accept_value
+from charon.worker.websocket.tunnel import Tunnel, TunnelInfo
+
+if TYPE_CHECKING:
+    from charon.worker.context import WorkerContext
+    from charon.worker.http.request import RequestPlan
+
+
+class DialledTunnel(Tunnel):
+    __slots__ = ("plan", "target", "peer_ip", "first_read", "started")
+
+    def __init__(
+        self, ctx: WorkerContext, client_fd: int, peer_ip: str, plan: RequestPlan,
+        target: bytes, first_read: bytes,
+    ) -> None:
+        info = TunnelInfo(plan.route.host_name, plan.client_ip, plan.path.decode("latin-1"), "")
+        super().__init__(ctx, client_fd, -1, plan.route.websocket, info, adopt=True)
+        self.plan = plan
+        self.target = target
+        self.peer_ip = peer_ip
+        self.first_read = first_read  # all of it: the HTTP path reads it again if handed back
+        self.started = time.monotonic()
+
+    def begin(self, client_tail: bytes) -> None:
+        ctx, plan = self.ctx, self.plan
+        upstream = plan.route.upstream
+        assert plan.websocket_key is not None
+        self.dial(
+            upstream.host, upstream.port, plan.head, accept_value(plan.websocket_key), client_tail
+        )
+        if self.dial_error:  # e.g. no fd left for the socket: the HTTP path tries again
+            self._hand_back(None)
+            return
+        ctx.dialling.add(self)
+        timeouts = plan.route.timeouts
+        self.deadline = ctx.loop.time() + min(timeouts.connect, timeouts.first_byte)
+        self.deadline_kind = CONNECT
+
+    def on_report(self, flags: int, code: int) -> None:
+        if flags & HANDED_BACK:
+            self._hand_back(None)
+            return
+        if flags & OPENED:
+            self._opened()
+        super().on_report(flags, code)
+
+    def on_deadline(self, kind: int) -> None:
+        if not self.dialling:
+            super().on_deadline(kind)
+            return
+        timeouts = self.plan.route.timeouts
+        connected_at = self.connected_at
+        if connected_at is None:
+            due = self.started + timeouts.connect
+            failure = (504, "the backend did not accept the connection in time", ERR_TIMEOUT)
+        else:
+            due = connected_at + timeouts.first_byte
+            failure = (504, "the backend did not answer in time", ERR_TIMEOUT)
+        left = due - time.monotonic()
+        if left <= 0:
+            self._hand_back(failure)
+            return
+        if connected_at is None:
+            left = min(left, timeouts.first_byte)  # it may connect any time from now
+        self.deadline = self.ctx.loop.time() + left
+        self.deadline_kind = FIRST_BYTE if connected_at is not None else CONNECT
+
+    def _opened(self) -> None:
+        ctx, plan = self.ctx, self.plan
+        ctx.dialling.discard(self)
+        self.info.subprotocol = self.subprotocol.decode("latin-1")
+        ctx.telemetry.request(
+            plan.route.host_name, plan.method, 101, time.monotonic() - self.started, 0,
+            plan.client_ip, self.target,
+        )
+        self.first_read = b""
+        self.running()
+
+    def _hand_back(self, failure: tuple[int, str, str] | None) -> None:
+        """The connection goes on as HTTP: with the backend's answer so far, or the failure
+        to answer; after a failed connect with nothing else, the HTTP path connects again."""
+        ctx = self.ctx
+        ctx.dialling.discard(self)
+        self.deadline_kind = 0
+        self._done = True
+        client_fd, backend_fd, answered = self.hand_back()
+        if backend_fd >= 0 and (failure is not None or not answered):
+            os.close(backend_fd)
+            backend_fd = -1
+        handover = None
+        if failure is not None or backend_fd >= 0:
+            handover = Handover(backend_fd, answered, failure)
+        adopt_client(ctx, client_fd, self.peer_ip, self.first_read, handover)
