@@ -172,19 +172,24 @@ response_head_end(const uint8_t *p, uint32_t n)
     return 0;
 }
 
-/* A valid 101 came: the tunnel runs from here, as Tunnel.start() would start it. */
+/* A valid 101 came: the tunnel runs from here, as Tunnel.start() would start it.
+ * backend_more: bytes (or the FIN) may still wait in the backend socket without a new edge. */
 static void
-open_dialled(TunnelObject *t, uint8_t *head, size_t head_len, uint32_t end)
+open_dialled(TunnelObject *t, uint8_t *head, size_t head_len, uint32_t end, int backend_more)
 {
-    if (register_sides(t) < 0) {
+    if (register_side(t, CLIENT) < 0) {
         PyMem_Free(head);
         hand_back(t, errno ? errno : EIO);
         return;
     }
     DialState *d = t->dial;
     t->dial = NULL;  /* events go to the walk from here on */
-    for (int s = 0; s < 2; s++)
-        t->rd_ready[s] = t->wr_ready[s] = 1;
+    /* The client's socket just joined the set: epoll reports it at once if it holds bytes,
+     * so no read is tried on a guess (nginx's way: a read that would find nothing is a
+     * system call saved). Both sockets can take the first bytes. */
+    t->rd_ready[CLIENT] = 0;
+    t->rd_ready[BACKEND] = (uint8_t)backend_more;
+    t->wr_ready[CLIENT] = t->wr_ready[BACKEND] = 1;
     t->started = 1;
     t->last_traffic = t->engine->now;
     notify(t, EV_OPENED);
@@ -198,7 +203,7 @@ open_dialled(TunnelObject *t, uint8_t *head, size_t head_len, uint32_t end)
 }
 
 static void
-answer_ready(TunnelObject *t, int eof)
+answer_ready(TunnelObject *t, int eof, int more)
 {
     DialState *d = t->dial;
     uint32_t end = response_head_end(d->response, d->response_len);
@@ -213,7 +218,7 @@ answer_ready(TunnelObject *t, int eof)
         hand_back(t, -1);
         return;
     }
-    open_dialled(t, head, head_len, end);
+    open_dialled(t, head, head_len, end, eof || more);
 }
 
 void
@@ -253,29 +258,35 @@ dial_event(TunnelObject *t, int side, uint32_t ev)
         hand_back(t, ENOMEM);
         return;
     }
+    /* With a hang-up the FIN waits behind the bytes: read on to it (no edge would come). */
+    int hangup = (ev & (EPOLLRDHUP | EPOLLHUP | EPOLLERR)) != 0;
     for (;;) {
         uint32_t room = MAX_RESPONSE_HEAD - d->response_len;
         if (room == 0) {
-            answer_ready(t, 0);
+            answer_ready(t, 0, 1);
             return;
         }
         ssize_t r = recv(fd, d->response + d->response_len, room, MSG_DONTWAIT);
         if (r > 0) {
             d->response_len += (uint32_t)r;
+            if ((uint32_t)r < room && !hangup) {
+                answer_ready(t, 0, 0);  /* a short read emptied the socket */
+                return;
+            }
             continue;
         }
         if (r < 0 && errno == EINTR)
             continue;
         if (r < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
             if (d->response_len)
-                answer_ready(t, 0);
+                answer_ready(t, 0, 0);
             return;
         }
         if (r < 0 && d->response_len == 0) {
             hand_back(t, errno);  /* refused or reset before any answer */
             return;
         }
-        answer_ready(t, 1);  /* the backend closed (or failed) after some bytes */
+        answer_ready(t, 1, 1);  /* the backend closed (or failed) after some bytes */
         return;
     }
 }
