@@ -22,6 +22,10 @@ It reads one request head, then acts according to the path (the query is ignored
   /burst               the 101, a text frame "one", a binary frame "two" and a Close 4004
                        "burst", all in one write; then reads the peer's Close and closes
   /big                 an HTTP 200 with a BIG_SIZE-byte body (BIG_PAYLOAD), then closes
+  /answer?a=B64[&b=B64] writes the base64url-decoded `a` as its whole answer ("{accept}" in it
+                       becomes the right accept value), after 50 ms `b` if given; then a text
+                       frame holding the request head it read (after a 101), and echoes;
+                       after any other answer it closes
 Anything else: 404. "Echoes": text and binary frames come back unmasked, Ping gets a Pong,
 Close gets a Close with the same payload and the connection ends.
 """
@@ -107,7 +111,7 @@ async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> 
     try:
         head = await reader.readuntil(b"\r\n\r\n")
         lines = head[:-4].split(b"\r\n")
-        path = lines[0].split(b" ")[1].partition(b"?")[0]
+        path, _, query = lines[0].split(b" ")[1].partition(b"?")
         headers = {}
         for line in lines[1:]:
             name, _, value = line.partition(b":")
@@ -171,6 +175,19 @@ async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> 
             body = (FLOOD_PAYLOAD * 17)[:BIG_SIZE]
             writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % BIG_SIZE + body)
             await writer.drain()
+        elif path == b"/answer":
+            parts = dict(p.partition(b"=")[::2] for p in query.split(b"&"))
+            whole = b""
+            for name in (b"a", b"b"):
+                if name in parts:
+                    answer = base64.urlsafe_b64decode(parts[name])
+                    whole += answer
+                    writer.write(answer.replace(b"{accept}", accept_for(key)))
+                    await writer.drain()
+                    await asyncio.sleep(0.05)
+            if b"HTTP/1.1 101" in whole:
+                writer.write(frame(0x1, head))
+                await echo(reader, writer)
         elif path == b"/record":
             writer.write(switching(key))
             await echo(reader, writer)

@@ -117,8 +117,11 @@ switching_head(TunnelObject *t, const uint8_t *p, uint32_t end, uint8_t **out, s
             || lower_equals(name, nl, "proxy-connection"))
             continue;
         if (lower_equals(name, nl, "sec-websocket-accept")) {
+            uint32_t n = vl;
+            while (n > 0 && (value[n - 1] == ' ' || value[n - 1] == '\t'))
+                n--;
             accepts++;
-            accept_ok = vl == sizeof(d->accept) && memcmp(value, d->accept, vl) == 0;
+            accept_ok = n == sizeof(d->accept) && memcmp(value, d->accept, n) == 0;
         }
         else if (lower_equals(name, nl, "sec-websocket-protocol") && protocol < 0 && vl > 0)
             protocol = (int)i;

@@ -48,7 +48,8 @@ lower_equals(const uint8_t *p, uint32_t n, const char *word)
 }
 
 /* The header fields of a head, from `p + at` up to and including its empty line, split into
- * h (name and value offsets, the value without surrounding spaces). 0 if any line is not a
+ * h (name and value offsets; a value without the spaces before it, with those after it, as
+ * llhttp gives it to the HTTP path). 0 if any line is not a
  * plain `name: value` CRLF line, or there are too many. */
 int
 split_fields(const uint8_t *p, uint32_t at, uint32_t end, SplitHead *h)
@@ -75,13 +76,10 @@ split_fields(const uint8_t *p, uint32_t at, uint32_t end, SplitHead *h)
             at++;
         if (at + 1 >= end || p[at] != '\r' || p[at + 1] != '\n')
             return 0;
-        uint32_t value_end = at;
-        while (value_end > value && (p[value_end - 1] == ' ' || p[value_end - 1] == '\t'))
-            value_end--;
         h->name_off[h->count] = name;
         h->name_len[h->count] = name_len;
         h->value_off[h->count] = value;
-        h->value_len[h->count] = value_end - value;
+        h->value_len[h->count] = at - value;
         h->count++;
         at += 2;
     }
