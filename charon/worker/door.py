@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from charon.worker.http.adopted import adopt_client
 from charon.worker.http.errors import HttpError
 from charon.worker.http.request import BODY_NONE, plan_request
-from charon.worker.websocket.dialled import DialledTunnel
+from charon.worker.websocket.dialled import DialledTunnel, Handshake
 
 if TYPE_CHECKING:
     from charon.worker.context import WorkerContext
@@ -71,5 +71,6 @@ def _dial(ctx: WorkerContext, fd: int, peer_ip: str, first_read: bytes, head: Sp
         return False
     if not _is_ip(plan.route.upstream.host):
         return False
-    DialledTunnel(ctx, fd, peer_ip, plan, target, first_read).begin(first_read[head_len:])
+    handshake = Handshake(plan, target, peer_ip, first_read)
+    DialledTunnel(ctx, fd, handshake).begin(first_read[head_len:])
     return True

@@ -14,7 +14,7 @@ import time
 from typing import TYPE_CHECKING
 
 from charon.events.schema import ERR_TIMEOUT
-from charon.worker.deadlines import CONNECT, FIRST_BYTE
+from charon.worker.deadlines import CONNECT, FIRST_BYTE, NONE
 from charon.worker.http.adopted import Handover, adopt_client
 from charon.worker.websocket._engine import HANDED_BACK, OPENED
 from charon.worker.websocket.handshake import accept_value
@@ -25,23 +25,31 @@ if TYPE_CHECKING:
     from charon.worker.http.request import RequestPlan
 
 
-class DialledTunnel(Tunnel):
+class Handshake:
+    """What a dialled tunnel keeps until its 101: enough to go on as HTTP without it."""
+
     __slots__ = ("plan", "target", "peer_ip", "first_read", "started")
 
-    def __init__(
-        self, ctx: WorkerContext, client_fd: int, peer_ip: str, plan: RequestPlan,
-        target: bytes, first_read: bytes,
-    ) -> None:
-        info = TunnelInfo(plan.route.host_name, plan.client_ip, plan.path.decode("latin-1"), "")
-        super().__init__(ctx, client_fd, -1, plan.route.websocket, info, adopt=True)
+    def __init__(self, plan: RequestPlan, target: bytes, peer_ip: str, first_read: bytes):
         self.plan = plan
-        self.target = target
+        self.target = target  # as the client sent it, for the request record
         self.peer_ip = peer_ip
         self.first_read = first_read  # all of it: the HTTP path reads it again if handed back
         self.started = time.monotonic()
 
+
+class DialledTunnel(Tunnel):
+    __slots__ = ("handshake",)
+
+    def __init__(self, ctx: WorkerContext, client_fd: int, handshake: Handshake) -> None:
+        plan = handshake.plan
+        info = TunnelInfo(plan.route.host_name, plan.client_ip, plan.path.decode("latin-1"), "")
+        super().__init__(ctx, client_fd, -1, plan.route.websocket, info, adopt=True)
+        self.handshake: Handshake | None = handshake  # None once open: an idle tunnel is small
+
     def begin(self, client_tail: bytes) -> None:
-        ctx, plan = self.ctx, self.plan
+        assert self.handshake is not None
+        ctx, plan = self.ctx, self.handshake.plan
         upstream = plan.route.upstream
         assert plan.websocket_key is not None
         self.dial(
@@ -64,13 +72,14 @@ class DialledTunnel(Tunnel):
         super().on_report(flags, code)
 
     def on_deadline(self, kind: int) -> None:
-        if not self.dialling:
+        handshake = self.handshake
+        if handshake is None:
             super().on_deadline(kind)
             return
-        timeouts = self.plan.route.timeouts
+        timeouts = handshake.plan.route.timeouts
         connected_at = self.connected_at
         if connected_at is None:
-            due = self.started + timeouts.connect
+            due = handshake.started + timeouts.connect
             failure = (504, "the backend did not accept the connection in time", ERR_TIMEOUT)
         else:
             due = connected_at + timeouts.first_byte
@@ -85,22 +94,25 @@ class DialledTunnel(Tunnel):
         self.deadline_kind = FIRST_BYTE if connected_at is not None else CONNECT
 
     def _opened(self) -> None:
-        ctx, plan = self.ctx, self.plan
+        handshake, self.handshake = self.handshake, None
+        assert handshake is not None
+        ctx, plan = self.ctx, handshake.plan
         ctx.dialling.discard(self)
         self.info.subprotocol = self.subprotocol.decode("latin-1")
         ctx.telemetry.request(
-            plan.route.host_name, plan.method, 101, time.monotonic() - self.started, 0,
-            plan.client_ip, self.target,
+            plan.route.host_name, plan.method, 101, time.monotonic() - handshake.started, 0,
+            plan.client_ip, handshake.target,
         )
-        self.first_read = b""
         self.running()
 
     def _hand_back(self, failure: tuple[int, str, str] | None) -> None:
         """The connection goes on as HTTP: with the backend's answer so far, or the failure
         to answer; after a failed connect with nothing else, the HTTP path connects again."""
+        handshake, self.handshake = self.handshake, None
+        assert handshake is not None
         ctx = self.ctx
         ctx.dialling.discard(self)
-        self.deadline_kind = 0
+        self.deadline_kind = NONE
         self._done = True
         client_fd, backend_fd, answered = self.hand_back()
         if backend_fd >= 0 and (failure is not None or not answered):
@@ -109,4 +121,4 @@ class DialledTunnel(Tunnel):
         handover = None
         if failure is not None or backend_fd >= 0:
             handover = Handover(backend_fd, answered, failure)
-        adopt_client(ctx, client_fd, self.peer_ip, self.first_read, handover)
+        adopt_client(ctx, client_fd, handshake.peer_ip, handshake.first_read, handover)

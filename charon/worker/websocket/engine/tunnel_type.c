@@ -423,12 +423,6 @@ Tunnel_get_subprotocol(TunnelObject *t, void *Py_UNUSED(c))
 }
 
 static PyObject *
-Tunnel_get_dialling(TunnelObject *t, void *Py_UNUSED(c))
-{
-    return PyBool_FromLong(t->dial != NULL);
-}
-
-static PyObject *
 Tunnel_get_connected_at(TunnelObject *t, void *Py_UNUSED(c))
 {
     if (t->dial == NULL || !t->dial->connected)
@@ -479,7 +473,6 @@ static PyGetSetDef Tunnel_getset[] = {
     {"open_sides", (getter)Tunnel_get_open_sides, NULL, "sockets not closed yet", NULL},
     {"subprotocol", (getter)Tunnel_get_subprotocol, NULL, "the dialled 101's protocol, or b''",
      NULL},
-    {"dialling", (getter)Tunnel_get_dialling, NULL, "dial() is under way", NULL},
     {"connected_at", (getter)Tunnel_get_connected_at, NULL,
      "time.monotonic() when the dialled backend took the first request byte, or None", NULL},
     {"dial_error", (getter)Tunnel_get_dial_error, NULL,
