@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import base64
 import os
+import resource
 import socket
 import struct
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
-from harness import HOST, Backend, wait_until
+from harness import HOST, Backend, running_charon, wait_until
 from test_websocket_handshake import (
     KEY,
     Env,
@@ -245,3 +247,40 @@ def _is_socket(path: str) -> bool:
         return os.readlink(path).startswith("socket:")
     except OSError:
         return False
+
+
+def test_out_of_fds_accepting_pauses_then_resumes(tmp_path: Path) -> None:
+    """accept() failing with EMFILE takes the listening socket out of the engine's set (else
+    it would be reported again at once, a busy loop), and it comes back within a second or
+    two; connections that waited in the queue meanwhile are served, none is lost."""
+    env_ws = Backend("ws_backend.py")
+    try:
+        hosts = f'[[hosts]]\ndomains = ["{HOST}"]\nupstream = "{env_ws.url}"\n'
+        with running_charon(tmp_path, hosts) as charon:
+            (worker,) = charon.worker_pids()
+            with RawWs(charon.port) as ws:  # pools, event socket: made before the squeeze
+                ws.send(f"GET /plain HTTP/1.1\r\nHost: {HOST}\r\n\r\n".encode())
+                ws.read_response()
+            limits = resource.prlimit(worker, resource.RLIMIT_NOFILE)
+            in_use = len(os.listdir(f"/proc/{worker}/fd"))
+            resource.prlimit(worker, resource.RLIMIT_NOFILE, (in_use + 3, limits[1]))
+            try:
+                held = [socket.create_connection((HOST, charon.port), timeout=5)
+                        for _ in range(10)]
+                wait_until(lambda: "accepting paused" in charon.log(), 5,
+                           what="the worker to log its pause")
+                for sock in held:
+                    sock.close()
+            finally:
+                resource.prlimit(worker, resource.RLIMIT_NOFILE, limits)
+            queued = [socket.create_connection((HOST, charon.port), timeout=5) for _ in range(3)]
+            for sock in queued:
+                sock.sendall(f"GET /plain HTTP/1.1\r\nHost: {HOST}\r\n\r\n".encode())
+            for sock in queued:
+                sock.settimeout(5)
+                reply = sock.recv(4096)
+                sock.close()
+                assert reply.startswith(b"HTTP/1.1 200 "), reply
+            assert charon.worker_pids() == [worker], "the worker was replaced"
+    finally:
+        env_ws.stop()
