@@ -27,6 +27,7 @@ from test_websocket_handshake import (
     Head,
     RawWs,
     client_frame,
+    handshake_hosts,
     ws_env,
     ws_request,
 )
@@ -34,19 +35,7 @@ from test_websocket_handshake import (
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
-    def hosts(ws: Backend, raw: Backend) -> str:
-        return f"""
-            [[hosts]]
-            domains = ["{HOST}"]
-            upstream = "{ws.url}"
-
-            [[hosts]]
-            domains = ["raw.test"]
-            upstream = "{raw.url}"
-            timeouts = {{ first_byte = "1s" }}
-            """
-
-    with ws_env(tmp_path_factory.mktemp("front-door"), hosts) as env:
+    with ws_env(tmp_path_factory.mktemp("front-door"), handshake_hosts) as env:
         yield env
 
 

@@ -234,25 +234,27 @@ def ws_env(tmp: Path, hosts: Callable[[Backend, Backend], str]) -> Iterator[Env]
             backend.stop()
 
 
+def handshake_hosts(ws: Backend, raw: Backend) -> str:
+    """The proxy hosts of the handshake tests (and test_front_door.py's)."""
+    return f"""
+        [[hosts]]
+        domains = ["{HOST}"]
+        upstream = "{ws.url}"
+
+        [[hosts]]
+        domains = ["raw.test"]
+        upstream = "{raw.url}"
+        timeouts = {{ first_byte = "1s" }}
+
+        [[hosts]]
+        domains = ["dead.test"]
+        upstream = "http://{HOST}:{free_port()}"
+        """
+
+
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
-    def hosts(ws: Backend, raw: Backend) -> str:
-        return f"""
-            [[hosts]]
-            domains = ["{HOST}"]
-            upstream = "{ws.url}"
-
-            [[hosts]]
-            domains = ["raw.test"]
-            upstream = "{raw.url}"
-            timeouts = {{ first_byte = "1s" }}
-
-            [[hosts]]
-            domains = ["dead.test"]
-            upstream = "http://{HOST}:{free_port()}"
-            """
-
-    with ws_env(tmp_path_factory.mktemp("ws-handshake"), hosts) as env:
+    with ws_env(tmp_path_factory.mktemp("ws-handshake"), handshake_hosts) as env:
         yield env
 
 

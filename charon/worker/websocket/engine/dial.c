@@ -166,15 +166,6 @@ switching_head(TunnelObject *t, const uint8_t *p, uint32_t end, uint8_t **out, s
     return 0;
 }
 
-static uint32_t
-response_head_end(const uint8_t *p, uint32_t n)
-{
-    for (uint32_t i = 0; i + 3 < n; i++)
-        if (p[i] == '\r' && p[i + 1] == '\n' && p[i + 2] == '\r' && p[i + 3] == '\n')
-            return i + 4;
-    return 0;
-}
-
 /* A valid 101 came: the tunnel runs from here, as Tunnel.start() would start it.
  * backend_more: bytes (or the FIN) may still wait in the backend socket without a new edge. */
 static void
@@ -196,10 +187,8 @@ open_dialled(TunnelObject *t, uint8_t *head, size_t head_len, uint32_t end, int 
     t->started = 1;
     t->last_traffic = t->engine->now;
     notify(t, EV_OPENED);
-    if (emit(t, CLIENT, head, head_len) == 0)
-        feed(t, BACKEND, d->response + end, d->response_len - end);
-    if (!t->lost_any && !t->w[BACKEND].error)
-        feed(t, CLIENT, d->client_tail, d->client_tail_len);
+    begin_streams(t, head, head_len, d->response + end, d->response_len - end, d->client_tail,
+                  d->client_tail_len);
     PyMem_Free(head);
     dial_state_free(d);
     progress(t);
@@ -209,7 +198,7 @@ static void
 answer_ready(TunnelObject *t, int eof, int more)
 {
     DialState *d = t->dial;
-    uint32_t end = response_head_end(d->response, d->response_len);
+    uint32_t end = head_end(d->response, d->response_len);
     if (end == 0) {
         if (eof || d->response_len == MAX_RESPONSE_HEAD)
             hand_back(t, d->response_len ? -1 : ECONNRESET);

@@ -106,7 +106,8 @@ has_token(const uint8_t *p, uint32_t n, const char *token)
     return 0;
 }
 
-static uint32_t
+/* The length of the HTTP head at p[0:n] up to its empty line, or 0 if it is not all there. */
+uint32_t
 head_end(const uint8_t *p, uint32_t n)
 {
     for (uint32_t i = 0; i + 3 < n; i++)

@@ -226,6 +226,7 @@ void accept_ready(EngineObject *e, int listen_fd);
 void first_read_ready(EngineObject *e, int fd);
 void expire_waiting(EngineObject *e, double now);
 void free_waiting(EngineObject *e);
+uint32_t head_end(const uint8_t *p, uint32_t n);
 int split_head(const uint8_t *p, uint32_t n, SplitHead *h);
 int split_fields(const uint8_t *p, uint32_t at, uint32_t end, SplitHead *h);
 int has_token(const uint8_t *p, uint32_t n, const char *token);
@@ -243,5 +244,8 @@ int flush_inject(TunnelObject *t, int dst);
 void progress(TunnelObject *t);
 int feed(TunnelObject *t, int src, const uint8_t *p, size_t n);
 void handle_event(TunnelObject *t, int side, uint32_t ev);
+void begin_streams(TunnelObject *t, const uint8_t *head, size_t head_len,
+                   const uint8_t *backend_tail, size_t backend_tail_len,
+                   const uint8_t *client_tail, size_t client_tail_len);
 
 #endif

@@ -136,12 +136,8 @@ Tunnel_start(TunnelObject *t, PyObject *args)
             t->rd_ready[s] = t->wr_ready[s] = 1;
         t->started = 1;
         t->last_traffic = monotonic();
-        /* The 101 first, then the frames that followed it in the backend's last read, then
-         * the client's frames pipelined behind its handshake. */
-        if (emit(t, CLIENT, head.buf, (size_t)head.len) == 0)
-            feed(t, BACKEND, backend_tail.buf, (size_t)backend_tail.len);
-        if (!t->lost_any && !t->w[BACKEND].error)
-            feed(t, CLIENT, client_tail.buf, (size_t)client_tail.len);
+        begin_streams(t, head.buf, (size_t)head.len, backend_tail.buf,
+                      (size_t)backend_tail.len, client_tail.buf, (size_t)client_tail.len);
     }
     PyBuffer_Release(&head);
     PyBuffer_Release(&backend_tail);

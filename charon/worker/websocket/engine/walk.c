@@ -254,6 +254,18 @@ progress(TunnelObject *t)
         queue_again(t);
 }
 
+/* A tunnel's first bytes: the 101 to the client, then the frames that followed it in the
+ * backend's last read, then the client's frames pipelined behind its handshake. */
+void
+begin_streams(TunnelObject *t, const uint8_t *head, size_t head_len, const uint8_t *backend_tail,
+              size_t backend_tail_len, const uint8_t *client_tail, size_t client_tail_len)
+{
+    if (emit(t, CLIENT, head, head_len) == 0)
+        feed(t, BACKEND, backend_tail, backend_tail_len);
+    if (!t->lost_any && !t->w[BACKEND].error)
+        feed(t, CLIENT, client_tail, client_tail_len);
+}
+
 void
 handle_event(TunnelObject *t, int side, uint32_t ev)
 {
