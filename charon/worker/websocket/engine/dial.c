@@ -7,6 +7,7 @@
 
 #include "engine.h"  /* first: Python.h before the system headers */
 
+#include <arpa/inet.h>
 #include <errno.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
@@ -281,4 +282,97 @@ dial_event(TunnelObject *t, int side, uint32_t ev)
         answer_ready(t, 1, 1);  /* the backend closed (or failed) after some bytes */
         return;
     }
+}
+
+/* -- the Tunnel methods (Python's side) ---------------------------------------------------- */
+
+static uint8_t *
+copy_buffer(const Py_buffer *b, uint32_t *len)
+{
+    *len = (uint32_t)b->len;
+    if (b->len == 0)
+        return NULL;
+    uint8_t *p = PyMem_Malloc((size_t)b->len);
+    if (p != NULL)
+        memcpy(p, b->buf, (size_t)b->len);
+    return p;
+}
+
+PyObject *
+Tunnel_dial(TunnelObject *t, PyObject *args)
+{
+    const char *host;
+    int port;
+    Py_buffer request, accept, client_tail;
+    if (!tunnel_ready(t) || !PyArg_ParseTuple(args, "siy*y*y*:dial", &host, &port, &request, &accept,
+                                       &client_tail))
+        return NULL;
+    struct sockaddr_storage addr;
+    socklen_t addr_len = 0;
+    memset(&addr, 0, sizeof(addr));
+    struct sockaddr_in *v4 = (struct sockaddr_in *)&addr;
+    struct sockaddr_in6 *v6 = (struct sockaddr_in6 *)&addr;
+    if (inet_pton(AF_INET, host, &v4->sin_addr) == 1) {
+        v4->sin_family = AF_INET;
+        v4->sin_port = htons((uint16_t)port);
+        addr_len = sizeof(*v4);
+    }
+    else if (inet_pton(AF_INET6, host, &v6->sin6_addr) == 1) {
+        v6->sin6_family = AF_INET6;
+        v6->sin6_port = htons((uint16_t)port);
+        addr_len = sizeof(*v6);
+    }
+    DialState *d = NULL;
+    if (addr_len == 0)
+        PyErr_SetString(PyExc_ValueError, "dial() takes an IP address");
+    else if (t->started || t->dial != NULL || t->fd[CLIENT] < 0 || t->fd[BACKEND] >= 0)
+        PyErr_SetString(PyExc_RuntimeError, "only a new tunnel with a client and no backend dials");
+    else if (accept.len != sizeof(d->accept) || request.len == 0)
+        PyErr_SetString(PyExc_ValueError, "dial() needs a request and a 28-byte accept value");
+    else if ((d = PyMem_Calloc(1, sizeof(DialState))) == NULL)
+        PyErr_NoMemory();
+    else {
+        memcpy(d->accept, accept.buf, sizeof(d->accept));
+        d->request = copy_buffer(&request, &d->request_len);
+        d->client_tail = copy_buffer(&client_tail, &d->client_tail_len);
+        t->dial = d;
+        if (d->request == NULL || (client_tail.len && d->client_tail == NULL))
+            PyErr_NoMemory();
+        else if (dial_start(t, (struct sockaddr *)&addr, addr_len) < 0)
+            d->error = errno;  /* Python hands it back at once (see dial_error) */
+    }
+    if (PyErr_Occurred())
+        dial_free(t);
+    PyBuffer_Release(&request);
+    PyBuffer_Release(&accept);
+    PyBuffer_Release(&client_tail);
+    if (PyErr_Occurred())
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+PyObject *
+Tunnel_hand_back(TunnelObject *t, PyObject *Py_UNUSED(ignored))
+{
+    if (!tunnel_ready(t))
+        return NULL;
+    if (t->dial == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "only a dialling tunnel hands its sockets back");
+        return NULL;
+    }
+    DialState *d = t->dial;
+    if (t->registered[BACKEND]) {
+        struct epoll_event dummy = {0};
+        epoll_ctl(t->engine->epfd, EPOLL_CTL_DEL, t->fd[BACKEND], &dummy);
+        t->registered[BACKEND] = 0;
+    }
+    PyObject *result = Py_BuildValue("(iiy#)", t->fd[CLIENT], t->fd[BACKEND],
+                                     d->response ? (const char *)d->response : "",
+                                     (Py_ssize_t)d->response_len);
+    if (result == NULL)
+        return NULL;
+    t->fd[CLIENT] = t->fd[BACKEND] = -1;  /* Python's now */
+    t->handed_back = 1;
+    dial_free(t);
+    return result;
 }

@@ -23,8 +23,8 @@
  *
  * Files: sockets.c (buffers, sends, epoll interest, closing), walk.c (frame walking, reads,
  * events), door.c (accepting, the first read, the head split), dial.c (the backend connect,
- * the handshake request, the 101's checks), engine_type.c and tunnel_type.c (the Python types
- * and the module). */
+ * the handshake request, the 101's checks; Tunnel.dial and hand_back), engine_type.c (the
+ * Engine type and the module) and tunnel_type.c (the Tunnel type). */
 
 #ifndef CHARON_ENGINE_H
 #define CHARON_ENGINE_H
@@ -234,7 +234,12 @@ int lower_equals(const uint8_t *p, uint32_t n, const char *word);
 PyObject *take_arrivals(EngineObject *e);
 void free_arrivals(EngineObject *e);
 
+/* tunnel_type.c */
+int tunnel_ready(TunnelObject *t);
+
 /* dial.c */
+PyObject *Tunnel_dial(TunnelObject *t, PyObject *args);
+PyObject *Tunnel_hand_back(TunnelObject *t, PyObject *Py_UNUSED(ignored));
 int dial_start(TunnelObject *t, const struct sockaddr *addr, socklen_t addr_len);
 void dial_event(TunnelObject *t, int side, uint32_t ev);
 void dial_free(TunnelObject *t);

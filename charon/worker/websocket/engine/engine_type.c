@@ -1,4 +1,4 @@
-/* The Engine type: one epoll set per worker, served by run(). */
+/* The Engine type: one epoll set per worker, served by run(); and the module. */
 
 #include "engine.h"  /* first: Python.h before the system headers */
 
@@ -337,3 +337,36 @@ PyTypeObject EngineType = {
     .tp_methods = Engine_methods,
     .tp_getset = Engine_getset,
 };
+
+/* -- module -------------------------------------------------------------------------------- */
+
+static struct PyModuleDef engine_module = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "charon.worker.websocket._engine",
+    .m_doc = "The WebSocket tunnels' byte copying and frame walking, on one epoll set.",
+    .m_size = -1,
+};
+
+PyMODINIT_FUNC
+PyInit__engine(void)
+{
+    if (PyType_Ready(&EngineType) < 0 || PyType_Ready(&TunnelType) < 0)
+        return NULL;
+    PyObject *m = PyModule_Create(&engine_module);
+    if (m == NULL)
+        return NULL;
+    if (PyModule_AddObjectRef(m, "Engine", (PyObject *)&EngineType) < 0
+        || PyModule_AddObjectRef(m, "Tunnel", (PyObject *)&TunnelType) < 0
+        || PyModule_AddIntConstant(m, "CLIENT", CLIENT) < 0
+        || PyModule_AddIntConstant(m, "BACKEND", BACKEND) < 0
+        || PyModule_AddIntConstant(m, "CLIENT_LOST", EV_CLIENT_LOST) < 0
+        || PyModule_AddIntConstant(m, "BACKEND_LOST", EV_BACKEND_LOST) < 0
+        || PyModule_AddIntConstant(m, "REFUSED", EV_REFUSED) < 0
+        || PyModule_AddIntConstant(m, "OPENED", EV_OPENED) < 0
+        || PyModule_AddIntConstant(m, "HANDED_BACK", EV_HANDED_BACK) < 0
+        || PyModule_AddIntConstant(m, "READ_SIZE", READ_SIZE) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

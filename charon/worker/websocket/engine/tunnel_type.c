@@ -1,11 +1,9 @@
-/* The Tunnel type (Python's Tunnel subclasses it) and the module. */
+/* The Tunnel type (Python's Tunnel subclasses it); its dial() and hand_back() are in dial.c. */
 
 #include "engine.h"  /* first: Python.h before the system headers */
 
-#include <arpa/inet.h>
 #include <errno.h>
 #include <fcntl.h>
-#include <netinet/in.h>
 #include <string.h>
 #include <unistd.h>
 
@@ -94,8 +92,8 @@ Tunnel_dealloc(TunnelObject *t)
     Py_TYPE(t)->tp_free((PyObject *)t);
 }
 
-static int
-ready(TunnelObject *t)
+int
+tunnel_ready(TunnelObject *t)
 {
     if (t->engine == NULL) {
         PyErr_SetString(PyExc_RuntimeError, "Tunnel not initialised");
@@ -122,7 +120,7 @@ static PyObject *
 Tunnel_start(TunnelObject *t, PyObject *args)
 {
     Py_buffer head, backend_tail, client_tail;
-    if (!ready(t) || !PyArg_ParseTuple(args, "y*y*y*:start", &head, &backend_tail, &client_tail))
+    if (!tunnel_ready(t) || !PyArg_ParseTuple(args, "y*y*y*:start", &head, &backend_tail, &client_tail))
         return NULL;
     if (t->started) {
         PyErr_SetString(PyExc_RuntimeError, "Tunnel already started");
@@ -147,104 +145,13 @@ Tunnel_start(TunnelObject *t, PyObject *args)
     Py_RETURN_NONE;
 }
 
-static uint8_t *
-copy_buffer(const Py_buffer *b, uint32_t *len)
-{
-    *len = (uint32_t)b->len;
-    if (b->len == 0)
-        return NULL;
-    uint8_t *p = PyMem_Malloc((size_t)b->len);
-    if (p != NULL)
-        memcpy(p, b->buf, (size_t)b->len);
-    return p;
-}
-
-static PyObject *
-Tunnel_dial(TunnelObject *t, PyObject *args)
-{
-    const char *host;
-    int port;
-    Py_buffer request, accept, client_tail;
-    if (!ready(t) || !PyArg_ParseTuple(args, "siy*y*y*:dial", &host, &port, &request, &accept,
-                                       &client_tail))
-        return NULL;
-    struct sockaddr_storage addr;
-    socklen_t addr_len = 0;
-    memset(&addr, 0, sizeof(addr));
-    struct sockaddr_in *v4 = (struct sockaddr_in *)&addr;
-    struct sockaddr_in6 *v6 = (struct sockaddr_in6 *)&addr;
-    if (inet_pton(AF_INET, host, &v4->sin_addr) == 1) {
-        v4->sin_family = AF_INET;
-        v4->sin_port = htons((uint16_t)port);
-        addr_len = sizeof(*v4);
-    }
-    else if (inet_pton(AF_INET6, host, &v6->sin6_addr) == 1) {
-        v6->sin6_family = AF_INET6;
-        v6->sin6_port = htons((uint16_t)port);
-        addr_len = sizeof(*v6);
-    }
-    DialState *d = NULL;
-    if (addr_len == 0)
-        PyErr_SetString(PyExc_ValueError, "dial() takes an IP address");
-    else if (t->started || t->dial != NULL || t->fd[CLIENT] < 0 || t->fd[BACKEND] >= 0)
-        PyErr_SetString(PyExc_RuntimeError, "only a new tunnel with a client and no backend dials");
-    else if (accept.len != sizeof(d->accept) || request.len == 0)
-        PyErr_SetString(PyExc_ValueError, "dial() needs a request and a 28-byte accept value");
-    else if ((d = PyMem_Calloc(1, sizeof(DialState))) == NULL)
-        PyErr_NoMemory();
-    else {
-        memcpy(d->accept, accept.buf, sizeof(d->accept));
-        d->request = copy_buffer(&request, &d->request_len);
-        d->client_tail = copy_buffer(&client_tail, &d->client_tail_len);
-        t->dial = d;
-        if (d->request == NULL || (client_tail.len && d->client_tail == NULL))
-            PyErr_NoMemory();
-        else if (dial_start(t, (struct sockaddr *)&addr, addr_len) < 0)
-            d->error = errno;  /* Python hands it back at once (see dial_error) */
-    }
-    if (PyErr_Occurred())
-        dial_free(t);
-    PyBuffer_Release(&request);
-    PyBuffer_Release(&accept);
-    PyBuffer_Release(&client_tail);
-    if (PyErr_Occurred())
-        return NULL;
-    Py_RETURN_NONE;
-}
-
-static PyObject *
-Tunnel_hand_back(TunnelObject *t, PyObject *Py_UNUSED(ignored))
-{
-    if (!ready(t))
-        return NULL;
-    if (t->dial == NULL) {
-        PyErr_SetString(PyExc_RuntimeError, "only a dialling tunnel hands its sockets back");
-        return NULL;
-    }
-    DialState *d = t->dial;
-    if (t->registered[BACKEND]) {
-        struct epoll_event dummy = {0};
-        epoll_ctl(t->engine->epfd, EPOLL_CTL_DEL, t->fd[BACKEND], &dummy);
-        t->registered[BACKEND] = 0;
-    }
-    PyObject *result = Py_BuildValue("(iiy#)", t->fd[CLIENT], t->fd[BACKEND],
-                                     d->response ? (const char *)d->response : "",
-                                     (Py_ssize_t)d->response_len);
-    if (result == NULL)
-        return NULL;
-    t->fd[CLIENT] = t->fd[BACKEND] = -1;  /* Python's now */
-    t->handed_back = 1;
-    dial_free(t);
-    return result;
-}
-
 static PyObject *
 Tunnel_inject(TunnelObject *t, PyObject *args)
 {
     PyObject *side_obj;
     Py_buffer frame;
     int side;
-    if (!ready(t) || !PyArg_ParseTuple(args, "Oy*:inject", &side_obj, &frame))
+    if (!tunnel_ready(t) || !PyArg_ParseTuple(args, "Oy*:inject", &side_obj, &frame))
         return NULL;
     if (!side_arg(side_obj, &side)) {
         PyBuffer_Release(&frame);
@@ -279,7 +186,7 @@ static PyObject *
 Tunnel_expect_pong(TunnelObject *t, PyObject *arg)
 {
     Py_buffer payload;
-    if (!ready(t) || PyObject_GetBuffer(arg, &payload, PyBUF_SIMPLE) < 0)
+    if (!tunnel_ready(t) || PyObject_GetBuffer(arg, &payload, PyBUF_SIMPLE) < 0)
         return NULL;
     if (payload.len < 1 || payload.len > MAX_CONTROL) {
         PyBuffer_Release(&payload);
@@ -307,7 +214,7 @@ Tunnel_expect_pong(TunnelObject *t, PyObject *arg)
 static PyObject *
 Tunnel_finish(TunnelObject *t, PyObject *Py_UNUSED(ignored))
 {
-    if (!ready(t))
+    if (!tunnel_ready(t))
         return NULL;
     if (t->finishing)
         Py_RETURN_NONE;
@@ -345,7 +252,7 @@ static PyObject *
 Tunnel_at_boundary(TunnelObject *t, PyObject *arg)
 {
     int side;
-    if (!ready(t) || !side_arg(arg, &side))
+    if (!tunnel_ready(t) || !side_arg(arg, &side))
         return NULL;
     Walker *w = &t->w[1 - side];
     return PyBool_FromLong(w->remaining == 0 || w->holding);
@@ -355,7 +262,7 @@ static PyObject *
 Tunnel_injecting(TunnelObject *t, PyObject *arg)
 {
     int side;
-    if (!ready(t) || !side_arg(arg, &side))
+    if (!tunnel_ready(t) || !side_arg(arg, &side))
         return NULL;
     return PyBool_FromLong(t->inject_len[side] != 0);
 }
@@ -490,36 +397,3 @@ PyTypeObject TunnelType = {
     .tp_methods = Tunnel_methods,
     .tp_getset = Tunnel_getset,
 };
-
-/* -- module -------------------------------------------------------------------------------- */
-
-static struct PyModuleDef engine_module = {
-    PyModuleDef_HEAD_INIT,
-    .m_name = "charon.worker.websocket._engine",
-    .m_doc = "The WebSocket tunnels' byte copying and frame walking, on one epoll set.",
-    .m_size = -1,
-};
-
-PyMODINIT_FUNC
-PyInit__engine(void)
-{
-    if (PyType_Ready(&EngineType) < 0 || PyType_Ready(&TunnelType) < 0)
-        return NULL;
-    PyObject *m = PyModule_Create(&engine_module);
-    if (m == NULL)
-        return NULL;
-    if (PyModule_AddObjectRef(m, "Engine", (PyObject *)&EngineType) < 0
-        || PyModule_AddObjectRef(m, "Tunnel", (PyObject *)&TunnelType) < 0
-        || PyModule_AddIntConstant(m, "CLIENT", CLIENT) < 0
-        || PyModule_AddIntConstant(m, "BACKEND", BACKEND) < 0
-        || PyModule_AddIntConstant(m, "CLIENT_LOST", EV_CLIENT_LOST) < 0
-        || PyModule_AddIntConstant(m, "BACKEND_LOST", EV_BACKEND_LOST) < 0
-        || PyModule_AddIntConstant(m, "REFUSED", EV_REFUSED) < 0
-        || PyModule_AddIntConstant(m, "OPENED", EV_OPENED) < 0
-        || PyModule_AddIntConstant(m, "HANDED_BACK", EV_HANDED_BACK) < 0
-        || PyModule_AddIntConstant(m, "READ_SIZE", READ_SIZE) < 0) {
-        Py_DECREF(m);
-        return NULL;
-    }
-    return m;
-}
