@@ -109,7 +109,8 @@ class DialledTunnel(Tunnel):
         """The connection goes on as HTTP: with the backend's answer so far, or the failure
         to answer; after a failed connect with nothing else, the HTTP path connects again."""
         handshake, self.handshake = self.handshake, None
-        assert handshake is not None
+        if handshake is None:
+            return  # handed back already (a deadline came first)
         ctx = self.ctx
         ctx.dialling.discard(self)
         self.deadline_kind = NONE
