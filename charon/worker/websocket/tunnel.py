@@ -1,9 +1,11 @@
 """A WebSocket tunnel: after a valid 101, bytes are copied both ways as they come.
 
-The copying and the frame walking run in C (`_engine.c`): both sockets of every tunnel of a
-worker leave uvloop for one epoll set, which the worker's `TunnelEngine` serves whenever it is
-ready. This module keeps the policy: what the proxy does when a side vanishes, when a client
-frame breaks a rule, on idle timeout, with pings, on drain and stop, and what the events say.
+The copying and the frame walking run in C (`engine/`): both sockets of every tunnel of a
+worker are in one epoll set, which the worker's `TunnelEngine` serves whenever it is ready. A
+tunnel opened on the HTTP path takes them from uvloop (`open_tunnel`); one the engine dialled
+(dialled.py) never had them in uvloop. This module keeps the policy: what the proxy does when a
+side vanishes, when a client frame breaks a rule, on idle timeout, with pings, on drain and
+stop, and what the events say.
 """
 
 from __future__ import annotations
