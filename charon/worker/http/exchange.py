@@ -198,8 +198,7 @@ class Exchange:
         family = socket.AF_INET6 if ":" in upstream.host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM, 0, handover.backend_fd)
         handover.backend_fd = -1
-        self.answered = handover.answered
-        self.client.set_deadline(FIRST_BYTE, self.plan.route.timeouts.first_byte)
+        self.answered = handover.answered  # fed once attached (the first-byte deadline runs)
         self.connecting = connecting = self.plan.route.pool.adopt(self, sock)
         connecting.start()
 

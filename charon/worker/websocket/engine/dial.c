@@ -72,14 +72,11 @@ dial_start(TunnelObject *t, const struct sockaddr *addr, socklen_t addr_len)
     return 0;
 }
 
+/* No tunnel after all: Python takes the sockets back (Tunnel.hand_back); until it does, the
+ * backend's events are ignored (dial_event stops at the error). */
 static void
 hand_back(TunnelObject *t, int error)
 {
-    struct epoll_event dummy = {0};
-    if (t->registered[BACKEND]) {
-        epoll_ctl(t->engine->epfd, EPOLL_CTL_DEL, t->fd[BACKEND], &dummy);
-        t->registered[BACKEND] = 0;
-    }
     t->dial->error = error;
     notify(t, EV_HANDED_BACK);
 }

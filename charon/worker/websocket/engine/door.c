@@ -121,8 +121,10 @@ head_end(const uint8_t *p, uint32_t n)
 int
 split_head(const uint8_t *p, uint32_t n, SplitHead *h)
 {
+    if (n < 16 || memcmp(p, "GET ", 4) != 0)
+        return 0;
     uint32_t end = head_end(p, n);
-    if (end == 0 || n < 16 || memcmp(p, "GET ", 4) != 0)
+    if (end == 0)
         return 0;
     h->method_len = 3;
     h->target_off = 4;
@@ -171,8 +173,6 @@ read_first(EngineObject *e, int fd, const struct sockaddr_storage *peer)
         }
         memcpy(a->data, e->buf, a->len);
     }
-    SplitHead h;
-    a->websocket = a->len && split_head(a->data, a->len, &h);
     e->arrivals_len++;
     return 0;
 }
@@ -237,7 +237,6 @@ arrive_unread(EngineObject *e, int fd, const struct sockaddr_storage *peer)
     a->peer = *peer;
     a->data = NULL;
     a->len = 0;
-    a->websocket = 0;
 }
 
 /* Take new connections from a listening socket that epoll says is readable. */
@@ -352,8 +351,8 @@ take_arrivals(EngineObject *e)
         Arrival *a = &e->arrivals[i];
         PyObject *item = NULL;
         if (list != NULL) {
-            SplitHead h;
-            PyObject *head = a->websocket && split_head(a->data, a->len, &h)
+            SplitHead h;  /* split here, once: Python objects may be made from here on */
+            PyObject *head = a->len && split_head(a->data, a->len, &h)
                 ? head_tuple(a->data, &h) : Py_NewRef(Py_None);
             if (head != NULL)
                 item = Py_BuildValue("(iNy#N)", a->fd, peer_ip(&a->peer),

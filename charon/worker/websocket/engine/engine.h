@@ -73,7 +73,6 @@
 /* A connection accepted by the front door, until run() hands it to Python. */
 typedef struct {
     int fd;
-    int websocket;           /* the first read is a whole handshake head, split cleanly */
     struct sockaddr_storage peer;
     uint8_t *data;           /* the first read (PyMem), len bytes */
     uint32_t len;
