@@ -9,7 +9,6 @@ and written once.
 from __future__ import annotations
 
 import logging
-import socket
 import time
 from typing import TYPE_CHECKING
 
@@ -194,12 +193,9 @@ class Exchange:
             handover.close()
             self._fail(*handover.failure)
             return
-        upstream = self.plan.route.pool.upstream
-        family = socket.AF_INET6 if ":" in upstream.host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM, 0, handover.backend_fd)
-        handover.backend_fd = -1
+        fd, handover.backend_fd = handover.backend_fd, -1
         self.answered = handover.answered  # fed once attached (the first-byte deadline runs)
-        self.connecting = connecting = self.plan.route.pool.adopt(self, sock)
+        self.connecting = connecting = self.plan.route.pool.connect(self, fd)
         connecting.start()
 
     def upstream_connected(self, conn: UpstreamConnection) -> None:

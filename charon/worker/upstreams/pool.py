@@ -24,18 +24,19 @@ class UpstreamPool:
         self.idle_timeout = idle_timeout
         self._idle: list[UpstreamConnection] = []  # oldest first
 
-    def connect(self, exchange: Exchange) -> Connecting:
+    def connect(self, exchange: Exchange, fd: int = -1) -> Connecting:
         """A connection for `exchange`, to `start`: it hears of it in `connection_made` (via
-        `upstream_connected`) and when the connect is complete (`connect_done`). uvloop sets
-        TCP_NODELAY on every TCP transport itself."""
-        coro = self.loop.create_connection(
-            partial(UpstreamConnection, self, exchange), self.upstream.host, self.upstream.port
-        )
-        return Connecting(self.loop, coro, exchange.connect_done)
-
-    def adopt(self, exchange: Exchange, sock: socket.socket) -> Connecting:
-        """A connection made elsewhere (the front door's dial), for `exchange`, to `start`."""
-        coro = self.loop.create_connection(partial(UpstreamConnection, self, exchange), sock=sock)
+        `upstream_connected`) and when the connect is complete (`connect_done`). `fd`: one
+        already connected (the front door's dial), taken over instead of a new connect.
+        uvloop sets TCP_NODELAY on every TCP transport itself."""
+        factory = partial(UpstreamConnection, self, exchange)
+        upstream = self.upstream
+        if fd < 0:
+            coro = self.loop.create_connection(factory, upstream.host, upstream.port)
+        else:
+            family = socket.AF_INET6 if ":" in upstream.host else socket.AF_INET
+            sock = socket.socket(family, socket.SOCK_STREAM, 0, fd)
+            coro = self.loop.create_connection(factory, sock=sock)
         return Connecting(self.loop, coro, exchange.connect_done)
 
     def take_idle(self) -> UpstreamConnection | None:

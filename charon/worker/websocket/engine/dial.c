@@ -81,6 +81,20 @@ hand_back(TunnelObject *t, int error)
     notify(t, EV_HANDED_BACK);
 }
 
+/* Backend fields the proxy does not relay with a 101 (handshake.py's _NOT_RELAYED): it writes
+ * Upgrade and Connection itself, and a 101 frames no message. */
+static int
+not_relayed(const uint8_t *name, uint32_t nl)
+{
+    static const char *const names[] = {"upgrade", "connection", "keep-alive",
+                                        "transfer-encoding", "content-length",
+                                        "proxy-connection"};
+    for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++)
+        if (lower_equals(name, nl, names[i]))
+            return 1;
+    return 0;
+}
+
 /* The 101 for the client if the head p[0:end] is a valid answer to the handshake, else -1.
  * Relayed: every field but those the proxy writes itself or that frame a message. */
 static int
@@ -102,18 +116,13 @@ switching_head(TunnelObject *t, const uint8_t *p, uint32_t end, uint8_t **out, s
     for (uint32_t i = 0; i < h.count; i++) {
         const uint8_t *name = p + h.name_off[i], *value = p + h.value_off[i];
         uint32_t nl = h.name_len[i], vl = h.value_len[i];
-        if (lower_equals(name, nl, "upgrade")) {
-            upgrade_ok = has_token(value, vl, "websocket");  /* the last one counts */
+        if (not_relayed(name, nl)) {
+            if (lower_equals(name, nl, "upgrade"))
+                upgrade_ok = has_token(value, vl, "websocket");  /* the last one counts */
+            else if (lower_equals(name, nl, "connection"))
+                connection_ok |= has_token(value, vl, "upgrade");
             continue;
         }
-        if (lower_equals(name, nl, "connection")) {
-            connection_ok |= has_token(value, vl, "upgrade");
-            continue;
-        }
-        if (lower_equals(name, nl, "keep-alive") || lower_equals(name, nl, "transfer-encoding")
-            || lower_equals(name, nl, "content-length")
-            || lower_equals(name, nl, "proxy-connection"))
-            continue;
         if (lower_equals(name, nl, "sec-websocket-accept")) {
             uint32_t n = vl;
             while (n > 0 && (value[n - 1] == ' ' || value[n - 1] == '\t'))
@@ -136,10 +145,7 @@ switching_head(TunnelObject *t, const uint8_t *p, uint32_t end, uint8_t **out, s
     for (uint32_t i = 0; i < h.count; i++) {
         const uint8_t *name = p + h.name_off[i];
         uint32_t nl = h.name_len[i], vl = h.value_len[i];
-        if (lower_equals(name, nl, "upgrade") || lower_equals(name, nl, "connection")
-            || lower_equals(name, nl, "keep-alive") || lower_equals(name, nl, "transfer-encoding")
-            || lower_equals(name, nl, "content-length")
-            || lower_equals(name, nl, "proxy-connection"))
+        if (not_relayed(name, nl))
             continue;
         memcpy(w, name, nl);
         w += nl;
