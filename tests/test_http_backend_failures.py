@@ -217,6 +217,22 @@ def test_connect_timeout_is_504(env: Setup) -> None:
     assert 0.9 < took < 1 + SLACK
 
 
+def test_connect_timeout_of_a_dialled_handshake_is_504(env: Setup) -> None:
+    """The same for a WebSocket handshake, whose backend connect the engine makes
+    (websocket/dialled.py): the HTTP path's 504, after the same connect timeout."""
+    if not env.connect_timeout_testable:
+        pytest.skip("a connect to a full accept queue did not hang on this kernel")
+    start = time.monotonic()
+    with Client(env.port) as client:
+        client.send(b"GET / HTTP/1.1\r\nHost: full.test\r\nUpgrade: websocket\r\n"
+                    b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                    b"Sec-WebSocket-Version: 13\r\n\r\n")
+        resp = client.read_response()
+    check_proxy_error(resp, 504)
+    assert b"did not accept the connection in time" in resp.body, resp.body
+    assert 0.9 < time.monotonic() - start < 1 + SLACK
+
+
 def _wait_close_or_408(client: Client, timeout: float) -> bytes:
     client.sock.settimeout(timeout)
     try:
@@ -249,6 +265,12 @@ def test_trickled_request_head_is_cut_at_the_header_deadline(env: Setup) -> None
                 break
             if client.closed_within(0.2):
                 closed_at = time.monotonic()
+                break
+            if client.buf:
+                # The 408 came (closed_within reads no further once bytes arrived): the close
+                # must follow it; the next sends could race it, so wait for it here.
+                closed_at = time.monotonic()
+                client.buf += _wait_close_or_408(client, 2)
                 break
             if time.monotonic() - start > 5:
                 break
