@@ -451,6 +451,36 @@ def test_workers_dying_at_start_up_make_the_supervisor_give_up(
     assert connection_refused(charon.port), "the listening socket outlived the supervisor"
 
 
+@pytest.mark.timeout(120)
+def test_serving_workers_killed_again_and_again_are_replaced_forever(make_charon, backend) -> None:
+    """Workers that served are not start-up failures: kills in a row never make it give up."""
+    charon = make_charon(hosts_toml(backend), workers=1).start()
+    killed: list[int] = []
+    for _ in range(7):
+        def serving_new() -> bool:
+            ready, pids = health_pids(charon)
+            return ready == 1 and len(pids) == 1 and pids[0] not in killed
+
+        wait_until(serving_new, 20, what="a new worker to serve")
+        _, (pid,) = health_pids(charon)
+        assert get(charon.port, "/ok")[0] == 200
+        charon.worker_pids()
+        os.kill(pid, signal.SIGKILL)
+        killed.append(pid)
+        wait_until(lambda: not alive(pid), 5, what="the worker to die")  # noqa: B023
+
+    wait_until(lambda: health_pids(charon)[0] == 1, 20, what="a worker after the kills")
+    assert charon.proc is not None and charon.proc.poll() is None, charon.log()
+    assert get(charon.port, "/ok")[0] == 200
+    log = charon.log()
+    assert "giving up" not in log, log
+    delays = [float(d) for d in re.findall(r"exited with signal SIGKILL .*restarting in ([\d.]+)s",
+                                            log)]
+    assert len(delays) == 7, log
+    # Back-off grows while the kills go on, and stays bounded (respawn.CRASH_BACKOFF_MAX).
+    assert delays[0] == 0.0 and delays[-1] > delays[1] and max(delays) <= 3.0, delays
+
+
 # -- 5-7. stopping -----------------------------------------------------------------------------
 
 

@@ -27,6 +27,7 @@ from charon.config import Config, ConfigError, ListenAddress, load_config_text
 from charon.events.receiver import EventHub, EventReceiver
 from charon.events.schema import CONFIG_RELOAD, WORKER_EXIT
 from charon.supervisor.pidfile import PidFile
+from charon.supervisor.respawn import Respawn
 from charon.supervisor.sockets import ListenError, bind_listener
 from charon.supervisor.systemd import Notifier, inherited_listeners, take_inherited
 from charon.supervisor.workers import WorkerProcess
@@ -35,9 +36,6 @@ from charon.worker.listeners import create_table
 log = logging.getLogger("charon.supervisor")
 
 TICK = 0.5
-EARLY_DEATH = 5.0  # a worker that dies sooner than this after start counts as a start-up failure
-MAX_EARLY_DEATHS = 5  # consecutive ones with no worker serving: give up
-MAX_BACKOFF = 30.0
 FAST_STOP_WAIT = 5.0
 RELOAD_READY_TIMEOUT = 20.0  # a new generation must serve within this, or the reload fails
 RETIRE_MARGIN = 10.0  # beyond drain + shutdown timeouts, a retiring worker is killed
@@ -63,6 +61,7 @@ class Slot:
     worker_id: int
     process: WorkerProcess | None = None
     respawn_at: float = 0.0
+    crashes: int = 0  # its workers that died after serving, in a row (see respawn.py)
 
 
 class Arbiter:
@@ -73,7 +72,7 @@ class Arbiter:
         self.listeners: dict[ListenAddress, socket.socket] = {}
         self.slots = [Slot(i) for i in range(config.server.workers)]
         self.retiring: list[WorkerProcess] = []  # old generations letting their connections end
-        self.early_deaths = 0
+        self.respawn = Respawn()
         self.restarts = 0
         self.signals: asyncio.Queue[int] = asyncio.Queue()
         self.notifier = Notifier()
@@ -165,15 +164,12 @@ class Arbiter:
             proc = slot.process
             if proc is None or proc.exit_code() is None:
                 continue
+            proc.read_heartbeat()  # an "R" it wrote just before dying may not have been read
             self._forget(proc)
             slot.process = None
             lived = now - proc.started_at
-            if lived < EARLY_DEATH or not proc.ready:
-                self.early_deaths += 1
-            else:
-                self.early_deaths = 0
+            delay, slot.crashes = self.respawn.delay(proc.ready, lived, slot.crashes)
             self.restarts += 1
-            delay = _backoff(self.early_deaths)
             slot.respawn_at = now + delay
             self.hub.supervisor_event(
                 [WORKER_EXIT, time.time(), slot.worker_id, proc.pid,
@@ -183,9 +179,10 @@ class Arbiter:
                 "worker %d (pid %d) exited with %s after %.1fs; restarting in %.1fs",
                 slot.worker_id, proc.pid, _describe(proc.exit_code()), lived, delay,
             )
-        if self.early_deaths >= MAX_EARLY_DEATHS and self.ready_workers() == 0:
+        if self.respawn.giving_up(self.ready_workers()):
             raise StartupFailure(
-                f"workers keep dying at start-up ({self.early_deaths} in a row); giving up"
+                f"workers keep dying at start-up ({self.respawn.startup_failures} in a row); "
+                "giving up"
             )
 
     def _kill_stuck(self) -> None:
@@ -305,7 +302,7 @@ class Arbiter:
         self.config, self.config_text = config, text
         self.slots = [Slot(i, proc) for i, proc in enumerate(new)]
         self.generation = generation
-        self.early_deaths = 0
+        self.respawn.reset()
         self.metrics.set_hosts(h.name for h in config.hosts)
         self.logs.token = config.admin.token or None
         self.logs.allowed_origins = frozenset(o.lower() for o in config.admin.allowed_origins)
@@ -403,11 +400,6 @@ def _read(path: str, current_text: str) -> tuple[Config, str]:
     except OSError as exc:
         raise ConfigError(path, 0, f"cannot read: {exc.strerror}") from exc
     return load_config_text(text, path), text
-
-
-def _backoff(early_deaths: int) -> float:
-    """0 after a worker that served a while, then 0.5 s doubling up to MAX_BACKOFF."""
-    return 0.0 if early_deaths == 0 else min(0.5 * 2 ** (early_deaths - 1), MAX_BACKOFF)
 
 
 def _describe(code: int | None) -> str:
