@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from http import HTTPStatus
 
+# nginx's code for a request whose client left before its response was sent: it goes to the
+# access log, the live log and the request metric, never on the wire.
+CLIENT_CLOSED = 499
+
 
 class HttpError(Exception):
     """A request the proxy answers itself with `status`; `close`: end the connection after it."""

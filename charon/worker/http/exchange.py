@@ -21,7 +21,7 @@ from charon.worker.deadlines import (
     FIRST_BYTE,
     RESPONSE_IDLE,
 )
-from charon.worker.http.errors import HttpError, error_response
+from charon.worker.http.errors import CLIENT_CLOSED, HttpError, error_response
 from charon.worker.http.request import BODY_CHUNKED, BODY_NONE, IDEMPOTENT, RequestPlan
 from charon.worker.http.response import (
     OUT_CHUNKED,
@@ -118,6 +118,8 @@ class Exchange:
             self._connect()
 
     def client_lost(self) -> None:
+        if not self.finished:  # logged and counted, as nginx does: 499 if nothing was answered
+            self._report(self.status if self.response_started else CLIENT_CLOSED)
         self.finished = True
         self.parser = None  # (see _release_upstream)
         if self.connecting is not None:
