@@ -308,5 +308,12 @@ class _Printer:
             )
         if kind == "dropped":
             dropped = self.paint(_RED, f"{clean(r.get('count'))} records dropped")
-            return f"{head}{dropped} (this client did not keep up)"
+            since = r.get("since")
+            lasted = seconds(stamp - since) if isinstance(stamp, int | float) and isinstance(
+                since, int | float) else "?"
+            if r.get("by") == "worker":
+                return (f"{head}{dropped} by worker {clean(r.get('worker'))} "
+                        f"(pid {clean(r.get('pid'))}) over {lasted}: the supervisor did not "
+                        "take them in time")
+            return f"{head}{dropped} over {lasted} (this client did not keep up)"
         return head + clean(json.dumps(r))

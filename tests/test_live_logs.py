@@ -553,7 +553,10 @@ def test_slow_subscriber_gets_a_dropped_notice_and_does_not_delay_others() -> No
                 section.on_event(0, 1, event("/after"))
                 await read_slow(lambda r: r.get("path") == "/after")
                 notice = texts[-2]
-                assert notice == {"kind": "dropped", "count": dropped_total}
+                assert notice.keys() == {"kind", "count", "by", "since", "time"}, notice
+                assert (notice["kind"], notice["count"], notice["by"]) == (
+                    "dropped", dropped_total, "stream")
+                assert time.time() - 600 < notice["since"] <= notice["time"] <= time.time()
                 assert texts[-1]["path"] == "/after"
                 numbers = [int(r["path"].split("/")[2]) for r in texts[:-2]]
                 assert numbers == list(range(len(numbers)))  # in order, none missing before

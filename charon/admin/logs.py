@@ -10,8 +10,10 @@ exits, config reloads; not METRICS) becomes a record, a JSON object:
 `kind` is one of request, ws_open, ws_close, upstream_error, worker_exit, reload (see
 `charon/events/schema.py` for each kind's fields); `worker` is the worker id that sent it, -1 for
 the supervisor's own events. An upstream_error's own error kind (connect, timeout, bad_response,
-closed) is in `error`. A subscriber too slow to take what it asked for gets
-{"kind": "dropped", "count": N} where N records were left out.
+closed) is in `error`. Where records are missing, a `dropped` record says how many (`count`),
+who lost them (`by`) and when (`since` to `time`): a worker the supervisor did not read in time
+("by": "worker", with its `worker` and `pid`, see admin/drops.py), or this subscriber's own queue
+when it did not take what it asked for ("by": "stream"). Notices pass every filter.
 
 The sink gets workers' records as packed batches: with no subscriber it only appends the batch's
 bytes to the backlog ring (they are decoded, and records built, when someone connects or
@@ -31,6 +33,7 @@ import ipaddress
 import json
 import logging
 import re
+import time
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -39,9 +42,11 @@ from typing import Any
 
 from aiohttp import WSCloseCode, web
 
+from charon.admin.drops import BY_STREAM, DropNotices
 from charon.config.model import AdminConfig
 from charon.events.schema import (
     CONFIG_RELOAD,
+    DROPPED,
     REQUEST,
     UPSTREAM_ERROR,
     WORKER_EXIT,
@@ -67,6 +72,7 @@ LOGGED: dict[str, str] = {
     UPSTREAM_ERROR: "upstream_error",
     WORKER_EXIT: "worker_exit",
     CONFIG_RELOAD: "reload",
+    DROPPED: "dropped",
 }
 KINDS = tuple(LOGGED.values())
 _KIND_ALIASES = {"req": "request"}
@@ -128,6 +134,8 @@ class LogFilter:
 
     def matches(self, record: Mapping[str, Any]) -> bool:
         kind = record["kind"]
+        if kind == "dropped":
+            return True  # a hole in the stream may hide records of any filter
         if self.kinds is not None and kind not in self.kinds:
             return False
         if not self.traffic_only:
@@ -182,10 +190,11 @@ def _kinds(query: Mapping[str, str]) -> frozenset[str] | None:
 class _Gap:
     """Records dropped at this point of a subscriber's queue."""
 
-    __slots__ = ("count",)
+    __slots__ = ("count", "since", "last")
 
     def __init__(self) -> None:
         self.count = 1
+        self.since = self.last = time.time()
 
 
 class Subscriber:
@@ -210,6 +219,7 @@ class Subscriber:
             tail = items[-1]
             if isinstance(tail, _Gap):
                 tail.count += 1
+                tail.last = time.time()
             else:
                 items.append(_Gap())
             self.dropped += 1
@@ -258,6 +268,7 @@ class LiveLogSection:
         self._subscribers: list[Subscriber] = []
         self._open: set[_Stream] = set()
         self._page: tuple[bytes, str] | None = None
+        self._drops = DropNotices()
 
     @classmethod
     def from_config(cls, admin: AdminConfig) -> LiveLogSection:
@@ -270,6 +281,9 @@ class LiveLogSection:
     # -- the sink --------------------------------------------------------------------------
 
     def on_batch(self, worker_id: int, pid: int, batch: list[list[Any]]) -> None:
+        notices = self._drops.notices(pid, batch)
+        if notices:
+            batch = batch + notices
         self._keep(worker_id, len(batch), batch)
         if self._subscribers:
             self._fan_out_batch(worker_id, batch)
@@ -419,7 +433,10 @@ class LiveLogSection:
             while True:
                 item = await subscriber.next()
                 if isinstance(item, _Gap):
-                    await ws.send_str(f'{{"kind":"dropped","count":{item.count}}}')
+                    await ws.send_str(json.dumps({
+                        "kind": "dropped", "count": item.count, "by": BY_STREAM,
+                        "since": item.since, "time": item.last,
+                    }))
                 else:
                     await ws.send_str(item)
         except (ConnectionError, RuntimeError):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from array import array
 from typing import Any
 
@@ -77,7 +78,10 @@ class EventPublisher:
         self.loop = loop
         self.worker_id = worker_id
         self.pid = os.getpid()
-        self.dropped = 0
+        self.dropped = 0  # records lost, in all
+        # When the records lost since the last METRICS went (time.time()); 0.0: none lost.
+        self.dropped_first = 0.0
+        self.dropped_last = 0.0
         self._packer = msgpack.Packer(autoreset=False)
         self._count = 0  # records queued: events in the packer's buffer, and `requests`
         # REQUEST records, appended to by Telemetry.request; None when events go nowhere.
@@ -129,10 +133,16 @@ class EventPublisher:
             message = [RECORDS, self.worker_id, self.pid, count, packed]
             self._socket.send(msgpack.packb(message), zmq.NOBLOCK)
         except zmq.Again:
-            self.dropped += count
+            self._lost(count)
         except zmq.ZMQError as exc:
-            self.dropped += count
+            self._lost(count)
             log.debug("event batch dropped: %s", exc)
+
+    def _lost(self, count: int) -> None:
+        self.dropped += count
+        self.dropped_last = time.time()
+        if not self.dropped_first:
+            self.dropped_first = self.dropped_last
 
     def send_now(self, event: tuple[Any, ...]) -> bool:
         """Send one event as its own message at once; False if it could not be queued."""

@@ -35,6 +35,7 @@ UPSTREAM_ERROR = "upstream_error"
 METRICS = "metrics"  # a worker's metric deltas and gauges, once a second
 CONFIG_RELOAD = "reload"  # from the supervisor itself
 WORKER_EXIT = "worker_exit"  # from the supervisor itself
+DROPPED = "dropped"  # made by the supervisor from a worker's METRICS (see admin/drops.py)
 
 FIELDS: dict[str, tuple[str, ...]] = {
     REQUEST: (
@@ -50,6 +51,8 @@ FIELDS: dict[str, tuple[str, ...]] = {
     METRICS: ("deltas", "gauges"),
     CONFIG_RELOAD: ("time", "result", "path", "error"),
     WORKER_EXIT: ("time", "worker_id", "pid", "status", "restart_in"),
+    # `count` records lost by the worker `pid` between `since` and `time` (its last loss)
+    DROPPED: ("time", "count", "since", "pid", "by"),
 }
 
 # Upstream error kinds (the `kind` label of charon_upstream_errors_total).

@@ -194,11 +194,15 @@ class Telemetry:
             "tunnels": tunnels,
             "events_dropped": self.publisher.dropped,
         }
+        publisher = self.publisher
+        if publisher.dropped_first:  # when the losses not yet reported happened
+            gauges["events_dropped_span"] = [publisher.dropped_first, publisher.dropped_last]
         # Its own message, and the deltas are kept for the next try if it cannot be sent: a
-        # dropped METRICS would leave the supervisor's totals short for good.
-        if not self.publisher.send_now((METRICS, deltas, gauges)):
-            self.publisher.dropped += 1
+        # dropped METRICS would leave the supervisor's totals short for good. Not a loss, then:
+        # events_dropped counts records gone for good, as the live log's notices tell them.
+        if not publisher.send_now((METRICS, deltas, gauges)):
             return
+        publisher.dropped_first = 0.0
         for counter in (self.requests, self.upstream_errors, self.ws_closes):
             counter.clear()
         for totals in self.hosts.values():
