@@ -51,6 +51,8 @@ class WorkerProcess:
             str(generation),
             "--generation-size",
             str(generation_size),
+            "--supervisor-pid",
+            str(os.getpid()),
         ]
         try:
             self.process = subprocess.Popen(

@@ -7,6 +7,8 @@ heartbeat byte to a pipe every second so the supervisor can tell a stuck loop fr
 Signals: TERM drains (stop accepting, finish in-flight requests within shutdown_timeout, close
 tunnels with 1001), USR2 retires after a reload (the same, but tunnels are kept up to
 drain_timeout and idle keep-alive connections end by themselves), INT and QUIT stop at once.
+A worker whose supervisor died stops as TERM says, its in-flight requests cut after a few seconds
+(see orphan.py).
 """
 
 from __future__ import annotations
@@ -33,6 +35,12 @@ from charon.worker.accesslog import AccessLog
 from charon.worker.context import WorkerContext
 from charon.worker.deadlines import DeadlineSweeper
 from charon.worker.listeners import Listeners, LoadTable
+from charon.worker.orphan import (
+    ORPHAN_GRACE,
+    SUPERVISOR_GONE,
+    orphaned,
+    signal_on_supervisor_death,
+)
 from charon.worker.telemetry import Telemetry
 
 log = logging.getLogger("charon.worker")
@@ -53,6 +61,7 @@ class Worker:
         worker_id: int = 0,
         log_format: str = "text",
         table: LoadTable | None = None,
+        supervisor_pid: int = 0,
     ) -> None:
         self.table = table
         self.log_format = log_format
@@ -61,7 +70,8 @@ class Worker:
         self.worker_id = worker_id
         self.listen_fds = listen_fds
         self.heartbeat_fd = heartbeat_fd
-        self.parent_pid = os.getppid()
+        self.parent_pid = supervisor_pid or os.getppid()
+        self._cut_at = float("inf")  # loop time when an orphan cuts what is still in flight
         self._stop: asyncio.Future[int] | None = None
         self._fast = False
         self._stop_asked = False
@@ -81,6 +91,7 @@ class Worker:
         listeners.start()
         ctx.listeners = listeners
         loop.add_signal_handler(signal.SIGTERM, self._request_stop, STOP)
+        loop.add_signal_handler(SUPERVISOR_GONE, self._orphaned)
         loop.add_signal_handler(signal.SIGUSR2, self._request_stop, RETIRE)
         loop.add_signal_handler(signal.SIGINT, self._request_stop, FAST)
         loop.add_signal_handler(signal.SIGQUIT, self._request_stop, FAST)
@@ -89,6 +100,8 @@ class Worker:
             lambda: itertools.chain(ctx.connections, ctx.tunnels, ctx.dialling, (ctx.engine,)),
         )
         sweeper.start()
+        if orphaned(self.parent_pid):  # the supervisor died while we started
+            self._orphaned()
         self._heartbeat(loop, ctx, b"R")  # R: serving; the supervisor counts the worker ready
 
         mode = await self._stop
@@ -106,12 +119,12 @@ class Worker:
             deadline = loop.time() + self.config.server.shutdown_timeout
             # A handshake being dialled is an in-flight request too: its tunnel, once open,
             # closes with 1001 at once (closing_tunnels).
-            while (ctx.connections or ctx.dialling) and loop.time() < deadline and not self._fast:
+            while (ctx.connections or ctx.dialling) and self._in_time(loop, deadline):
                 await asyncio.sleep(0.05)
             if ctx.connections:
-                log.warning("%d connections open after shutdown_timeout", len(ctx.connections))
+                log.warning("%d connections open at the end of the drain", len(ctx.connections))
             # The tunnels' last bytes (their Close frames) still waiting for slow peers.
-            while ctx.engine.flushing and loop.time() < deadline and not self._fast:
+            while ctx.engine.flushing and self._in_time(loop, deadline):
                 await asyncio.sleep(0.05)
         sweeper.stop()
         for conn in list(ctx.connections):
@@ -141,6 +154,18 @@ class Worker:
         ):
             await asyncio.sleep(0.1)
 
+    def _in_time(self, loop: asyncio.AbstractEventLoop, deadline: float) -> bool:
+        """The drain goes on: before `deadline` and an orphan's cut, and no fast stop asked."""
+        return loop.time() < min(deadline, self._cut_at) and not self._fast
+
+    def _orphaned(self) -> None:
+        if self._cut_at == float("inf"):
+            grace = min(ORPHAN_GRACE, self.config.server.shutdown_timeout)
+            log.warning("the supervisor (pid %d) is gone: stopping, in-flight requests get %.1fs",
+                        self.parent_pid, grace)
+            self._cut_at = asyncio.get_running_loop().time() + grace
+        self._request_stop(STOP)
+
     def _request_stop(self, mode: int) -> None:
         if mode == FAST:
             self._fast = True  # also cuts a drain already under way
@@ -150,15 +175,15 @@ class Worker:
             self._stop.set_result(mode)
 
     def _heartbeat(self, loop: asyncio.AbstractEventLoop, ctx: WorkerContext, beat: bytes) -> None:
-        if os.getppid() != self.parent_pid:
-            self._request_stop(STOP)  # the supervisor is gone: nobody would replace us
+        if orphaned(self.parent_pid):
+            self._orphaned()  # the supervisor is gone: nobody would replace us
         try:
             os.write(self.heartbeat_fd, beat)
         except BlockingIOError:
             pass  # the supervisor is not reading (stopped?): the beat is simply skipped
         except OSError as exc:
             if exc.errno == errno.EPIPE:
-                self._request_stop(STOP)
+                self._orphaned()
         ctx.close_expired_upstreams()
         ctx.report_metrics()
         if ctx.listeners is not None:
@@ -186,7 +211,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--balance-fd", type=int, default=-1, help="shared connection counts")
     parser.add_argument("--generation", type=int, default=0)
     parser.add_argument("--generation-size", type=int, default=1)
+    parser.add_argument("--supervisor-pid", type=int, default=0)
     args = parser.parse_args(argv)
+    # First: from here on the kernel tells us if the supervisor dies (see orphan.py).
+    signal_on_supervisor_death()
 
     # USR1 reopens the access log; a worker without one (or not serving yet) ignores it.
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
@@ -199,7 +227,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.balance_fd >= 0:
         table = LoadTable(args.balance_fd, args.generation, args.worker_id, args.generation_size)
     worker = Worker(
-        config, fds, args.heartbeat_fd, args.events, args.worker_id, args.log_format, table
+        config, fds, args.heartbeat_fd, args.events, args.worker_id, args.log_format, table,
+        args.supervisor_pid,
     )
     # What start-up made lives as long as the worker: keep it out of every garbage collection.
     gc.freeze()
