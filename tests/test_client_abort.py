@@ -89,3 +89,32 @@ def test_a_request_the_client_abandons_is_logged_and_counted_as_499(
 
     records = [r for r in asyncio.run(backlog_records(charon)) if r.get("path") == path]
     assert [(r["kind"], r["status"]) for r in records] == [("request", 499)], records
+
+
+def test_a_response_the_client_abandons_midway_is_logged_with_its_status_and_bytes(
+    tmp_path: Path, backend_factory: Callable[..., Backend]
+) -> None:
+    """nginx's convention: 499 only when nothing was answered; a response cut after its head
+    keeps its status, with the body bytes that were relayed."""
+    raw = backend_factory("raw_backend.py")
+    access = tmp_path / "access.log"
+    c = Charon(tmp_path, f'[[hosts]]\ndomains = ["{HOST}"]\nupstream = "{raw.url}"\n',
+               server_toml=f'access_log = "{access}"')
+    try:
+        c.start()
+        path = f"/stall?left-{uuid.uuid4().hex[:8]}"  # 200, 10 of 100 body bytes, then silence
+        with socket.create_connection((HOST, c.port), timeout=5) as sock:
+            sock.sendall(f"GET {path} HTTP/1.1\r\nHost: {HOST}\r\n\r\n".encode())
+            got = b""
+            while b"\r\n\r\n" not in got or len(got.partition(b"\r\n\r\n")[2]) < 10:
+                chunk = sock.recv(65536)
+                assert chunk, got
+                got += chunk
+            assert got.startswith(b"HTTP/1.1 200 "), got
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        wait_until(lambda: access.exists() and path in access.read_text(), 10,
+                   what="the access log line")
+        (line,) = [line for line in access.read_text().splitlines() if path in line]
+        assert f'"GET {path}" 200 10 ' in line, line
+    finally:
+        c.stop()
