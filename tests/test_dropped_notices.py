@@ -30,8 +30,9 @@ STOPPED_FOR = 10.0  # long enough to fill both queues of batches (publisher.SEND
 class Load:
     """Keep-alive GETs from two threads until stopped."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, host: str = HOST) -> None:
         self.port = port
+        self.host = host
         self.done = 0
         self.stopping = threading.Event()
         self.threads = [threading.Thread(target=self._run, daemon=True) for _ in range(2)]
@@ -40,7 +41,7 @@ class Load:
         conn = http.client.HTTPConnection(HOST, self.port, timeout=10)
         try:
             while not self.stopping.is_set():
-                conn.request("GET", "/ok", headers={"Host": HOST})
+                conn.request("GET", "/ok", headers={"Host": self.host})
                 conn.getresponse().read()
                 self.done += 1
         finally:

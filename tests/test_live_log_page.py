@@ -21,6 +21,7 @@ from typing import Any
 import aiohttp
 import pytest
 from harness import HOST, Backend, Charon, free_port, raw_request
+from test_dropped_notices import STOPPED_FOR, Load
 
 CHROMIUM = "/usr/bin/chromium"
 TOKEN = "page-t0ken"
@@ -311,6 +312,27 @@ def test_request_data_is_shown_as_text(browser: Browser, charon: Charon) -> None
         assert await page.js("document.querySelector('#rows b') === null")
         assert await page.js("document.querySelector('#rows img') === null")
         assert await page.js("window.pwned === undefined")
+
+    with_page(browser, test)
+
+
+def test_records_lost_by_a_worker_are_shown(browser: Browser, charon: Charon) -> None:
+    """The supervisor SIGSTOPped under load: the worker drops records, and the page says so."""
+
+    async def test(page: Page, s: aiohttp.ClientSession) -> None:
+        await page.open(f"http://{HOST}:{charon.admin_port}/")
+        await page.live()
+        with Load(charon.port, "alpha.test"):
+            await asyncio.sleep(0.5)
+            os.kill(charon.pid, signal.SIGSTOP)
+            try:
+                await asyncio.sleep(STOPPED_FOR)
+            finally:
+                os.kill(charon.pid, signal.SIGCONT)
+            await asyncio.sleep(0.5)
+        text = await page.wait_text("entries dropped by worker 0 (pid ", "lost by workers",
+                                    timeout=30)
+        assert "the supervisor did not take them in time" in text
 
     with_page(browser, test)
 
