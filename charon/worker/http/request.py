@@ -236,5 +236,8 @@ def _body_framing(length: bytes | None, te: list[bytes] | None) -> tuple[int, in
             raise HttpError(501, "only the chunked transfer coding is supported")
         return BODY_CHUNKED, 0
     if length is not None:
-        return BODY_LENGTH, int(length)
+        digits = length.strip()
+        if not digits.isdigit():  # int() would also take "+1", "1_0", "-0" (and raise on "x")
+            raise HttpError(400, "invalid Content-Length")
+        return BODY_LENGTH, int(digits)
     return BODY_NONE, 0
