@@ -85,6 +85,9 @@ def both_ways(env: Env, request: bytes) -> tuple[bytes, bytes]:
 
 ACCEPT_LINE = b"Sec-WebSocket-Accept: {accept}\r\n"
 VALID = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+# What the client offers (a 101 may only choose among them: RFC 6455 4.1)
+OFFERS = (b"Sec-WebSocket-Protocol: chat, superchat\r\n"
+          b"Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n")
 
 
 @pytest.mark.parametrize(
@@ -114,7 +117,9 @@ VALID = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: 
     ],
 )
 def test_answer_same_both_ways(env: Env, answer: bytes, status: int) -> None:
-    got, request_seen = both_ways(env, ws_request(answer_path(answer), host="raw.test"))
+    got, request_seen = both_ways(
+        env, ws_request(answer_path(answer), host="raw.test", extra=OFFERS)
+    )
     assert got.startswith(b"HTTP/1.1 %d " % status), got
     if status == 101:
         assert request_seen.startswith(b"GET /answer?"), request_seen
