@@ -42,6 +42,14 @@ def check_request(method: bytes, version: str, key: bytes | None, ws_version: by
         raise HttpError(400, "invalid Sec-WebSocket-Key")
 
 
+def check_upgrade_alone(upgrade: bytes) -> None:
+    """An HTTP/1.1 request whose Upgrade is not named by Connection: a broken WebSocket
+    handshake is refused rather than forwarded as a plain request; another protocol's
+    Upgrade is dropped as hop-by-hop."""
+    if is_websocket_upgrade(upgrade):
+        raise HttpError(400, "a WebSocket handshake needs Connection: upgrade")
+
+
 def accept_value(key: bytes) -> bytes:
     return binascii.b2a_base64(sha1(key.strip() + _GUID).digest(), newline=False)
 
