@@ -52,19 +52,21 @@ def arrived(ctx: WorkerContext, arrivals: list[Arrival] | None, accepted: int) -
     if arrivals is None:
         return
     for fd, peer_ip, first_read, head in arrivals:
-        plan = None
         if head is not None and not ctx.draining:
             try:
                 plan = _plan(ctx, peer_ip, head)
             except Exception:
                 log.exception("the front door could not plan a handshake; the HTTP path takes it")
-        if plan is not None:
-            _dial(ctx, fd, peer_ip, first_read, head, plan)  # type: ignore[arg-type]
-            continue
+                plan = None
+            if plan is not None:
+                _dial(ctx, fd, peer_ip, first_read, head, plan)
+                continue
         try:
             adopt_client(ctx, fd, peer_ip, first_read)
         except Exception:  # (its socket object, if made, closes the fd when dropped)
             log.exception("cannot hand an accepted connection to the HTTP path")
+            if ctx.listeners is not None:
+                ctx.listeners.closed_one()
 
 
 def _plan(ctx: WorkerContext, peer_ip: str, head: SplitHead) -> RequestPlan | None:
