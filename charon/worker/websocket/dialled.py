@@ -11,6 +11,7 @@ connect, then the first byte (decision 12); either one ends with 504.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from typing import TYPE_CHECKING
@@ -27,6 +28,8 @@ from charon.worker.websocket.tunnel import Tunnel, TunnelInfo
 if TYPE_CHECKING:
     from charon.worker.context import WorkerContext
     from charon.worker.http.request import RequestPlan
+
+log = logging.getLogger("charon.worker")
 
 
 class Handshake:
@@ -103,7 +106,11 @@ class DialledTunnel(Tunnel):
             return
         plan = handshake.plan
         assert plan.websocket_key is not None
-        switching = _check_101(self.answer_head(), plan.websocket_key, plan.head)
+        try:
+            switching = _check_101(self.answer_head(), plan.websocket_key, plan.head)
+        except Exception:  # a bug: the HTTP path takes the connection, never left waiting
+            log.exception("checking a dialled 101 failed")
+            switching = None
         if switching is None or not self.switch(switching[0]):
             self._hand_back(None)  # the HTTP path answers it (502), as it would have
             return
