@@ -128,8 +128,13 @@ dial_event(TunnelObject *t, int side, uint32_t ev)
 {
     DialState *d = t->dial;
     int fd = t->fd[BACKEND];
-    if (side != BACKEND || fd < 0 || d->error || d->asking)
+    if (side != BACKEND || fd < 0 || d->error)
         return;
+    if (d->asking) {  /* (edge-triggered: an edge now is remembered for the tunnel's start) */
+        if (ev & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR))
+            d->more = 1;
+        return;
+    }
     if ((ev & (EPOLLOUT | EPOLLERR | EPOLLHUP)) && d->request_sent < d->request_len) {
         while (d->request_sent < d->request_len) {
             ssize_t r = send(fd, d->request + d->request_sent, d->request_len - d->request_sent,
