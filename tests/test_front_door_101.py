@@ -60,6 +60,20 @@ def test_101_judged_alike_both_ways(env: Env, extra: bytes, status: int) -> None
 
 
 @pytest.mark.parametrize(
+    "answer",
+    [
+        pytest.param(b"HTTP/1.1 101 Switching Protocols\nUpgrade: websocket\nConnection: Upgrade"
+                     b"\nSec-WebSocket-Accept: {accept}\n\n", id="bare-lf"),
+        pytest.param(VALID + b"X-Lf: a\n" + ACCEPT_LINE + b"\r\n", id="one-bare-lf"),
+    ],
+)
+def test_101_llhttp_refuses_is_502_both_ways(env: Env, answer: bytes) -> None:
+    """A 101 whose head llhttp refuses (or ends elsewhere than the engine saw): 502 both ways."""
+    got, _ = both_ways(env, ws_request(answer_path(answer), host="raw.test"))
+    assert got.startswith(b"HTTP/1.1 502 "), got
+
+
+@pytest.mark.parametrize(
     "extra",
     [
         pytest.param(b"Sec-WebSocket-Protocol: chat\r\n", id="protocol"),
