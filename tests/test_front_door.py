@@ -1,11 +1,12 @@
 """The front door (door.c, dial.c, http/adopted.py): connections the engine accepts itself.
 
 A handshake whose first read holds its whole head takes the engine's path: the engine dials the
-backend and hands the 101 to Python, which judges it as the HTTP path does. The same handshake sent as the second request of a keep-alive
-connection takes the HTTP path (llhttp, `switching_response`). Each test here sends one
-handshake both ways and requires the same bytes on the wire: to the client (the 101, the
-relayed refusal, the 502) and to the backend (the forwarded request). Then the cases only the
-front door has: a client silent at first, a head cut in two, a connection closed unheard.
+backend and hands the 101 to Python, which judges it as the HTTP path does. The same handshake
+sent as the second request of a keep-alive connection takes the HTTP path (llhttp,
+`switching_response`). Each test here sends one handshake both ways and requires the same bytes
+on the wire: to the client (the 101, the relayed refusal, the 502) and to the backend (the
+forwarded request). Then the cases only the front door has: a client silent at first, a head
+cut in two, a connection closed unheard.
 """
 
 from __future__ import annotations
