@@ -12,7 +12,7 @@ setup(
             "charon.worker.websocket._engine",
             sources=[
                 f"charon/worker/websocket/engine/{name}.c"
-                for name in ("sockets", "walk", "door", "dial", "engine_type", "tunnel_type")
+                for name in ("sockets", "walk", "door", "head", "dial", "engine_type", "tunnel_type")
             ],
             depends=["charon/worker/websocket/engine/engine.h"],
             extra_compile_args=["-O2", "-Wall", "-Wextra", "-fvisibility=hidden"],

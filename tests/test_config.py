@@ -719,6 +719,7 @@ UPSTREAM_ERRORS = [
     ("http://127.0.0.1:99999", "the port must be a number from 1 to 65535"),
     ("http://::1:3000", 'IPv6 addresses need brackets, like "http://[::1]:3000"'),
     ("http://[::g]:3000", '"::g" is not an IPv6 address'),
+    ("http://[fe80::1%eth0]:3000", 'an IPv6 zone id ("fe80::1%eth0") is not supported'),
     ("http://back_end:3000", '"back_end" is not an IP address or a DNS name'),
     ("http://*.example.com", '"*.example.com" is not an IP address or a DNS name'),
 ]

@@ -1,11 +1,12 @@
 """The front door (door.c, dial.c, http/adopted.py): connections the engine accepts itself.
 
 A handshake whose first read holds its whole head takes the engine's path: the engine dials the
-backend and checks the 101 in C. The same handshake sent as the second request of a keep-alive
-connection takes the HTTP path (llhttp, `switching_response`). Each test here sends one
-handshake both ways and requires the same bytes on the wire: to the client (the 101, the
-relayed refusal, the 502) and to the backend (the forwarded request). Then the cases only the
-front door has: a client silent at first, a head cut in two, a connection closed unheard.
+backend and hands the 101 to Python, which judges it as the HTTP path does. The same handshake
+sent as the second request of a keep-alive connection takes the HTTP path (llhttp,
+`switching_response`). Each test here sends one handshake both ways and requires the same bytes
+on the wire: to the client (the 101, the relayed refusal, the 502) and to the backend (the
+forwarded request). Then the cases only the front door has: a client silent at first, a head
+cut in two, a connection closed unheard.
 """
 
 from __future__ import annotations
@@ -85,6 +86,9 @@ def both_ways(env: Env, request: bytes) -> tuple[bytes, bytes]:
 
 ACCEPT_LINE = b"Sec-WebSocket-Accept: {accept}\r\n"
 VALID = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+# What the client offers (a 101 may only choose among them: RFC 6455 4.1)
+OFFERS = (b"Sec-WebSocket-Protocol: chat, superchat\r\n"
+          b"Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n")
 
 
 @pytest.mark.parametrize(
@@ -114,7 +118,9 @@ VALID = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: 
     ],
 )
 def test_answer_same_both_ways(env: Env, answer: bytes, status: int) -> None:
-    got, request_seen = both_ways(env, ws_request(answer_path(answer), host="raw.test"))
+    got, request_seen = both_ways(
+        env, ws_request(answer_path(answer), host="raw.test", extra=OFFERS)
+    )
     assert got.startswith(b"HTTP/1.1 %d " % status), got
     if status == 101:
         assert request_seen.startswith(b"GET /answer?"), request_seen

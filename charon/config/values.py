@@ -263,6 +263,8 @@ def upstream(value: Any) -> Upstream:
 
 def _upstream_host(host: str, url: str) -> str:
     host = host.lower()
+    if "%" in host:  # ipaddress takes "fe80::1%eth0"; neither the engine's dial nor a Host does
+        raise ValueError(f"{quote(url)}: an IPv6 zone id ({quote(host)}) is not supported")
     try:
         return str(ipaddress.ip_address(host))
     except ValueError:

@@ -3,34 +3,40 @@
 The engine accepts on the listening sockets and reads each new connection once. A connection
 whose first read is a whole WebSocket handshake for a backend at an IP address becomes a
 `DialledTunnel` at once: its request is planned here as the HTTP path plans one, and the engine
-dials the backend, checks the 101 and starts the tunnel without uvloop or another Python step.
-Every other connection, and a handshake this path does not take, goes to uvloop as HTTP with
-the bytes already read (`adopt_client`), exactly as if uvloop had accepted it.
+dials the backend and starts the tunnel once Python has accepted the backend's 101. Every
+other connection, and a handshake this path does not take, goes to uvloop as HTTP with the
+bytes already read (`adopt_client`), exactly as if uvloop had accepted it.
+
+Each arrival is served on its own: whatever goes wrong with one (a bug included) is logged
+and that connection goes the HTTP way or is closed; the arrivals after it are served as usual.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import logging
 from typing import TYPE_CHECKING
 
 from charon.worker.http.adopted import adopt_client
 from charon.worker.http.errors import HttpError
-from charon.worker.http.request import BODY_NONE, plan_request
+from charon.worker.http.request import BODY_NONE, RequestPlan, plan_request
 from charon.worker.websocket.dialled import DialledTunnel, Handshake
 
 if TYPE_CHECKING:
     from charon.worker.context import WorkerContext
     from charon.worker.websocket._engine import Arrival, SplitHead
 
+log = logging.getLogger("charon.worker")
+
 _ip_literals: dict[str, bool] = {}
 
 
 def _is_ip(host: str) -> bool:
+    """Whether the engine can dial `host` as it is (inet_pton: no name, no zone id)."""
     known = _ip_literals.get(host)
     if known is None:
         try:
-            ipaddress.ip_address(host)
-            known = True
+            known = "%" not in host and ipaddress.ip_address(host) is not None
         except ValueError:
             known = False  # a name: uvloop resolves it on the HTTP path
         _ip_literals[host] = known
@@ -46,13 +52,26 @@ def arrived(ctx: WorkerContext, arrivals: list[Arrival] | None, accepted: int) -
     if arrivals is None:
         return
     for fd, peer_ip, first_read, head in arrivals:
-        if head is None or ctx.draining or not _dial(ctx, fd, peer_ip, first_read, head):
+        if head is not None and not ctx.draining:
+            try:
+                plan = _plan(ctx, peer_ip, head)
+            except Exception:
+                log.exception("the front door could not plan a handshake; the HTTP path takes it")
+                plan = None
+            if plan is not None:
+                _dial(ctx, fd, peer_ip, first_read, head, plan)
+                continue
+        try:
             adopt_client(ctx, fd, peer_ip, first_read)
+        except Exception:  # (its socket object, if made, closes the fd when dropped)
+            log.exception("cannot hand an accepted connection to the HTTP path")
+            if ctx.listeners is not None:
+                ctx.listeners.closed_one()
 
 
-def _dial(ctx: WorkerContext, fd: int, peer_ip: str, first_read: bytes, head: SplitHead) -> bool:
-    """Open a tunnel that dials the backend, if this handshake is one the HTTP path would
-    forward as it is; False leaves the connection to the HTTP path, which answers the rest."""
+def _plan(ctx: WorkerContext, peer_ip: str, head: SplitHead) -> RequestPlan | None:
+    """The plan of a handshake this path may dial as the HTTP path would forward it; None
+    leaves the connection to the HTTP path, which answers the rest."""
     method, target, fields, head_len = head
     limits = ctx.limits
     if (
@@ -60,17 +79,32 @@ def _dial(ctx: WorkerContext, fd: int, peer_ip: str, first_read: bytes, head: Sp
         or head_len > limits.max_header_bytes
         or len(target) > limits.max_request_target
     ):
-        return False
+        return None
     try:
         plan = plan_request(
             method, target, "1.1", fields, peer_ip, ctx.scheme, ctx.router, ctx.forwarded
         )
     except HttpError:
-        return False
+        return None
     if plan.websocket_key is None or plan.body != BODY_NONE:
-        return False
+        return None
     if not _is_ip(plan.route.upstream.host):
-        return False
-    handshake = Handshake(plan, target, peer_ip, first_read)
-    DialledTunnel(ctx, fd, handshake).begin(first_read[head_len:])
-    return True
+        return None
+    return plan
+
+
+def _dial(
+    ctx: WorkerContext, fd: int, peer_ip: str, first_read: bytes, head: SplitHead,
+    plan: RequestPlan,
+) -> None:
+    tunnel = None
+    try:
+        tunnel = DialledTunnel(ctx, fd, Handshake(plan, head[1], peer_ip, first_read))
+        tunnel.begin(first_read[head[3]:])
+    except Exception:
+        # The tunnel owns the fd once made: dropping it closes the connection, unanswered.
+        log.exception("the front door could not dial a handshake's backend")
+        if tunnel is not None:
+            ctx.dialling.discard(tunnel)
+        if ctx.listeners is not None:
+            ctx.listeners.closed_one()

@@ -283,7 +283,7 @@ class Exchange:
         (which sends the 101 to the client itself, before any frame)."""
         plan, conn, client = self.plan, self.upstream, self.client
         assert plan is not None and plan.websocket_key is not None and conn is not None
-        switching = switching_response(self.headers, plan.websocket_key)
+        switching = switching_response(self.headers, plan.websocket_key, plan.head)
         if switching is None:
             self.upstream_reusable = False
             self._fail(

@@ -16,7 +16,11 @@ from charon.worker.http.headers import (
     parse_connection,
 )
 from charon.worker.routing import Route, Router
-from charon.worker.websocket.handshake import check_request, is_websocket_upgrade
+from charon.worker.websocket.handshake import (
+    check_request,
+    check_upgrade_alone,
+    is_websocket_upgrade,
+)
 
 BODY_NONE = 0
 BODY_LENGTH = 1
@@ -151,11 +155,14 @@ def plan_request(
                 kind = special(lname)
                 if (kind is None or kind >= _FORWARDED_TOO) and lname not in dropped:
                     out += (name, b": ", value, b"\r\n")
-        websocket = b"upgrade" in tokens and is_websocket_upgrade(upgrade)
+        # HTTP/1.0 has no Upgrade (RFC 9110 7.8): served as plain HTTP, the field dropped.
+        websocket = b"upgrade" in tokens and version == "1.1" and is_websocket_upgrade(upgrade)
         if websocket:
             if body != BODY_NONE:
                 raise HttpError(400, "a WebSocket handshake cannot carry a body")
             check_request(method, version, ws_key, ws_version)
+    if upgrade is not None and not websocket and version == "1.1":
+        check_upgrade_alone(upgrade)
     out[0] = b"".join((method, b" ", target, b" HTTP/1.1\r\nHost: ", host_value, b"\r\n"))
 
     peer = peer_ip.encode("latin-1")
@@ -236,5 +243,8 @@ def _body_framing(length: bytes | None, te: list[bytes] | None) -> tuple[int, in
             raise HttpError(501, "only the chunked transfer coding is supported")
         return BODY_CHUNKED, 0
     if length is not None:
-        return BODY_LENGTH, int(length)
+        digits = length.strip()
+        if not digits.isdigit():  # int() would also take "+1", "1_0", "-0" (and raise on "x")
+            raise HttpError(400, "invalid Content-Length")
+        return BODY_LENGTH, int(digits)
     return BODY_NONE, 0

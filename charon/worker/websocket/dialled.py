@@ -1,28 +1,35 @@
 """A tunnel whose backend the engine dials (dial.c), for a handshake the front door took.
 
 The request was planned as the HTTP path plans one (`plan_request`); the engine connects,
-sends it, reads the answer's head and starts the tunnel on a valid 101 (OPENED). Anything else
-comes back (HANDED_BACK) and the connection goes on as HTTP with the backend's answer, so a
-401 or a bad 101 gets exactly the HTTP path's response. Deadlines are the HTTP path's:
+sends it and reads the answer's head. A 101 comes here (SWITCHING) and is judged as the HTTP
+path judges one: llhttp parses it, `switching_response` checks it; a valid one starts the
+tunnel in the engine (`switch`). Anything else comes back (HANDED_BACK, or handed back from
+here) and the connection goes on as HTTP with the backend's answer, so a 401 or a bad 101 gets
+exactly the HTTP path's response. Deadlines are the HTTP path's:
 connect, then the first byte (decision 12); either one ends with 504.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from typing import TYPE_CHECKING
 
+import httptools
+
 from charon.events.schema import ERR_TIMEOUT
 from charon.worker.deadlines import CONNECT, FIRST_BYTE, NONE
 from charon.worker.http.adopted import Handover, adopt_client
-from charon.worker.websocket._engine import HANDED_BACK, OPENED
-from charon.worker.websocket.handshake import accept_value
+from charon.worker.websocket._engine import HANDED_BACK, SWITCHING
+from charon.worker.websocket.handshake import switching_response
 from charon.worker.websocket.tunnel import Tunnel, TunnelInfo
 
 if TYPE_CHECKING:
     from charon.worker.context import WorkerContext
     from charon.worker.http.request import RequestPlan
+
+log = logging.getLogger("charon.worker")
 
 
 class Handshake:
@@ -52,9 +59,7 @@ class DialledTunnel(Tunnel):
         ctx, plan = self.ctx, self.handshake.plan
         upstream = plan.route.upstream
         assert plan.websocket_key is not None
-        self.dial(
-            upstream.host, upstream.port, plan.head, accept_value(plan.websocket_key), client_tail
-        )
+        self.dial(upstream.host, upstream.port, plan.head, client_tail)
         if self.dial_error:  # e.g. no fd left for the socket: the HTTP path tries again
             self._hand_back(None)
             return
@@ -67,8 +72,9 @@ class DialledTunnel(Tunnel):
         if flags & HANDED_BACK:
             self._hand_back(None)
             return
-        if flags & OPENED:
-            self._opened()
+        if flags & SWITCHING:
+            self._switching()
+            return
         super().on_report(flags, code)
 
     def on_deadline(self, kind: int) -> None:
@@ -93,12 +99,29 @@ class DialledTunnel(Tunnel):
         self.deadline = self.ctx.loop.time() + left
         self.deadline_kind = FIRST_BYTE if connected_at is not None else CONNECT
 
-    def _opened(self) -> None:
+    def _switching(self) -> None:
+        """The backend answered 101: the tunnel starts if the HTTP path would start it."""
+        handshake = self.handshake
+        if handshake is None:
+            return
+        plan = handshake.plan
+        assert plan.websocket_key is not None
+        try:
+            switching = _check_101(self.answer_head(), plan.websocket_key, plan.head)
+        except Exception:  # a bug: the HTTP path takes the connection, never left waiting
+            log.exception("checking a dialled 101 failed")
+            switching = None
+        if switching is None or not self.switch(switching[0]):
+            self._hand_back(None)  # the HTTP path answers it (502), as it would have
+            return
+        self._opened(switching[1])
+
+    def _opened(self, subprotocol: bytes) -> None:
         handshake, self.handshake = self.handshake, None
         assert handshake is not None
         ctx, plan = self.ctx, handshake.plan
         ctx.dialling.discard(self)
-        self.info.subprotocol = self.subprotocol.decode("latin-1")
+        self.info.subprotocol = subprotocol.decode("latin-1")
         ctx.telemetry.request(
             plan.route.host_name, plan.method, 101, time.monotonic() - handshake.started, 0,
             plan.client_ip, handshake.target,
@@ -123,3 +146,32 @@ class DialledTunnel(Tunnel):
         if failure is not None or backend_fd >= 0:
             handover = Handover(backend_fd, answered, failure)
         adopt_client(ctx, client_fd, handshake.peer_ip, handshake.first_read, handover)
+
+
+class _Fields:
+    """llhttp's callbacks for a 101 head: its fields, as the HTTP path's Exchange gets them."""
+
+    __slots__ = ("fields",)
+
+    def __init__(self) -> None:
+        self.fields: list[tuple[bytes, bytes]] = []
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.fields.append((name, value))
+
+
+def _check_101(head: bytes, key: bytes, request_head: bytes) -> tuple[bytes, bytes] | None:
+    """The 101 for the client and the subprotocol, if llhttp takes `head` as a whole 101 head
+    (the end the engine found: llhttp's) and switching_response accepts it; else None."""
+    fields = _Fields()
+    parser = httptools.HttpResponseParser(fields)
+    try:
+        parser.feed_data(head)
+    except httptools.HttpParserUpgrade as upgrade:
+        if upgrade.args[0] != len(head):
+            return None
+    except httptools.HttpParserError:
+        return None
+    else:
+        return None  # llhttp's head does not end where the engine's does
+    return switching_response(fields.fields, key, request_head)

@@ -42,6 +42,14 @@ def check_request(method: bytes, version: str, key: bytes | None, ws_version: by
         raise HttpError(400, "invalid Sec-WebSocket-Key")
 
 
+def check_upgrade_alone(upgrade: bytes) -> None:
+    """An HTTP/1.1 request whose Upgrade is not named by Connection: a broken WebSocket
+    handshake is refused rather than forwarded as a plain request; another protocol's
+    Upgrade is dropped as hop-by-hop."""
+    if is_websocket_upgrade(upgrade):
+        raise HttpError(400, "a WebSocket handshake needs Connection: upgrade")
+
+
 def accept_value(key: bytes) -> bytes:
     return binascii.b2a_base64(sha1(key.strip() + _GUID).digest(), newline=False)
 
@@ -53,15 +61,22 @@ _NOT_RELAYED = frozenset(
 )
 
 
-def switching_response(headers: list[Header], key: bytes) -> tuple[bytes, bytes] | None:
-    """A backend's 101 (its header fields) for the handshake with `key`.
+def switching_response(
+    headers: list[Header], key: bytes, request_head: bytes
+) -> tuple[bytes, bytes] | None:
+    """A backend's 101 (its header fields) for the handshake with `key`, whose request went to
+    the backend as `request_head`.
 
-    None when it does not complete the handshake the client asked for; else the 101 for the
-    client, with the backend's end-to-end headers (protocol, extensions), and the subprotocol.
+    None when it does not complete the handshake the client asked for (RFC 6455 4.1: the
+    client would fail the connection: a subprotocol or an extension it did not offer
+    included); else the 101 for the client, with the backend's end-to-end headers (protocol,
+    extensions), and the subprotocol.
     """
     upgrade = accept = None
     conn: list[bytes] = []
     subprotocol = b""
+    protocols = 0
+    extensions: list[bytes] | None = None
     out = [b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"]
     for name, value in headers:  # one pass, one lower() per field
         lname = name.lower()
@@ -75,8 +90,11 @@ def switching_response(headers: list[Header], key: bytes) -> tuple[bytes, bytes]
             if accept is not None:
                 return None
             accept = value.strip()
-        elif lname == b"sec-websocket-protocol" and not subprotocol:
-            subprotocol = value
+        elif lname == b"sec-websocket-protocol":
+            protocols += 1
+            subprotocol = value.strip()
+        elif lname == b"sec-websocket-extensions":
+            extensions = [*extensions, value] if extensions else [value]
         out += (name, b": ", value, b"\r\n")
     if not (
         is_websocket_upgrade(upgrade)
@@ -84,5 +102,41 @@ def switching_response(headers: list[Header], key: bytes) -> tuple[bytes, bytes]
         and accept == accept_value(key)
     ):
         return None
+    if protocols and (
+        protocols > 1
+        or subprotocol not in _tokens(_values(request_head, b"sec-websocket-protocol"))
+    ):
+        return None
+    if extensions and not _extension_names(extensions) <= _extension_names(
+        _values(request_head, b"sec-websocket-extensions")
+    ):
+        return None
     out.append(b"\r\n")
     return b"".join(out), subprotocol
+
+
+# What the client offered is read back from the request head the proxy wrote (what the backend
+# saw), only when a 101 names a protocol or an extension: no cost for other handshakes.
+
+
+def _values(request_head: bytes, name: bytes) -> list[bytes]:
+    values = []
+    for line in request_head.split(b"\r\n")[1:]:
+        field, colon, value = line.partition(b":")
+        if colon and field.lower() == name:
+            values.append(value)
+    return values
+
+
+def _tokens(values: list[bytes]) -> set[bytes]:
+    return {token for value in values for item in value.split(b",") if (token := item.strip())}
+
+
+def _extension_names(values: list[bytes]) -> set[bytes]:
+    """Extension names (before their parameters), lowercased."""
+    return {
+        name
+        for value in values
+        for item in value.split(b",")
+        if (name := item.split(b";")[0].strip().lower())
+    }

@@ -77,7 +77,10 @@ class TunnelEngine:
         reports, arrivals, accepted = ran
         if reports is not None:
             for tunnel, flags, code in reports:
-                tunnel.on_report(flags, code)  # type: ignore[attr-defined]
+                try:
+                    tunnel.on_report(flags, code)  # type: ignore[attr-defined]
+                except Exception:  # the other reports and this run's arrivals still go on
+                    log.exception("handling a tunnel's report failed")
         if arrivals is not None or accepted:
             if self.on_arrivals is not None:
                 self.on_arrivals(arrivals, accepted)

@@ -1,9 +1,8 @@
 /* A tunnel that dials its backend: connect, send the handshake request Python wrote, read the
- * answer's head and check it (protocol notes decision 2). A valid 101 starts the tunnel here
- * (EV_OPENED); anything else is handed back to Python with the sockets and the bytes read
- * (EV_HANDED_BACK), where the HTTP path relays the answer or answers 502/504 itself. The
- * checks are strict: a 101 that is unusual in any way goes back to Python too, whose checks
- * (handshake.switching_response) decide; what passes here is what passes there. */
+ * answer's head. C copies bytes, Python keeps the policy: a head that is a 101 goes to Python
+ * (EV_SWITCHING), which checks it with llhttp and the HTTP path's switching_response() and
+ * starts the tunnel here (Tunnel.switch) or takes the sockets back; anything else is handed
+ * back at once (EV_HANDED_BACK), where the HTTP path relays the answer or answers 502/504. */
 
 #include "engine.h"  /* first: Python.h before the system headers */
 
@@ -13,9 +12,6 @@
 #include <netinet/tcp.h>
 #include <string.h>
 #include <unistd.h>
-
-static const char SWITCHING[] =
-    "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n";
 
 static void
 dial_state_free(DialState *d)
@@ -81,121 +77,29 @@ hand_back(TunnelObject *t, int error)
     notify(t, EV_HANDED_BACK);
 }
 
-/* Backend fields the proxy does not relay with a 101 (handshake.py's _NOT_RELAYED): it writes
- * Upgrade and Connection itself, and a 101 frames no message. */
+/* Python accepted the 101: the tunnel runs from here, as Tunnel.start() would start it, with
+ * `head` (Python's 101 for the client) first. -1 (errno set) if the client cannot join. */
 static int
-not_relayed(const uint8_t *name, uint32_t nl)
+open_dialled(TunnelObject *t, const uint8_t *head, size_t head_len)
 {
-    static const char *const names[] = {"upgrade", "connection", "keep-alive",
-                                        "transfer-encoding", "content-length",
-                                        "proxy-connection"};
-    for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++)
-        if (lower_equals(name, nl, names[i]))
-            return 1;
-    return 0;
-}
-
-/* The 101 for the client if the head p[0:end] is a valid answer to the handshake, else -1.
- * Relayed: every field but those the proxy writes itself or that frame a message. */
-static int
-switching_head(TunnelObject *t, const uint8_t *p, uint32_t end, uint8_t **out, size_t *out_len)
-{
-    DialState *d = t->dial;
-    SplitHead h;
-    uint32_t at = 12;
-    if (end < 16 || memcmp(p, "HTTP/1.1 101", 12) != 0 || (p[12] != ' ' && p[12] != '\r'))
+    if (register_side(t, CLIENT) < 0)
         return -1;
-    while (at < end && p[at] != '\r' && p[at] != '\n')
-        at++;
-    if (at + 1 >= end || p[at] != '\r' || p[at + 1] != '\n')
-        return -1;
-    if (!split_fields(p, at + 2, end, &h))
-        return -1;
-    int upgrade_ok = 0, connection_ok = 0, accepts = 0, accept_ok = 0, protocol = -1;
-    size_t size = sizeof(SWITCHING) - 1 + 2;
-    for (uint32_t i = 0; i < h.count; i++) {
-        const uint8_t *name = p + h.name_off[i], *value = p + h.value_off[i];
-        uint32_t nl = h.name_len[i], vl = h.value_len[i];
-        if (not_relayed(name, nl)) {
-            if (lower_equals(name, nl, "upgrade"))
-                upgrade_ok = has_token(value, vl, "websocket");  /* the last one counts */
-            else if (lower_equals(name, nl, "connection"))
-                connection_ok |= has_token(value, vl, "upgrade");
-            continue;
-        }
-        if (lower_equals(name, nl, "sec-websocket-accept")) {
-            uint32_t n = vl;
-            while (n > 0 && (value[n - 1] == ' ' || value[n - 1] == '\t'))
-                n--;
-            accepts++;
-            accept_ok = n == sizeof(d->accept) && memcmp(value, d->accept, n) == 0;
-        }
-        else if (lower_equals(name, nl, "sec-websocket-protocol") && protocol < 0 && vl > 0)
-            protocol = (int)i;
-        size += nl + 2 + vl + 2;
-    }
-    if (!upgrade_ok || !connection_ok || accepts != 1 || !accept_ok)
-        return -1;
-    uint8_t *head = PyMem_Malloc(size);
-    if (head == NULL)
-        return -1;
-    uint8_t *w = head;
-    memcpy(w, SWITCHING, sizeof(SWITCHING) - 1);
-    w += sizeof(SWITCHING) - 1;
-    for (uint32_t i = 0; i < h.count; i++) {
-        const uint8_t *name = p + h.name_off[i];
-        uint32_t nl = h.name_len[i], vl = h.value_len[i];
-        if (not_relayed(name, nl))
-            continue;
-        memcpy(w, name, nl);
-        w += nl;
-        *w++ = ':';
-        *w++ = ' ';
-        memcpy(w, p + h.value_off[i], vl);
-        w += vl;
-        *w++ = '\r';
-        *w++ = '\n';
-    }
-    *w++ = '\r';
-    *w++ = '\n';
-    if (protocol >= 0 && h.value_len[protocol] <= UINT16_MAX) {
-        t->subprotocol = PyMem_Malloc(h.value_len[protocol]);
-        if (t->subprotocol != NULL) {
-            memcpy(t->subprotocol, p + h.value_off[protocol], h.value_len[protocol]);
-            t->subprotocol_len = (uint16_t)h.value_len[protocol];
-        }
-    }
-    *out = head;
-    *out_len = (size_t)(w - head);
-    return 0;
-}
-
-/* A valid 101 came: the tunnel runs from here, as Tunnel.start() would start it.
- * backend_more: bytes (or the FIN) may still wait in the backend socket without a new edge. */
-static void
-open_dialled(TunnelObject *t, uint8_t *head, size_t head_len, uint32_t end, int backend_more)
-{
-    if (register_side(t, CLIENT) < 0) {
-        PyMem_Free(head);
-        hand_back(t, errno ? errno : EIO);
-        return;
-    }
     DialState *d = t->dial;
     t->dial = NULL;  /* events go to the walk from here on */
     /* The client's socket just joined the set: epoll reports it at once if it holds bytes,
      * so no read is tried on a guess (nginx's way: a read that would find nothing is a
-     * system call saved). Both sockets can take the first bytes. */
+     * system call saved). Both sockets can take the first bytes; the backend's may hold more
+     * (or the FIN) with no new edge to come. */
     t->rd_ready[CLIENT] = 0;
-    t->rd_ready[BACKEND] = (uint8_t)backend_more;
+    t->rd_ready[BACKEND] = d->more;
     t->wr_ready[CLIENT] = t->wr_ready[BACKEND] = 1;
     t->started = 1;
     t->last_traffic = t->engine->now;
-    notify(t, EV_OPENED);
-    begin_streams(t, head, head_len, d->response + end, d->response_len - end, d->client_tail,
-                  d->client_tail_len);
-    PyMem_Free(head);
+    begin_streams(t, head, head_len, d->response + d->head_len, d->response_len - d->head_len,
+                  d->client_tail, d->client_tail_len);
     dial_state_free(d);
     progress(t);
+    return 0;
 }
 
 static void
@@ -208,13 +112,15 @@ answer_ready(TunnelObject *t, int eof, int more)
             hand_back(t, d->response_len ? -1 : ECONNRESET);
         return;  /* more of the head to come */
     }
-    uint8_t *head;
-    size_t head_len;
-    if (switching_head(t, d->response, end, &head, &head_len) < 0) {
-        hand_back(t, -1);
+    const uint8_t *p = d->response;
+    if (end < 16 || memcmp(p, "HTTP/1.1 101", 12) != 0 || (p[12] != ' ' && p[12] != '\r')) {
+        hand_back(t, -1);  /* no 101: the HTTP path relays it */
         return;
     }
-    open_dialled(t, head, head_len, end, eof || more);
+    d->head_len = end;
+    d->more = (uint8_t)(eof || more);
+    d->asking = 1;  /* the backend's events wait for Python's answer */
+    notify(t, EV_SWITCHING);
 }
 
 void
@@ -224,6 +130,11 @@ dial_event(TunnelObject *t, int side, uint32_t ev)
     int fd = t->fd[BACKEND];
     if (side != BACKEND || fd < 0 || d->error)
         return;
+    if (d->asking) {  /* (edge-triggered: an edge now is remembered for the tunnel's start) */
+        if (ev & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR))
+            d->more = 1;
+        return;
+    }
     if ((ev & (EPOLLOUT | EPOLLERR | EPOLLHUP)) && d->request_sent < d->request_len) {
         while (d->request_sent < d->request_len) {
             ssize_t r = send(fd, d->request + d->request_sent, d->request_len - d->request_sent,
@@ -306,9 +217,9 @@ Tunnel_dial(TunnelObject *t, PyObject *args)
 {
     const char *host;
     int port;
-    Py_buffer request, accept, client_tail;
-    if (!tunnel_ready(t) || !PyArg_ParseTuple(args, "siy*y*y*:dial", &host, &port, &request, &accept,
-                                       &client_tail))
+    Py_buffer request, client_tail;
+    if (!tunnel_ready(t)
+        || !PyArg_ParseTuple(args, "siy*y*:dial", &host, &port, &request, &client_tail))
         return NULL;
     struct sockaddr_storage addr;
     socklen_t addr_len = 0;
@@ -330,12 +241,11 @@ Tunnel_dial(TunnelObject *t, PyObject *args)
         PyErr_SetString(PyExc_ValueError, "dial() takes an IP address");
     else if (t->started || t->dial != NULL || t->fd[CLIENT] < 0 || t->fd[BACKEND] >= 0)
         PyErr_SetString(PyExc_RuntimeError, "only a new tunnel with a client and no backend dials");
-    else if (accept.len != sizeof(d->accept) || request.len == 0)
-        PyErr_SetString(PyExc_ValueError, "dial() needs a request and a 28-byte accept value");
+    else if (request.len == 0)
+        PyErr_SetString(PyExc_ValueError, "dial() needs a request");
     else if ((d = PyMem_Calloc(1, sizeof(DialState))) == NULL)
         PyErr_NoMemory();
     else {
-        memcpy(d->accept, accept.buf, sizeof(d->accept));
         d->request = copy_buffer(&request, &d->request_len);
         d->client_tail = copy_buffer(&client_tail, &d->client_tail_len);
         t->dial = d;
@@ -347,11 +257,42 @@ Tunnel_dial(TunnelObject *t, PyObject *args)
     if (PyErr_Occurred())
         dial_free(t);
     PyBuffer_Release(&request);
-    PyBuffer_Release(&accept);
     PyBuffer_Release(&client_tail);
     if (PyErr_Occurred())
         return NULL;
     Py_RETURN_NONE;
+}
+
+/* The backend's 101 head, while Python decides on it (after EV_SWITCHING). */
+PyObject *
+Tunnel_answer_head(TunnelObject *t, PyObject *Py_UNUSED(ignored))
+{
+    if (!tunnel_ready(t))
+        return NULL;
+    if (t->dial == NULL || !t->dial->asking) {
+        PyErr_SetString(PyExc_RuntimeError, "no 101 waits for a decision");
+        return NULL;
+    }
+    return PyBytes_FromStringAndSize((const char *)t->dial->response, t->dial->head_len);
+}
+
+/* Python accepted the 101: start the tunnel with `head` for the client. False if the client's
+ * socket cannot join the epoll set (Python then hands the connection back). */
+PyObject *
+Tunnel_switch(TunnelObject *t, PyObject *arg)
+{
+    if (!tunnel_ready(t))
+        return NULL;
+    if (t->dial == NULL || !t->dial->asking) {
+        PyErr_SetString(PyExc_RuntimeError, "no 101 waits for a decision");
+        return NULL;
+    }
+    Py_buffer head;
+    if (PyObject_GetBuffer(arg, &head, PyBUF_SIMPLE) < 0)
+        return NULL;
+    int opened = open_dialled(t, head.buf, (size_t)head.len) == 0;
+    PyBuffer_Release(&head);
+    return PyBool_FromLong(opened);
 }
 
 PyObject *

@@ -19,12 +19,14 @@
  * once, and hands every connection to Python (run()'s arrivals); a connection whose first read
  * holds a whole WebSocket handshake comes with its head split into fields, and Python may make
  * it a Tunnel that dials the backend itself (dial.c): the handshake's every socket operation
- * is then done here, none in uvloop.
+ * is then done here, none in uvloop. Python keeps the policy: it judges the backend's 101
+ * (Tunnel.switch starts the tunnel), and the head split takes only what llhttp takes alike.
  *
  * Files: sockets.c (buffers, sends, epoll interest, closing), walk.c (frame walking, reads,
- * events), door.c (accepting, the first read, the head split), dial.c (the backend connect,
- * the handshake request, the 101's checks; Tunnel.dial and hand_back), engine_type.c (the
- * Engine type and the module) and tunnel_type.c (the Tunnel type). */
+ * events), door.c (accepting, the first read), head.c (the head split), dial.c (the backend
+ * connect, the handshake request, reading the answer; Tunnel.dial, answer_head, switch and
+ * hand_back), engine_type.c (the Engine type and the module) and tunnel_type.c (the Tunnel
+ * type). */
 
 #ifndef CHARON_ENGINE_H
 #define CHARON_ENGINE_H
@@ -55,7 +57,7 @@
 #define EV_CLIENT_LOST 1
 #define EV_BACKEND_LOST 2
 #define EV_REFUSED 4
-#define EV_OPENED 8      /* a dialled tunnel got a valid 101 and is running */
+#define EV_SWITCHING 8   /* a dialled tunnel got a 101: Python decides (switch/hand_back) */
 #define EV_HANDED_BACK 16 /* a dial ended without a tunnel: Python takes the sockets back */
 
 /* Epoll data tags: a tunnel's address | side (objects are 8-aligned), 0 for the wake-up,
@@ -85,7 +87,7 @@ typedef struct {
     struct sockaddr_storage peer;
 } Waiting;
 
-/* A request head as split by door.c: offsets into the first read. */
+/* A request head as split by head.c: offsets into the first read. */
 typedef struct {
     uint32_t method_len, target_off, target_len, head_len;
     uint32_t count;
@@ -101,7 +103,9 @@ typedef struct {
     uint32_t response_len;
     uint8_t *client_tail;    /* bytes the client sent past its head */
     uint32_t client_tail_len;
-    uint8_t accept[28];      /* the Sec-WebSocket-Accept the backend must send */
+    uint32_t head_len;       /* of the 101 waiting for Python's decision */
+    uint8_t asking;          /* a 101 came: Python decides, the backend's events wait */
+    uint8_t more;            /* the backend's socket may hold more than was read */
     uint8_t connected;
     int error;               /* errno of a failed connect or read; -1: the answer is no 101 */
     double connected_at;
@@ -158,8 +162,6 @@ typedef struct TunnelObject {
     uint16_t inject_len[2];
     PongWatch *pong;
     DialState *dial;         /* while dialling the backend (NULL otherwise) */
-    uint8_t *subprotocol;    /* the backend's Sec-WebSocket-Protocol, from a dialled 101 */
-    uint16_t subprotocol_len;
     double last_traffic;
     double flush_deadline;
     struct TunnelObject *next_notify;
@@ -225,13 +227,17 @@ void accept_ready(EngineObject *e, int listen_fd);
 void first_read_ready(EngineObject *e, int fd);
 void expire_waiting(EngineObject *e, double now);
 void free_waiting(EngineObject *e);
+PyObject *take_arrivals(EngineObject *e);
+void free_arrivals(EngineObject *e);
+
+/* head.c */
 uint32_t head_end(const uint8_t *p, uint32_t n);
 int split_head(const uint8_t *p, uint32_t n, SplitHead *h);
 int split_fields(const uint8_t *p, uint32_t at, uint32_t end, SplitHead *h);
 int has_token(const uint8_t *p, uint32_t n, const char *token);
 int lower_equals(const uint8_t *p, uint32_t n, const char *word);
-PyObject *take_arrivals(EngineObject *e);
-void free_arrivals(EngineObject *e);
+PyObject *head_tuple(const uint8_t *p, const SplitHead *h);
+PyObject *engine_split_head(PyObject *module, PyObject *arg);
 
 /* tunnel_type.c */
 int tunnel_ready(TunnelObject *t);
@@ -239,6 +245,8 @@ int tunnel_ready(TunnelObject *t);
 /* dial.c */
 PyObject *Tunnel_dial(TunnelObject *t, PyObject *args);
 PyObject *Tunnel_hand_back(TunnelObject *t, PyObject *Py_UNUSED(ignored));
+PyObject *Tunnel_answer_head(TunnelObject *t, PyObject *Py_UNUSED(ignored));
+PyObject *Tunnel_switch(TunnelObject *t, PyObject *arg);
 int dial_start(TunnelObject *t, const struct sockaddr *addr, socklen_t addr_len);
 void dial_event(TunnelObject *t, int side, uint32_t ev);
 void dial_free(TunnelObject *t);

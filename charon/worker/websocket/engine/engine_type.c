@@ -340,11 +340,18 @@ PyTypeObject EngineType = {
 
 /* -- module -------------------------------------------------------------------------------- */
 
+static PyMethodDef module_methods[] = {
+    {"split_head", (PyCFunction)engine_split_head, METH_O,
+     "The front door's split of a handshake head: (method, target, fields, length) or None."},
+    {NULL, NULL, 0, NULL},
+};
+
 static struct PyModuleDef engine_module = {
     PyModuleDef_HEAD_INIT,
     .m_name = "charon.worker.websocket._engine",
     .m_doc = "The WebSocket tunnels' byte copying and frame walking, on one epoll set.",
     .m_size = -1,
+    .m_methods = module_methods,
 };
 
 PyMODINIT_FUNC
@@ -362,7 +369,7 @@ PyInit__engine(void)
         || PyModule_AddIntConstant(m, "CLIENT_LOST", EV_CLIENT_LOST) < 0
         || PyModule_AddIntConstant(m, "BACKEND_LOST", EV_BACKEND_LOST) < 0
         || PyModule_AddIntConstant(m, "REFUSED", EV_REFUSED) < 0
-        || PyModule_AddIntConstant(m, "OPENED", EV_OPENED) < 0
+        || PyModule_AddIntConstant(m, "SWITCHING", EV_SWITCHING) < 0
         || PyModule_AddIntConstant(m, "HANDED_BACK", EV_HANDED_BACK) < 0
         || PyModule_AddIntConstant(m, "READ_SIZE", READ_SIZE) < 0) {
         Py_DECREF(m);

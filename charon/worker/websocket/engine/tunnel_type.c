@@ -85,7 +85,6 @@ Tunnel_dealloc(TunnelObject *t)
         PyMem_Free(t->inject[s]);
     }
     PyMem_Free(t->pong);
-    PyMem_Free(t->subprotocol);
     dial_free(t);
     Py_CLEAR(t->engine);
     /* A Python subclass's type reference is dropped by its own dealloc (subtype_dealloc). */
@@ -319,13 +318,6 @@ Tunnel_get_open_sides(TunnelObject *t, void *Py_UNUSED(c))
 }
 
 static PyObject *
-Tunnel_get_subprotocol(TunnelObject *t, void *Py_UNUSED(c))
-{
-    return PyBytes_FromStringAndSize(t->subprotocol ? (const char *)t->subprotocol : "",
-                                     t->subprotocol_len);
-}
-
-static PyObject *
 Tunnel_get_connected_at(TunnelObject *t, void *Py_UNUSED(c))
 {
     if (t->dial == NULL || !t->dial->connected)
@@ -341,8 +333,13 @@ Tunnel_get_dial_error(TunnelObject *t, void *Py_UNUSED(c))
 
 static PyMethodDef Tunnel_methods[] = {
     {"dial", (PyCFunction)Tunnel_dial, METH_VARARGS,
-     "dial(ip, port, request, accept, client_tail): connect to the backend, send the "
-     "handshake request, check its answer; run() reports OPENED or HANDED_BACK."},
+     "dial(ip, port, request, client_tail): connect to the backend, send the handshake "
+     "request, read its answer's head; run() reports SWITCHING (a 101) or HANDED_BACK."},
+    {"answer_head", (PyCFunction)Tunnel_answer_head, METH_NOARGS,
+     "The backend's 101 head, once run() reported SWITCHING."},
+    {"switch", (PyCFunction)Tunnel_switch, METH_O,
+     "switch(head): the 101 is accepted; send head to the client and serve. False if the "
+     "client cannot join the epoll set (hand the connection back)."},
     {"hand_back", (PyCFunction)Tunnel_hand_back, METH_NOARGS,
      "A dialling tunnel's sockets go back to Python: (client fd, backend fd or -1, the "
      "backend's bytes read)."},
@@ -374,12 +371,10 @@ static PyGetSetDef Tunnel_getset[] = {
     {"last_traffic", (getter)Tunnel_get_last_traffic, NULL, "time.monotonic() of the last read",
      NULL},
     {"open_sides", (getter)Tunnel_get_open_sides, NULL, "sockets not closed yet", NULL},
-    {"subprotocol", (getter)Tunnel_get_subprotocol, NULL, "the dialled 101's protocol, or b''",
-     NULL},
     {"connected_at", (getter)Tunnel_get_connected_at, NULL,
      "time.monotonic() when the dialled backend took the first request byte, or None", NULL},
     {"dial_error", (getter)Tunnel_get_dial_error, NULL,
-     "0 while dialling, errno of a failed connect or read, -1 for an answer not a valid 101",
+     "0 while dialling, errno of a failed connect or read, -1 for an answer not a 101",
      NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
