@@ -280,7 +280,9 @@ class ClientConnection(asyncio.Protocol):
         if last is not None and not last.request_done and not self._in_head:
             last.request_failed(error)  # e.g. a malformed chunked body of an accepted request
             return
-        exchange = Exchange(self, None, True, False, HttpError(error.status, error.detail))
+        # A response to HEAD has no body (RFC 9110 9.3.2); the method is known once a target was.
+        method = self.parser.get_method() if self._url else b"-"
+        exchange = Exchange(self, None, True, False, HttpError(error.status, error.detail), method)
         exchange.request_done = True
         self._enqueue(exchange)
 
@@ -316,7 +318,8 @@ class ClientConnection(asyncio.Protocol):
     def on_deadline(self, kind: int) -> None:
         if kind in (HEADER, KEEPALIVE):
             if kind == HEADER and self._in_head and self.transport is not None:
-                self.transport.write(error_response(408, "request header timeout"))
+                head = bool(self._url) and self.parser.get_method() == b"HEAD"
+                self.transport.write(error_response(408, "request header timeout", True, head))
             self.close()
         elif self.exchanges:
             self.exchanges[0].on_deadline(kind)
