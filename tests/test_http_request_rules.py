@@ -8,6 +8,7 @@ must give the same answer, and what the backend received is checked where it mat
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -312,3 +313,104 @@ def test_max_forwards_of_other_methods_forwarded_unchanged(env: Setup) -> None:
 def test_invalid_max_forwards_is_400(env: Setup, value: bytes) -> None:
     refused(send(env.port, b"OPTIONS /echo HTTP/1.1\r\n" + H + b"Max-Forwards: " + value
                  + b"\r\n\r\n"))
+
+
+# -- the request line: single spaces -----------------------------------------------------------
+
+def refused_then_closed(client: Client, head_request: bool = False) -> None:
+    resp = client.read_response(head_request)
+    if head_request:
+        assert resp.status == 400 and int(resp.header("Content-Length") or 0) > 0, resp.head
+    else:
+        refused(resp)
+    assert resp.header("Connection") == "close"
+    client.sock.settimeout(5)
+    assert client.read_all() == b""
+
+
+@pytest.mark.parametrize(
+    "line",
+    [b"GET  /echo HTTP/1.1", b"GET /echo  HTTP/1.1", b"GET   /echo   HTTP/1.1",
+     b"GET  http://h.test/echo HTTP/1.1", b"OPTIONS  * HTTP/1.1"],
+)
+def test_extra_spaces_in_request_line_are_400(env: Setup, line: bytes) -> None:
+    with Client(env.port) as client:
+        client.send(line + b"\r\n" + H + b"\r\n")
+        refused_then_closed(client)
+
+
+def test_extra_spaces_in_head_request_line_400_has_no_body(env: Setup) -> None:
+    with Client(env.port) as client:
+        client.send(b"HEAD  /echo HTTP/1.1\r\n" + H + b"\r\n")
+        refused_then_closed(client, head_request=True)
+
+
+def test_spaces_in_field_values_are_not_the_request_line(env: Setup) -> None:
+    seen = seen_headers(send(
+        env.port, b"GET /echo HTTP/1.1\r\n" + H + b"X-A: a  b   c\r\nConnection: close\r\n\r\n"
+    ))
+    assert values(seen, "X-A") == ["a  b   c"]
+
+
+CHUNKED_POST = (
+    b"POST /echo/chunked HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked\r\n\r\n"
+    b"1d;ext=1\r\n\r\nGET /echo/inside HTTP/1.1\r\n\r\n"  # a request line inside the data
+    b"00005\r\nhello\r\n0\r\nX-Trailer: 1\r\n\r\n"
+)
+
+
+@pytest.mark.parametrize(
+    "first",
+    [
+        pytest.param(b"GET /echo/first HTTP/1.1\r\n" + H + b"\r\n", id="get"),
+        pytest.param(b"\r\nGET /echo/first HTTP/1.1\r\n" + H + b"\r\n\r\n", id="get-crlfs"),
+        pytest.param(b"POST /echo/first HTTP/1.1\r\n" + H + b"Content-Length: 29\r\n\r\n"
+                     b"\r\nGET /echo/inside HTTP/1.1\r\n", id="content-length"),
+        pytest.param(CHUNKED_POST, id="chunked"),
+        pytest.param(b"GET /x HTTP/1.1\r\nHost: nowhere.test\r\nContent-Length: 3\r\n\r\nabc",
+                     id="unknown-host-404-with-body"),
+    ],
+)
+def test_pipelined_request_line_found_after(env: Setup, first: bytes) -> None:
+    """The second request of a read is found after the first one's body (whatever is inside
+    it): a single-spaced one is served, a double-spaced one refused."""
+    for second, ok in ((b"GET /echo/second HTTP/1.1", True), (b"GET  /echo/second HTTP/1.1",
+                                                              False)):
+        with Client(env.port) as client:
+            client.send(first + second + b"\r\n" + H + b"\r\n")
+            assert client.read_response().status in (200, 404)
+            if ok:
+                assert client.read_response().json()["raw_path"] == "/echo/second"
+            else:
+                refused_then_closed(client)
+
+
+@pytest.mark.parametrize("cut", [3, 4, 5, 14, 24, 25, 26, 40, 70, 75, 95, 101, 110, 120, 129])
+def test_request_line_found_across_reads(env: Setup, cut: int) -> None:
+    """A chunked POST then a double-spaced GET, cut in two reads anywhere (lines, the empty line,
+    chunk-size lines, trailers): the GET is refused, the POST served."""
+    data = CHUNKED_POST + b"GET  /echo/second HTTP/1.1\r\n" + H + b"\r\n"
+    with Client(env.port) as client:
+        client.send(data[:cut])
+        time.sleep(0.15)
+        client.send(data[cut:])
+        assert client.read_response().json()["raw_path"] == "/echo/chunked"
+        refused_then_closed(client)
+
+
+@pytest.mark.parametrize("cut", [4, 5, 9, 20, 21])
+def test_good_request_line_across_reads(env: Setup, cut: int) -> None:
+    data = b"GET /echo/cut HTTP/1.1\r\n\r\n"[:0] + b"GET /echo/cut HTTP/1.1\r\n" + H + b"\r\n"
+    with Client(env.port) as client:
+        client.send(data[:cut])
+        time.sleep(0.15)
+        client.send(data[cut:])
+        assert client.read_response().json()["raw_path"] == "/echo/cut"
+        client.send(b"GET  /echo HTTP/1.1\r\n" + H + b"\r\n")
+        refused_then_closed(client)
+
+
+def test_handshake_with_extra_spaces_refused_on_both_paths(env: Setup) -> None:
+    request = ws_request("/echo", host="ws.test").replace(b"GET /echo", b"GET  /echo", 1)
+    status, _ = both_paths(env.port, request)
+    assert status == 400

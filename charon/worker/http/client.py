@@ -19,6 +19,7 @@ from charon.worker.deadlines import HEADER, KEEPALIVE, NONE
 from charon.worker.http.errors import HttpError, error_response
 from charon.worker.http.exchange import Exchange
 from charon.worker.http.request import BODY_NONE, plan_request
+from charon.worker.http.requestline import RequestLines
 
 if TYPE_CHECKING:
     from charon.worker.context import WorkerContext
@@ -40,6 +41,7 @@ class ClientConnection(asyncio.Protocol):
         "ctx", "transport", "parser", "peer_ip", "exchanges", "deadline", "deadline_kind",
         "closing", "_paused", "write_paused", "_url", "_url_size", "_headers", "_header_size",
         "_in_head", "_held", "_max_header_bytes", "_max_header_count", "first_read", "handover",
+        "lines",
     )
 
     def __init__(self, ctx: WorkerContext) -> None:
@@ -66,6 +68,7 @@ class ClientConnection(asyncio.Protocol):
         # From the front door (http/adopted.py): bytes it read, and what it did with them.
         self.first_read = b""
         self.handover: Handover | None = None
+        self.lines = RequestLines()  # where each request line is, to refuse extra spaces
 
     # -- asyncio.Protocol ------------------------------------------------------------------
 
@@ -85,11 +88,13 @@ class ClientConnection(asyncio.Protocol):
             return
         if self.closing:
             return
+        self.lines.feed(data)
         try:
             self.parser.feed_data(data)
         except HttpParserUpgrade as exc:
             # llhttp stops after any request with `Connection: upgrade`.
             tail = data[exc.args[0] :]
+            self.lines.rewind(len(tail))
             last = self.exchanges[-1] if self.exchanges else None
             if last is not None and last.plan is not None and last.plan.websocket_key:
                 # Bytes past a WebSocket handshake wait for the backend's answer: frames for
@@ -152,6 +157,7 @@ class ClientConnection(asyncio.Protocol):
         self._in_head = True
         if not self.exchanges:
             self.set_deadline(HEADER, self.ctx.timeouts.header)
+        self.lines.message_begin()
 
     def on_url(self, part: bytes) -> None:
         self._url.append(part)
@@ -174,6 +180,8 @@ class ClientConnection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         self._in_head = False
+        if self.lines.bad:
+            raise HttpError(400, "extra spaces in the request line")
         parser = self.parser
         version = parser.get_http_version()
         keep_alive = parser.should_keep_alive() and not self.ctx.draining
@@ -203,6 +211,7 @@ class ClientConnection(asyncio.Protocol):
                 # llhttp skips the body of an upgrade request; it would be read as a new request.
                 raise HttpError(400, "an upgrade request cannot carry a body")
             exchange = Exchange(self, plan, version == "1.1", keep_alive, None, method, target)
+        self.lines.head_done(exchange.plan, self._headers)
         self._enqueue(exchange)
 
     def on_body(self, data: bytes) -> None:

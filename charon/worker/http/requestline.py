@@ -1,0 +1,184 @@
+"""The raw request line of each request on a client connection, for the rule llhttp skips.
+
+llhttp (httptools 0.9.0, a non-strict build) accepts extra spaces before and after the target
+(`GET  / HTTP/1.1`) and reports only the method and the target. A server or proxy next to
+Charon may split such a line differently, so it gets 400 (RFC 9112 3: single spaces).
+
+httptools says neither where a message starts nor where it ends, so `RequestLines` follows the
+byte stream beside llhttp, over the same bytes, and finds each request line itself:
+- a message starts where the one before it ended, after the CR and LF bytes llhttp skips
+  between messages (or at the connection's first byte);
+- its request line ends at the first CRLF and its head at the first empty line after that
+  (llhttp allows neither CR nor LF inside a line, so they are where llhttp ended them);
+- its body is Content-Length bytes, or chunked: then the chunk-size lines are read here to
+  skip the chunks (the data is never looked at), up to the empty line after the last chunk.
+Several requests in one read, and lines, heads or bodies cut across reads, are followed alike.
+A request line that llhttp accepted has exactly two spaces unless spaces were doubled (a target
+has none), or one for HTTP/0.9 (plan_request answers 505), so the check is a count of spaces.
+Per request that is a find and a count on the line and a find of the head's end.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from charon.worker.http.request import BODY_CHUNKED
+
+if TYPE_CHECKING:
+    from charon.worker.http.headers import Header
+    from charon.worker.http.request import RequestPlan
+
+_CR, _LF = 13, 10
+_UNKNOWN = -1
+# A chunk-size or trailer line cut across reads is kept until its end; a longer one than this
+# (llhttp has no limit on chunk extensions) stops the check for the rest of the connection.
+_LINE_LIMIT = 64 * 1024
+
+
+class RequestLines:
+    __slots__ = (
+        "data", "fed", "prev", "next", "line_end", "spaces", "bad", "lost", "walk_at",
+        "walk_trailers", "walk_stash",
+    )
+
+    def __init__(self) -> None:
+        self.data = b""  # the bytes being fed to llhttp now
+        self.fed = 0  # the stream offset of data[0]
+        self.prev = b""  # the bytes fed before them (an empty line may be cut in two)
+        self.next = 0  # the stream offset where the next message starts (after its CR/LFs)
+        self.line_end = 0  # the stream offset of the current request line's CR; _UNKNOWN: open
+        self.spaces = 0  # spaces so far on an open request line
+        self.bad = False  # the current request line has extra spaces
+        self.lost = False  # a chunk-size line over _LINE_LIMIT: no more checks
+        self.walk_at = _UNKNOWN  # the next chunk-size or trailer line of a chunked body
+        self.walk_trailers = False  # past the last chunk
+        self.walk_stash = b""  # the start of a chunk-size or trailer line cut across reads
+
+    def feed(self, data: bytes) -> None:
+        """`data` goes to llhttp next (called before it does)."""
+        self.fed += len(self.data)
+        self.prev = self.data
+        self.data = data
+        if self.line_end == _UNKNOWN:
+            self._line_goes_on()
+        if self.walk_at != _UNKNOWN:
+            self._walk()
+
+    def rewind(self, unread: int) -> None:
+        """llhttp stopped `unread` bytes before the end of the data (an upgrade request); they
+        are fed again later."""
+        self.data = self.data[: len(self.data) - unread]
+
+    def message_begin(self) -> None:
+        """llhttp read the first byte of a message's method in the current data."""
+        if self.lost:
+            return
+        data = self.data
+        s = self.next - self.fed
+        if s < 0:
+            s = 0  # the CR/LF bytes before it were at the end of an earlier read
+        n = len(data)
+        while s < n and (data[s] == _CR or data[s] == _LF):
+            s += 1
+        end = data.find(b"\r\n", s)
+        if end == -1:
+            self.line_end = _UNKNOWN
+            self.spaces = data.count(b" ", s)
+            self.bad = False
+        else:
+            self.line_end = self.fed + end
+            self.bad = data.count(b" ", s, end) > 2
+
+    def _line_goes_on(self) -> None:
+        data = self.data
+        if self.prev[-1:] == b"\r" and data[:1] == b"\n":
+            self.line_end = self.fed - 1
+        else:
+            end = data.find(b"\r\n")
+            if end == -1:
+                self.spaces += data.count(b" ")
+                return
+            self.spaces += data.count(b" ", 0, end)
+            self.line_end = self.fed + end
+        self.bad = self.spaces > 2
+
+    def head_done(self, plan: RequestPlan | None, fields: list[Header]) -> None:
+        """llhttp completed the head of the current message (`plan`: its plan, None when the
+        proxy answers it itself and `fields` tell its framing)."""
+        if self.lost:
+            return
+        data = self.data
+        rel = self.line_end - self.fed
+        if rel >= 0:
+            head_end = self.fed + data.find(b"\r\n\r\n", rel) + 4
+        else:  # the head began in an earlier read (rare): its empty line may be cut in two
+            tail = self.prev[-3:]
+            head_end = self.fed - len(tail) + (tail + data).find(b"\r\n\r\n") + 4
+        if plan is not None:
+            chunked, length = plan.body == BODY_CHUNKED, plan.length
+        else:
+            chunked, length = _framing(fields)
+        if chunked:
+            self.next = _UNKNOWN
+            self.walk_at = head_end
+            self.walk_trailers = False
+            self.walk_stash = b""
+            self._walk()
+        else:
+            self.next = head_end + length
+
+    def _walk(self) -> None:
+        """Skip chunks as far as the data goes; at the end of the body, set `next`."""
+        stash = self.walk_stash
+        if stash:
+            buf = stash + self.data
+            base = self.fed - len(stash)
+        else:
+            buf = self.data
+            base = self.fed
+        at = self.walk_at - base
+        n = len(buf)
+        while at < n:
+            end = buf.find(b"\r\n", at)
+            if end == -1:
+                if n - at > _LINE_LIMIT:
+                    self.lost = True
+                    self.walk_at = _UNKNOWN
+                    return
+                self.walk_stash = buf[at:]
+                self.walk_at = base + at
+                return
+            if self.walk_trailers:
+                if end == at:  # the empty line after the trailers: the message ends here
+                    self.next = base + end + 2
+                    self.walk_at = _UNKNOWN
+                    self.walk_stash = b""
+                    return
+                at = end + 2
+                continue
+            try:
+                size = int(buf[at:end].partition(b";")[0], 16)
+            except ValueError:  # llhttp refuses it too, and the connection ends
+                self.lost = True
+                self.walk_at = _UNKNOWN
+                return
+            if size == 0:
+                self.walk_trailers = True
+                at = end + 2
+            else:
+                at = end + 2 + size + 2  # the size line, the data, its CRLF
+        self.walk_at = base + at
+        self.walk_stash = b""
+
+
+def _framing(fields: list[Header]) -> tuple[bool, int]:
+    """(chunked, length) of a request llhttp accepted but the proxy answers itself: with a
+    Transfer-Encoding llhttp reads it as chunked (it refuses any other), else Content-Length."""
+    length = 0
+    for name, value in fields:
+        lname = name.lower()
+        if lname == b"transfer-encoding":
+            return True, 0
+        if lname == b"content-length":
+            length = int(value.split(b",")[0])
+    return False, length
