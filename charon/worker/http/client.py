@@ -180,13 +180,13 @@ class ClientConnection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         self._in_head = False
-        if self.lines.bad:
-            raise HttpError(400, "extra spaces in the request line")
         parser = self.parser
         version = parser.get_http_version()
         keep_alive = parser.should_keep_alive() and not self.ctx.draining
         method = parser.get_method()
         target = self._url[0] if len(self._url) == 1 else b"".join(self._url)
+        if self.lines.bad_line(len(method) + len(target)):
+            raise HttpError(400, "extra spaces in the request line")
         try:
             plan = plan_request(
                 method,
@@ -211,7 +211,7 @@ class ClientConnection(asyncio.Protocol):
                 # llhttp skips the body of an upgrade request; it would be read as a new request.
                 raise HttpError(400, "an upgrade request cannot carry a body")
             exchange = Exchange(self, plan, version == "1.1", keep_alive, None, method, target)
-        self.lines.head_done(exchange.plan, self._headers)
+        self.lines.head_done(exchange.plan, self._headers, self._header_size)
         self._enqueue(exchange)
 
     def on_body(self, data: bytes) -> None:

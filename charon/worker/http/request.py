@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from charon.worker.http.errors import HttpError
 from charon.worker.http.headers import (
+    CACHE_LIMIT,
     ForwardedPolicy,
     Header,
     host_name,
@@ -28,11 +29,11 @@ _NOTHING: frozenset[bytes] = frozenset()
 
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 
-# What each specially treated request header is; every other header is forwarded as is (unless
-# its name has an underscore, see _ordinary). The ones from _FORWARDED_TOO on are read and
-# forwarded; _CLIENT_IP ones are forwarded from a trusted proxy only.
-(_HOST, _CONNECTION, _UPGRADE, _LENGTH, _TE, _XFF, _XFP, _XFH, _FORWARDED, _VIA, _DROP,
- _CLIENT_IP, _MAX_FORWARDS, _WS_KEY, _WS_VERSION) = range(15)
+# What each request header is (by lowercased name): _PLAIN ones are forwarded as is, underscored
+# ones only if allowed, _CLIENT_IP ones from a trusted proxy only; the rest are treated
+# specially, and those from _FORWARDED_TOO on are also forwarded.
+(_UNDERSCORED, _PLAIN, _HOST, _CONNECTION, _UPGRADE, _LENGTH, _TE, _XFF, _XFP, _XFH, _FORWARDED,
+ _VIA, _DROP, _CLIENT_IP, _MAX_FORWARDS, _WS_KEY, _WS_VERSION) = range(-2, 15)
 _FORWARDED_TOO = _WS_KEY
 _SPECIAL = {
     b"host": _HOST,
@@ -67,6 +68,20 @@ _SPECIAL = {
     b"x-remote-addr": _CLIENT_IP,
     b"client-ip": _CLIENT_IP,
 }
+# _SPECIAL and the kinds of the other names seen, so that a request's fields cost one lookup
+# each, as before underscores were looked for (bytes' `in` is slow: it tries an int first).
+_kinds = dict(_SPECIAL)
+
+
+def _kind(lname: bytes) -> int:
+    kind = _kinds.get(lname)
+    if kind is None:
+        kind = _PLAIN if lname.find(b"_") == -1 else _UNDERSCORED
+        if len(_kinds) >= CACHE_LIMIT:
+            _kinds.clear()
+            _kinds.update(_SPECIAL)
+        _kinds[lname] = kind
+    return kind
 
 
 @dataclass(slots=True)
@@ -102,15 +117,20 @@ def plan_request(
     # is known after it); the few the proxy treats specially are set aside.
     out: list[bytes] = [b""]
     specials: list[tuple[int, bytes]] = []
-    special = _SPECIAL.get
+    known = _kinds.get
     underscores = policy.allow_underscores
     trusted = policy.trusts_anyone and policy.is_trusted(peer_ip)
     for name, value in headers:
-        kind = special(name.lower())
+        lname = name.lower()
+        kind = known(lname)
         if kind is None:
+            kind = _kind(lname)
+        if kind == _PLAIN:
+            out += (name, b": ", value, b"\r\n")
+        elif kind == _UNDERSCORED:
             # `Transfer_Encoding` is Transfer-Encoding to servers that map `-` and `_` alike
             # (CGI-style environments): dropped, as nginx does by default.
-            if underscores or b"_" not in name:
+            if underscores:
                 out += (name, b": ", value, b"\r\n")
         elif kind == _CLIENT_IP:
             if trusted:
@@ -235,9 +255,11 @@ def _ordinary(
         lname = name.lower()
         if lname in dropped:
             continue
-        kind = _SPECIAL.get(lname)
-        if kind is None:
-            keep = underscores or b"_" not in name
+        kind = _kind(lname)
+        if kind == _PLAIN:
+            keep = True
+        elif kind == _UNDERSCORED:
+            keep = underscores
         elif kind == _CLIENT_IP:
             keep = trusted
         else:

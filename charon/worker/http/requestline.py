@@ -13,9 +13,12 @@ byte stream beside llhttp, over the same bytes, and finds each request line itse
 - its body is Content-Length bytes, or chunked: then the chunk-size lines are read here to
   skip the chunks (the data is never looked at), up to the empty line after the last chunk.
 Several requests in one read, and lines, heads or bodies cut across reads, are followed alike.
-A request line that llhttp accepted has exactly two spaces unless spaces were doubled (a target
-has none), or one for HTTP/0.9 (plan_request answers 505), so the check is a count of spaces.
-Per request that is a find and a count on the line and a find of the head's end.
+A single-spaced line `METHOD TARGET HTTP/x.y` has its CRLF exactly len(METHOD) + len(TARGET)
++ 10 bytes after its start, which is all that is looked at in the common case; a line that is
+not is scanned: it has extra spaces if it has more than two (a target has none; one is
+HTTP/0.9, which plan_request answers 505). The head's empty line is searched for from a lower
+bound taken from the fields' lengths, so only a few bytes are scanned. A line or head cut across
+reads is scanned as the reads come.
 """
 
 from __future__ import annotations
@@ -37,30 +40,34 @@ _LINE_LIMIT = 64 * 1024
 
 class RequestLines:
     __slots__ = (
-        "data", "fed", "prev", "next", "line_end", "spaces", "bad", "lost", "walk_at",
-        "walk_trailers", "walk_stash",
+        "data", "fed", "prev", "next", "line_start", "line_end", "cut", "spaces", "bad",
+        "lost", "in_head", "last3", "walk_at", "walk_trailers", "walk_stash",
     )
 
     def __init__(self) -> None:
         self.data = b""  # the bytes being fed to llhttp now
         self.fed = 0  # the stream offset of data[0]
-        self.prev = b""  # the bytes fed before them (an empty line may be cut in two)
-        self.next = 0  # the stream offset where the next message starts (after its CR/LFs)
-        self.line_end = 0  # the stream offset of the current request line's CR; _UNKNOWN: open
-        self.spaces = 0  # spaces so far on an open request line
-        self.bad = False  # the current request line has extra spaces
+        self.prev = b""  # the bytes fed before them, if they ended in a head (a CRLF cut in two)
+        self.next = 0  # the stream offset where the next message starts (before its CR/LFs)
+        self.line_start = 0  # the stream offset of the current request line
+        self.line_end = 0  # the stream offset of its CR (_UNKNOWN: not seen yet)
+        self.cut = False  # the current head began in an earlier read: its line is scanned
+        self.spaces = 0  # spaces so far on a scanned line
+        self.bad = False  # the scanned line has extra spaces
         self.lost = False  # a chunk-size line over _LINE_LIMIT: no more checks
+        self.in_head = False  # between message_begin and head_done
+        self.last3 = b""  # the last bytes before `data` of a head cut across reads
         self.walk_at = _UNKNOWN  # the next chunk-size or trailer line of a chunked body
         self.walk_trailers = False  # past the last chunk
         self.walk_stash = b""  # the start of a chunk-size or trailer line cut across reads
 
     def feed(self, data: bytes) -> None:
         """`data` goes to llhttp next (called before it does)."""
+        if self.in_head:  # (rare) a head cut across reads: what the ending read had of it
+            self._head_goes_on()
+            self.prev = self.data
         self.fed += len(self.data)
-        self.prev = self.data
         self.data = data
-        if self.line_end == _UNKNOWN:
-            self._line_goes_on()
         if self.walk_at != _UNKNOWN:
             self._walk()
 
@@ -71,8 +78,6 @@ class RequestLines:
 
     def message_begin(self) -> None:
         """llhttp read the first byte of a message's method in the current data."""
-        if self.lost:
-            return
         data = self.data
         s = self.next - self.fed
         if s < 0:
@@ -80,40 +85,74 @@ class RequestLines:
         n = len(data)
         while s < n and (data[s] == _CR or data[s] == _LF):
             s += 1
-        end = data.find(b"\r\n", s)
-        if end == -1:
-            self.line_end = _UNKNOWN
-            self.spaces = data.count(b" ", s)
-            self.bad = False
-        else:
-            self.line_end = self.fed + end
-            self.bad = data.count(b" ", s, end) > 2
+        self.line_start = self.fed + s
+        self.in_head = True
+        self.cut = False
 
-    def _line_goes_on(self) -> None:
+    def bad_line(self, method_and_target: int) -> bool:
+        """Whether the request line whose head llhttp just completed has extra spaces;
+        `method_and_target`: their length. A single-spaced `M T HTTP/1.1` line ends with its
+        CRLF exactly that far from its start (the common case: no scan of the line)."""
+        if self.lost:
+            return False
         data = self.data
-        if self.prev[-1:] == b"\r" and data[:1] == b"\n":
+        if self.cut:
+            if self.line_end == _UNKNOWN:
+                self._line_goes_on(0)
+            return self.bad
+        s = self.line_start - self.fed
+        end = s + method_and_target + 10
+        if data.startswith(b"\r\n", end):
+            self.line_end = self.fed + end
+            return False
+        end = data.find(b"\r\n", s)  # longer (extra spaces) or shorter (HTTP/0.9: 505 later)
+        self.line_end = self.fed + end
+        return data.count(b" ", s, end) > 2
+
+    def _head_goes_on(self) -> None:
+        if not self.cut:
+            self.cut = True
+            self.line_end = _UNKNOWN
+            self.spaces = 0
+            self._line_goes_on(self.line_start - self.fed)
+        elif self.line_end == _UNKNOWN:
+            self._line_goes_on(0)
+        self.last3 = (self.last3 + self.data)[-3:]
+
+    def _line_goes_on(self, s: int) -> None:
+        """Scan the current data from `s` for the rest of a request line cut across reads."""
+        data = self.data
+        if s == 0 and self.prev[-1:] == b"\r" and data[:1] == b"\n":
             self.line_end = self.fed - 1
         else:
-            end = data.find(b"\r\n")
+            end = data.find(b"\r\n", s)
             if end == -1:
-                self.spaces += data.count(b" ")
+                self.spaces += data.count(b" ", s)
                 return
-            self.spaces += data.count(b" ", 0, end)
+            self.spaces += data.count(b" ", s, end)
             self.line_end = self.fed + end
         self.bad = self.spaces > 2
 
-    def head_done(self, plan: RequestPlan | None, fields: list[Header]) -> None:
+    def head_done(self, plan: RequestPlan | None, fields: list[Header], size: int) -> None:
         """llhttp completed the head of the current message (`plan`: its plan, None when the
-        proxy answers it itself and `fields` tell its framing)."""
+        proxy answers it itself and `fields` tell its framing; `size`: the sum of
+        len(name) + len(value) + 4 over the fields)."""
         if self.lost:
             return
+        self.in_head = False
+        # The empty line is the first CRLFCRLF from the line's CR on, and at least this far:
+        # each field line has its name, a colon, its value and a CRLF (llhttp gives neither
+        # the spaces before a value nor, perhaps, those after it).
+        low = self.line_end + size - len(fields)
         data = self.data
-        rel = self.line_end - self.fed
+        rel = low - self.fed
         if rel >= 0:
             head_end = self.fed + data.find(b"\r\n\r\n", rel) + 4
-        else:  # the head began in an earlier read (rare): its empty line may be cut in two
-            tail = self.prev[-3:]
-            head_end = self.fed - len(tail) + (tail + data).find(b"\r\n\r\n") + 4
+        else:  # (rare) the head began in an earlier read: its empty line may be cut up
+            tail = self.last3
+            base = self.fed - len(tail)
+            head_end = base + (tail + data).find(b"\r\n\r\n", max(low - base, 0)) + 4
+        self.last3 = b""
         if plan is not None:
             chunked, length = plan.body == BODY_CHUNKED, plan.length
         else:

