@@ -85,8 +85,9 @@ class Driver:
         self.in_head = False
         assert self.parser is not None
         method = self.parser.get_method()
-        self.verdicts.append(self.lines.bad_line(len(method) + len(self.url)))
-        self.lines.head_done(None, self.headers, self.size)
+        self.verdicts.append(
+            self.lines.head_done(len(method) + len(self.url), None, self.headers, self.size)
+        )
 
 
 @settings(max_examples=400, deadline=None)

@@ -185,8 +185,6 @@ class ClientConnection(asyncio.Protocol):
         keep_alive = parser.should_keep_alive() and not self.ctx.draining
         method = parser.get_method()
         target = self._url[0] if len(self._url) == 1 else b"".join(self._url)
-        if self.lines.bad_line(len(method) + len(target)):
-            raise HttpError(400, "extra spaces in the request line")
         try:
             plan = plan_request(
                 method,
@@ -211,7 +209,10 @@ class ClientConnection(asyncio.Protocol):
                 # llhttp skips the body of an upgrade request; it would be read as a new request.
                 raise HttpError(400, "an upgrade request cannot carry a body")
             exchange = Exchange(self, plan, version == "1.1", keep_alive, None, method, target)
-        self.lines.head_done(exchange.plan, self._headers, self._header_size)
+        if self.lines.head_done(
+            len(method) + len(target), exchange.plan, self._headers, self._header_size
+        ):
+            raise HttpError(400, "extra spaces in the request line")
         self._enqueue(exchange)
 
     def on_body(self, data: bytes) -> None:

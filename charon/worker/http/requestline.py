@@ -89,12 +89,10 @@ class RequestLines:
         self.in_head = True
         self.cut = False
 
-    def bad_line(self, method_and_target: int) -> bool:
-        """Whether the request line whose head llhttp just completed has extra spaces;
-        `method_and_target`: their length. A single-spaced `M T HTTP/1.1` line ends with its
-        CRLF exactly that far from its start (the common case: no scan of the line)."""
-        if self.lost:
-            return False
+    def _bad_line(self, method_and_target: int) -> bool:
+        """Whether the current request line has extra spaces; `method_and_target`: their
+        length. A single-spaced `M T HTTP/1.1` line ends with its CRLF exactly that far from
+        its start (the common case: no scan of the line)."""
         data = self.data
         if self.cut:
             if self.line_end == _UNKNOWN:
@@ -133,13 +131,17 @@ class RequestLines:
             self.line_end = self.fed + end
         self.bad = self.spaces > 2
 
-    def head_done(self, plan: RequestPlan | None, fields: list[Header], size: int) -> None:
-        """llhttp completed the head of the current message (`plan`: its plan, None when the
-        proxy answers it itself and `fields` tell its framing; `size`: the sum of
-        len(name) + len(value) + 4 over the fields)."""
+    def head_done(
+        self, method_and_target: int, plan: RequestPlan | None, fields: list[Header], size: int
+    ) -> bool:
+        """llhttp completed the head of the current message: whether its request line has
+        extra spaces. `method_and_target`: their length; `plan`: its plan, None when the proxy
+        answers it itself and `fields` tell its framing; `size`: the sum of len(name) +
+        len(value) + 4 over the fields."""
         if self.lost:
-            return
+            return False
         self.in_head = False
+        bad = self._bad_line(method_and_target)
         # The empty line is the first CRLFCRLF from the line's CR on, and at least this far:
         # each field line has its name, a colon, its value and a CRLF (llhttp gives neither
         # the spaces before a value nor, perhaps, those after it).
@@ -165,6 +167,7 @@ class RequestLines:
             self._walk()
         else:
             self.next = head_end + length
+        return bad
 
     def _walk(self) -> None:
         """Skip chunks as far as the data goes; at the end of the body, set `next`."""
