@@ -91,6 +91,7 @@ class ClientConnection(asyncio.Protocol):
         self.lines.feed(data)
         try:
             self.parser.feed_data(data)
+            self.lines.read_done()
         except HttpParserUpgrade as exc:
             # llhttp stops after any request with `Connection: upgrade`.
             tail = data[exc.args[0] :]

@@ -40,14 +40,14 @@ _LINE_LIMIT = 64 * 1024
 
 class RequestLines:
     __slots__ = (
-        "data", "fed", "prev", "next", "line_start", "line_end", "cut", "spaces", "bad",
+        "data", "fed", "prev_cr", "next", "line_start", "line_end", "cut", "spaces", "bad",
         "lost", "in_head", "last3", "walk_at", "walk_trailers", "walk_stash",
     )
 
     def __init__(self) -> None:
-        self.data = b""  # the bytes being fed to llhttp now
+        self.data = b""  # the bytes being fed to llhttp now (not kept after: memory)
         self.fed = 0  # the stream offset of data[0]
-        self.prev = b""  # the bytes fed before them, if they ended in a head (a CRLF cut in two)
+        self.prev_cr = False  # the read before ended in a head with a CR (a CRLF cut in two)
         self.next = 0  # the stream offset where the next message starts (before its CR/LFs)
         self.line_start = 0  # the stream offset of the current request line
         self.line_end = 0  # the stream offset of its CR (_UNKNOWN: not seen yet)
@@ -63,18 +63,24 @@ class RequestLines:
 
     def feed(self, data: bytes) -> None:
         """`data` goes to llhttp next (called before it does)."""
-        if self.in_head:  # (rare) a head cut across reads: what the ending read had of it
-            self._head_goes_on()
-            self.prev = self.data
-        self.fed += len(self.data)
         self.data = data
         if self.walk_at != _UNKNOWN:
             self._walk()
+
+    def read_done(self) -> None:
+        """llhttp took all of the data."""
+        data = self.data
+        if self.in_head:  # (rare) a head cut across reads: what this read had of it
+            self._head_goes_on()
+            self.prev_cr = data[-1:] == b"\r"
+        self.fed += len(data)
+        self.data = b""
 
     def rewind(self, unread: int) -> None:
         """llhttp stopped `unread` bytes before the end of the data (an upgrade request); they
         are fed again later."""
         self.data = self.data[: len(self.data) - unread]
+        self.read_done()
 
     def message_begin(self) -> None:
         """llhttp read the first byte of a message's method in the current data."""
@@ -120,7 +126,7 @@ class RequestLines:
     def _line_goes_on(self, s: int) -> None:
         """Scan the current data from `s` for the rest of a request line cut across reads."""
         data = self.data
-        if s == 0 and self.prev[-1:] == b"\r" and data[:1] == b"\n":
+        if s == 0 and self.prev_cr and data[:1] == b"\n":
             self.line_end = self.fed - 1
         else:
             end = data.find(b"\r\n", s)
