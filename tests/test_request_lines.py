@@ -71,7 +71,6 @@ class Driver:
         self.size = 0
         self.url = b""
         self.in_head = True
-        self.lines.message_begin()
 
     def on_url(self, part: bytes) -> None:
         self.url += part
@@ -106,7 +105,7 @@ def test_verdicts_match_how_lines_were_written(
         if end > start:
             driver.lines.feed(stream[start:end])
             parser.feed_data(stream[start:end])
-            driver.lines.read_done()
+            driver.lines.read_done(driver.in_head)
     assert driver.verdicts == [bad for _, bad in requests]
     assert not driver.lines.lost
 
@@ -127,7 +126,7 @@ def _verdicts(reads: list[bytes]) -> list[bool]:
     for data in reads:
         driver.lines.feed(data)
         parser.feed_data(data)
-        driver.lines.read_done()
+        driver.lines.read_done(driver.in_head)
     # Nothing of a read is kept once llhttp took it (an idle keep-alive connection would hold
     # its last read, up to 256 KiB after an upload) but a few bytes of a cut line.
     assert driver.lines.data == b"" and len(driver.lines.last3) <= 3

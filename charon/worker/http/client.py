@@ -91,7 +91,7 @@ class ClientConnection(asyncio.Protocol):
         self.lines.feed(data)
         try:
             self.parser.feed_data(data)
-            self.lines.read_done()
+            self.lines.read_done(self._in_head)
         except HttpParserUpgrade as exc:
             # llhttp stops after any request with `Connection: upgrade`.
             tail = data[exc.args[0] :]
@@ -158,7 +158,6 @@ class ClientConnection(asyncio.Protocol):
         self._in_head = True
         if not self.exchanges:
             self.set_deadline(HEADER, self.ctx.timeouts.header)
-        self.lines.message_begin()
 
     def on_url(self, part: bytes) -> None:
         self._url.append(part)

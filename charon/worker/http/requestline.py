@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from charon.worker.http.request import RequestPlan
 
 _CR, _LF = 13, 10
+_CRLF_BYTES = (b"\r", b"\n")
 _UNKNOWN = -1
 # A chunk-size or trailer line cut across reads is kept until its end; a longer one than this
 # (llhttp has no limit on chunk extensions) stops the check for the rest of the connection.
@@ -40,8 +41,8 @@ _LINE_LIMIT = 64 * 1024
 
 class RequestLines:
     __slots__ = (
-        "data", "fed", "prev_cr", "next", "line_start", "line_end", "cut", "spaces", "bad",
-        "lost", "in_head", "last3", "walk_at", "walk_trailers", "walk_stash",
+        "data", "fed", "prev_cr", "next", "line_end", "cut", "spaces", "bad", "lost", "last3",
+        "walk_at", "walk_trailers", "walk_stash",
     )
 
     def __init__(self) -> None:
@@ -49,13 +50,11 @@ class RequestLines:
         self.fed = 0  # the stream offset of data[0]
         self.prev_cr = False  # the read before ended in a head with a CR (a CRLF cut in two)
         self.next = 0  # the stream offset where the next message starts (before its CR/LFs)
-        self.line_start = 0  # the stream offset of the current request line
         self.line_end = 0  # the stream offset of its CR (_UNKNOWN: not seen yet)
         self.cut = False  # the current head began in an earlier read: its line is scanned
         self.spaces = 0  # spaces so far on a scanned line
         self.bad = False  # the scanned line has extra spaces
         self.lost = False  # a chunk-size line over _LINE_LIMIT: no more checks
-        self.in_head = False  # between message_begin and head_done
         self.last3 = b""  # the last bytes before `data` of a head cut across reads
         self.walk_at = _UNKNOWN  # the next chunk-size or trailer line of a chunked body
         self.walk_trailers = False  # past the last chunk
@@ -67,23 +66,24 @@ class RequestLines:
         if self.walk_at != _UNKNOWN:
             self._walk()
 
-    def read_done(self) -> None:
-        """llhttp took all of the data."""
+    def read_done(self, in_head: bool) -> None:
+        """llhttp took all of the data; `in_head`: it ended inside a request head."""
         data = self.data
-        if self.in_head:  # (rare) a head cut across reads: what this read had of it
+        if in_head:  # (rare) a head cut across reads: what this read had of it
             self._head_goes_on()
             self.prev_cr = data[-1:] == b"\r"
         self.fed += len(data)
         self.data = b""
 
     def rewind(self, unread: int) -> None:
-        """llhttp stopped `unread` bytes before the end of the data (an upgrade request); they
-        are fed again later."""
+        """llhttp stopped `unread` bytes before the end of the data (after an upgrade
+        request's head); they are fed again later."""
         self.data = self.data[: len(self.data) - unread]
-        self.read_done()
+        self.read_done(False)
 
-    def message_begin(self) -> None:
-        """llhttp read the first byte of a message's method in the current data."""
+    def _line_start(self) -> int:
+        """Where the current message's request line starts in the data: at `next`, after the
+        CR/LF bytes llhttp skips (called in the read where the message began)."""
         data = self.data
         s = self.next - self.fed
         if s < 0:
@@ -91,9 +91,7 @@ class RequestLines:
         n = len(data)
         while s < n and (data[s] == _CR or data[s] == _LF):
             s += 1
-        self.line_start = self.fed + s
-        self.in_head = True
-        self.cut = False
+        return s
 
     def _bad_line(self, method_and_target: int) -> bool:
         """Whether the current request line has extra spaces; `method_and_target`: their
@@ -101,10 +99,13 @@ class RequestLines:
         its start (the common case: no scan of the line)."""
         data = self.data
         if self.cut:
+            self.cut = False
             if self.line_end == _UNKNOWN:
                 self._line_goes_on(0)
             return self.bad
-        s = self.line_start - self.fed
+        s = self.next - self.fed
+        if s < 0 or data[s : s + 1] in _CRLF_BYTES:
+            s = self._line_start()
         end = s + method_and_target + 10
         if data.startswith(b"\r\n", end):
             self.line_end = self.fed + end
@@ -116,9 +117,10 @@ class RequestLines:
     def _head_goes_on(self) -> None:
         if not self.cut:
             self.cut = True
+            self.last3 = b""
             self.line_end = _UNKNOWN
             self.spaces = 0
-            self._line_goes_on(self.line_start - self.fed)
+            self._line_goes_on(self._line_start())
         elif self.line_end == _UNKNOWN:
             self._line_goes_on(0)
         self.last3 = (self.last3 + self.data)[-3:]
@@ -146,7 +148,6 @@ class RequestLines:
         len(value) + 4 over the fields."""
         if self.lost:
             return False
-        self.in_head = False
         bad = self._bad_line(method_and_target)
         # The empty line is the first CRLFCRLF from the line's CR on, and at least this far:
         # each field line has its name, a colon, its value and a CRLF (llhttp gives neither
