@@ -944,3 +944,13 @@ def test_key_lines_skip_multiline_strings_arrays_and_inline_tables() -> None:
 def test_key_lines_never_fail_on_garbage() -> None:
     for text in ["[", "[[", "a = [", 'a = "', "a = {", "= = =", "a\n\n]]]", '"""', "x = '''"]:
         KeyLines(text)  # must not raise or hang
+
+
+def test_underscores_in_headers_switch(tmp_path: Path) -> None:
+    assert load(tmp_path, HOST).server.underscores_in_headers is False
+    on = load(tmp_path, "[server]\nunderscores_in_headers = true\n" + HOST)
+    assert on.server.underscores_in_headers is True
+    check_error(
+        tmp_path, '[server]\nunderscores_in_headers = "yes"\n' + HOST, 2,
+        '[server] underscores_in_headers: expected true or false, got "yes"',
+    )

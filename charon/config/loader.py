@@ -48,6 +48,7 @@ _SERVER_KEYS = (
     "pidfile",
     "access_log",
     "heartbeat_timeout",
+    "underscores_in_headers",
     "limits",
 )
 _LIMIT_MINIMUMS = {"max_request_target": 256, "max_header_bytes": 1024, "max_header_count": 8}
@@ -232,6 +233,7 @@ def _server(table: _Table) -> ServerConfig:
         pidfile=table.get("pidfile", values.string, None),
         access_log=table.get("access_log", values.string, None),
         heartbeat_timeout=table.get("heartbeat_timeout", values.at_least_1s, 10.0),
+        underscores_in_headers=table.get("underscores_in_headers", _boolean, False),
         limits=_limits(table.table("limits")),
     )
 

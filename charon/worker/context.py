@@ -25,7 +25,8 @@ class WorkerContext:
     ) -> None:
         self.loop = loop
         self.config = config
-        self.forwarded = ForwardedPolicy(config.server.trusted_proxies)
+        server = config.server
+        self.forwarded = ForwardedPolicy(server.trusted_proxies, server.underscores_in_headers)
         self.limits = config.server.limits
         self.timeouts = config.timeouts
         self.scheme = b"http"

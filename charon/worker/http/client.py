@@ -19,6 +19,7 @@ from charon.worker.deadlines import HEADER, KEEPALIVE, NONE
 from charon.worker.http.errors import HttpError, error_response
 from charon.worker.http.exchange import Exchange
 from charon.worker.http.request import BODY_NONE, plan_request
+from charon.worker.http.requestline import RequestLines
 
 if TYPE_CHECKING:
     from charon.worker.context import WorkerContext
@@ -40,6 +41,7 @@ class ClientConnection(asyncio.Protocol):
         "ctx", "transport", "parser", "peer_ip", "exchanges", "deadline", "deadline_kind",
         "closing", "_paused", "write_paused", "_url", "_url_size", "_headers", "_header_size",
         "_in_head", "_held", "_max_header_bytes", "_max_header_count", "first_read", "handover",
+        "lines",
     )
 
     def __init__(self, ctx: WorkerContext) -> None:
@@ -66,6 +68,7 @@ class ClientConnection(asyncio.Protocol):
         # From the front door (http/adopted.py): bytes it read, and what it did with them.
         self.first_read = b""
         self.handover: Handover | None = None
+        self.lines = RequestLines()  # where each request line is, to refuse extra spaces
 
     # -- asyncio.Protocol ------------------------------------------------------------------
 
@@ -85,11 +88,14 @@ class ClientConnection(asyncio.Protocol):
             return
         if self.closing:
             return
+        self.lines.feed(data)
         try:
             self.parser.feed_data(data)
+            self.lines.read_done(self._in_head)
         except HttpParserUpgrade as exc:
             # llhttp stops after any request with `Connection: upgrade`.
             tail = data[exc.args[0] :]
+            self.lines.rewind(len(tail))
             last = self.exchanges[-1] if self.exchanges else None
             if last is not None and last.plan is not None and last.plan.websocket_key:
                 # Bytes past a WebSocket handshake wait for the backend's answer: frames for
@@ -203,6 +209,10 @@ class ClientConnection(asyncio.Protocol):
                 # llhttp skips the body of an upgrade request; it would be read as a new request.
                 raise HttpError(400, "an upgrade request cannot carry a body")
             exchange = Exchange(self, plan, version == "1.1", keep_alive, None, method, target)
+        if self.lines.head_done(
+            len(method) + len(target), exchange.plan, self._headers, self._header_size
+        ):
+            raise HttpError(400, "extra spaces in the request line")
         self._enqueue(exchange)
 
     def on_body(self, data: bytes) -> None:
@@ -280,7 +290,9 @@ class ClientConnection(asyncio.Protocol):
         if last is not None and not last.request_done and not self._in_head:
             last.request_failed(error)  # e.g. a malformed chunked body of an accepted request
             return
-        exchange = Exchange(self, None, True, False, HttpError(error.status, error.detail))
+        # A response to HEAD has no body (RFC 9110 9.3.2); the method is known once a target was.
+        method = self.parser.get_method() if self._url else b"-"
+        exchange = Exchange(self, None, True, False, HttpError(error.status, error.detail), method)
         exchange.request_done = True
         self._enqueue(exchange)
 
@@ -316,7 +328,8 @@ class ClientConnection(asyncio.Protocol):
     def on_deadline(self, kind: int) -> None:
         if kind in (HEADER, KEEPALIVE):
             if kind == HEADER and self._in_head and self.transport is not None:
-                self.transport.write(error_response(408, "request header timeout"))
+                head = bool(self._url) and self.parser.get_method() == b"HEAD"
+                self.transport.write(error_response(408, "request header timeout", True, head))
             self.close()
         elif self.exchanges:
             self.exchanges[0].on_deadline(kind)

@@ -21,6 +21,10 @@ class HttpError(Exception):
 
 _cache: dict[tuple[int, str, bool, bool], bytes] = {}
 
+# What the proxy forwards (no TRACE, no CONNECT): 405 must say it (RFC 9110 15.5.6).
+_ALLOW = b"Allow: GET, HEAD, POST, PUT, DELETE, OPTIONS, PATCH\r\n"
+_EXTRA = {426: b"Sec-WebSocket-Version: 13\r\n", 405: _ALLOW, 200: _ALLOW}
+
 
 def error_response(
     status: int, detail: str = "", close: bool = True, head_only: bool = False
@@ -32,6 +36,8 @@ def error_response(
         return cached
     phrase = HTTPStatus(status).phrase
     body = f"{status} {phrase}{': ' + detail if detail else ''}\n".encode()
+    if status == 200:  # the answer to OPTIONS with Max-Forwards: 0 has nothing but Allow to say
+        body = b""
     head = (
         f"HTTP/1.1 {status} {phrase}\r\n"
         "Content-Type: text/plain; charset=utf-8\r\n"
@@ -39,7 +45,7 @@ def error_response(
         "Cache-Control: no-store\r\n"
         f"{'Connection: close' if close else 'Connection: keep-alive'}\r\n"
     ).encode()
-    extra = b"Sec-WebSocket-Version: 13\r\n" if status == 426 else b""
+    extra = _EXTRA.get(status, b"")
     response = head + extra + b"\r\n" + (b"" if head_only else body)
     if len(_cache) < 256:
         _cache[key] = response

@@ -470,7 +470,7 @@ class Exchange:
         self._answer_locally(HttpError(status, detail, close=True))
 
     def _answer_locally(self, error: HttpError) -> None:
-        head_only = self.plan is not None and self.plan.method == b"HEAD"
+        head_only = self.method == b"HEAD"  # (also without a plan: a 404 has none)
         keep_alive = self.keep_alive and not error.close and not self.client.ctx.draining
         transport = self.client.transport
         if transport is not None and not transport.is_closing():

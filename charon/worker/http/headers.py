@@ -46,7 +46,11 @@ _PLAIN_CONNECTION_TOKENS = frozenset({b"close", b"keep-alive", b"upgrade"})
 _TOKEN = re.compile(rb"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 
 # RFC 9110 uri-host [":" port]: reg-name (unreserved / pct-encoded / sub-delims), IPv4, or [IPv6].
-_HOST = re.compile(rb"^(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~!$&'()*+,;=%-]+)(?::[0-9]{0,5})?$")
+# The port, when there is a colon, is 1-65535 (split_host): RFC 3986 would let it be empty, but
+# an empty, zero or overflowing port is read differently by different servers.
+_HOST = re.compile(
+    rb"^(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~!$&'()*+,;=%-]+)(?::([0-9]{1,5}))?$"
+)
 
 
 def connection_tokens(values: Iterable[bytes]) -> frozenset[bytes]:
@@ -111,7 +115,11 @@ def split_host(value: bytes) -> bytes | None:
 
     None when the value is not a valid `uri-host [":" port]`.
     """
-    if not _HOST.match(value):
+    match = _HOST.match(value)
+    if match is None:
+        return None
+    port = match.group(1)
+    if port is not None and not 0 < int(port) < 65536:
         return None
     if value.startswith(b"["):
         return value[: value.index(b"]") + 1].lower()
@@ -124,8 +132,10 @@ def split_host(value: bytes) -> bytes | None:
 class ForwardedPolicy:
     """Builds X-Forwarded-For/-Proto/-Host from the peer and, for trusted peers, what they sent."""
 
-    def __init__(self, trusted: tuple[IPNetwork, ...]) -> None:
+    def __init__(self, trusted: tuple[IPNetwork, ...], allow_underscores: bool = False) -> None:
         self._trusted = trusted
+        # Forward header names with `_` (server.underscores_in_headers); else they are dropped.
+        self.allow_underscores = allow_underscores
         self.trusts_anyone = bool(trusted)  # else is_trusted need not be asked
         self._cache: dict[str, bool] = {}
 

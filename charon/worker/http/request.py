@@ -10,11 +10,13 @@ from dataclasses import dataclass
 
 from charon.worker.http.errors import HttpError
 from charon.worker.http.headers import (
+    CACHE_LIMIT,
     ForwardedPolicy,
     Header,
     host_name,
     parse_connection,
 )
+from charon.worker.http.target import check_target
 from charon.worker.routing import Route, Router
 from charon.worker.websocket.handshake import (
     check_request,
@@ -31,10 +33,11 @@ _NOTHING: frozenset[bytes] = frozenset()
 
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 
-# What each specially treated request header is; every other header is forwarded as is. The
-# ones from _FORWARDED_TOO on are read and forwarded.
-(_HOST, _CONNECTION, _UPGRADE, _LENGTH, _TE, _XFF, _XFP, _XFH, _FORWARDED, _VIA, _DROP,
- _WS_KEY, _WS_VERSION) = range(13)
+# What each request header is (by lowercased name): _PLAIN ones are forwarded as is, underscored
+# ones only if allowed, _CLIENT_IP ones from a trusted proxy only; the rest are treated
+# specially, and those from _FORWARDED_TOO on are also forwarded.
+(_UNDERSCORED, _PLAIN, _HOST, _CONNECTION, _UPGRADE, _LENGTH, _TE, _XFF, _XFP, _XFH, _FORWARDED,
+ _VIA, _DROP, _CLIENT_IP, _MAX_FORWARDS, _WS_KEY, _WS_VERSION) = range(-2, 15)
 _FORWARDED_TOO = _WS_KEY
 _SPECIAL = {
     b"host": _HOST,
@@ -55,7 +58,34 @@ _SPECIAL = {
     b"proxy-authorization": _DROP,
     b"sec-websocket-key": _WS_KEY,
     b"sec-websocket-version": _WS_VERSION,
+    b"max-forwards": _MAX_FORWARDS,
+    # Client addresses other proxies and CDNs set: a client could claim any address with them.
+    # X-Real-IP is always the proxy's own (decision 6's client IP).
+    b"x-real-ip": _DROP,
+    b"true-client-ip": _CLIENT_IP,
+    b"cf-connecting-ip": _CLIENT_IP,
+    b"x-client-ip": _CLIENT_IP,
+    b"fastly-client-ip": _CLIENT_IP,
+    b"x-cluster-client-ip": _CLIENT_IP,
+    b"x-originating-ip": _CLIENT_IP,
+    b"x-remote-ip": _CLIENT_IP,
+    b"x-remote-addr": _CLIENT_IP,
+    b"client-ip": _CLIENT_IP,
 }
+# _SPECIAL and the kinds of the other names seen, so that a request's fields cost one lookup
+# each, as before underscores were looked for (bytes' `in` is slow: it tries an int first).
+_kinds = dict(_SPECIAL)
+
+
+def _kind(lname: bytes) -> int:
+    kind = _kinds.get(lname)
+    if kind is None:
+        kind = _PLAIN if lname.find(b"_") == -1 else _UNDERSCORED
+        if len(_kinds) >= CACHE_LIMIT:
+            _kinds.clear()
+            _kinds.update(_SPECIAL)
+        _kinds[lname] = kind
+    return kind
 
 
 @dataclass(slots=True)
@@ -84,16 +114,31 @@ def plan_request(
         raise HttpError(505, "only HTTP/1.x is supported")
     if method == b"CONNECT":
         raise HttpError(405, "CONNECT is not supported")
+    if method == b"TRACE":  # it would echo the client's cookies to a script (XST)
+        raise HttpError(405, "TRACE is not supported", close=False)
 
     # One pass: ordinary fields go straight into the head (out[0], the request line and Host,
     # is known after it); the few the proxy treats specially are set aside.
     out: list[bytes] = [b""]
     specials: list[tuple[int, bytes]] = []
-    special = _SPECIAL.get
+    known = _kinds.get
+    underscores = policy.allow_underscores
+    trusted = policy.trusts_anyone and policy.is_trusted(peer_ip)
     for name, value in headers:
-        kind = special(name.lower())
+        lname = name.lower()
+        kind = known(lname)
         if kind is None:
+            kind = _kind(lname)
+        if kind == _PLAIN:
             out += (name, b": ", value, b"\r\n")
+        elif kind == _UNDERSCORED:
+            # `Transfer_Encoding` is Transfer-Encoding to servers that map `-` and `_` alike
+            # (CGI-style environments): dropped, as nginx does by default.
+            if underscores:
+                out += (name, b": ", value, b"\r\n")
+        elif kind == _CLIENT_IP:
+            if trusted:
+                out += (name, b": ", value, b"\r\n")
         else:
             specials.append((kind, value))
             if kind >= _FORWARDED_TOO:
@@ -101,7 +146,7 @@ def plan_request(
 
     host_values: list[bytes] = []
     conn_values: list[bytes] = []
-    upgrade = length = xfp = xfh = ws_key = ws_version = None
+    upgrade = length = xfp = xfh = ws_key = ws_version = max_forwards = None
     te: list[bytes] | None = None
     xff: list[bytes] | None = None
     forwarded: list[bytes] | None = None
@@ -131,6 +176,8 @@ def plan_request(
             forwarded = [*forwarded, value] if forwarded else [value]
         elif kind == _VIA:
             via = [*via, value] if via else [value]
+        elif kind == _MAX_FORWARDS:
+            max_forwards = _max_forwards(value, max_forwards)
 
     if len(host_values) == 1 and target[:1] == b"/":  # origin-form: the usual case
         host_value = host_values[0].strip()
@@ -140,6 +187,7 @@ def plan_request(
         path = target
     else:
         host_value, route_name, path = _authority_and_path(target, method, host_values)
+    check_target(path)
     route = router.route(route_name, path)
     if route is None:
         raise HttpError(404, "no proxy host for this name", close=False)
@@ -149,12 +197,7 @@ def plan_request(
     if conn_values:
         tokens, dropped = parse_connection(conn_values)
         if dropped:  # Connection names more fields to drop (rare): the ordinary fields again
-            out = [b""]
-            for name, value in headers:
-                lname = name.lower()
-                kind = special(lname)
-                if (kind is None or kind >= _FORWARDED_TOO) and lname not in dropped:
-                    out += (name, b": ", value, b"\r\n")
+            out = _ordinary(headers, dropped, underscores, trusted)
         # HTTP/1.0 has no Upgrade (RFC 9110 7.8): served as plain HTTP, the field dropped.
         websocket = b"upgrade" in tokens and version == "1.1" and is_websocket_upgrade(upgrade)
         if websocket:
@@ -165,14 +208,22 @@ def plan_request(
         check_upgrade_alone(upgrade)
     out[0] = b"".join((method, b" ", target, b" HTTP/1.1\r\nHost: ", host_value, b"\r\n"))
 
+    if max_forwards is not None:
+        if method == b"OPTIONS":  # RFC 9110 7.6.2: the last hop answers itself
+            if max_forwards == 0:
+                raise HttpError(200, close=False)
+            max_forwards -= 1
+        out += (b"Max-Forwards: ", b"%d" % max_forwards, b"\r\n")
+
     peer = peer_ip.encode("latin-1")
-    trusted = policy.trusts_anyone and policy.is_trusted(peer_ip)
     joined_xff = b", ".join(xff) if xff else None
+    client_ip = policy.client_ip(peer_ip, joined_xff) if trusted else peer_ip
     if trusted:
         out += (
             b"X-Forwarded-For: ", joined_xff + b", " + peer if joined_xff else peer,
             b"\r\nX-Forwarded-Proto: ", xfp or scheme,
-            b"\r\nX-Forwarded-Host: ", xfh or host_value, b"\r\n",
+            b"\r\nX-Forwarded-Host: ", xfh or host_value,
+            b"\r\nX-Real-IP: ", client_ip.encode("latin-1"), b"\r\n",
         )
         if forwarded:
             node = b'"[' + peer + b']"' if b":" in peer else peer
@@ -180,7 +231,7 @@ def plan_request(
     else:
         out += (
             b"X-Forwarded-For: ", peer, b"\r\nX-Forwarded-Proto: ", scheme,
-            b"\r\nX-Forwarded-Host: ", host_value, b"\r\n",
+            b"\r\nX-Forwarded-Host: ", host_value, b"\r\nX-Real-IP: ", peer, b"\r\n",
         )
     if via:
         out += (b"Via: ", b", ".join(via), b", 1.1 charon\r\n")
@@ -195,11 +246,45 @@ def plan_request(
     else:
         out.append(b"\r\n")
 
-    client_ip = policy.client_ip(peer_ip, joined_xff) if trusted else peer_ip
     return RequestPlan(
         route, method, b"".join(out), body, body_length, client_ip, path,
         ws_key.strip() if websocket and ws_key else None,
     )
+
+
+def _ordinary(
+    headers: list[Header], dropped: frozenset[bytes], underscores: bool, trusted: bool
+) -> list[bytes]:
+    """The head's fields forwarded as received, without those `Connection` named (out[0], the
+    request line and Host, left to fill) - the first loop of plan_request, again."""
+    out = [b""]
+    for name, value in headers:
+        lname = name.lower()
+        if lname in dropped:
+            continue
+        kind = _kind(lname)
+        if kind == _PLAIN:
+            keep = True
+        elif kind == _UNDERSCORED:
+            keep = underscores
+        elif kind == _CLIENT_IP:
+            keep = trusted
+        else:
+            keep = kind >= _FORWARDED_TOO
+        if keep:
+            out += (name, b": ", value, b"\r\n")
+    return out
+
+
+def _max_forwards(value: bytes, before: int | None) -> int:
+    """Max-Forwards = 1*DIGIT (RFC 9110 7.6.2); several lines must agree."""
+    value = value.strip()
+    if not value.isdigit():
+        raise HttpError(400, "invalid Max-Forwards")
+    number = int(value) if len(value) < 10 else 1 << 31  # (int() refuses 4,300 digits)
+    if before is not None and before != number:
+        raise HttpError(400, "conflicting Max-Forwards")
+    return number
 
 
 def _authority_and_path(
