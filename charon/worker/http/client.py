@@ -18,7 +18,8 @@ from httptools import HttpParserCallbackError, HttpParserError, HttpParserUpgrad
 from charon.worker.deadlines import HEADER, KEEPALIVE, NONE
 from charon.worker.http.errors import HttpError, error_response
 from charon.worker.http.exchange import Exchange
-from charon.worker.http.request import BODY_NONE, plan_request
+from charon.worker.http.feeding import BODY_SLICE, MAX_QUEUED, SLICE, TURN_EVENTS, SlicedFeed
+from charon.worker.http.request import BODY_LENGTH, BODY_NONE, plan_request
 
 if TYPE_CHECKING:
     from charon.worker.context import WorkerContext
@@ -30,12 +31,12 @@ log = logging.getLogger("charon.worker")
 _PAUSE_BACKEND = 1  # the backend reads the request body slower than the client sends it
 _PAUSE_BODY = 2  # request body waiting for the backend connection to open
 _PAUSE_QUEUE = 4  # pipelined requests waiting their turn
+_PAUSE_PARSE = 8  # the rest of a read waits to be parsed (http/feeding.py)
 
-MAX_QUEUED = 16  # pipelined requests parsed ahead of the active one
 HELD_LIMIT = 64 * 1024  # bytes read past a WebSocket handshake before the backend answers
 
 
-class ClientConnection(asyncio.Protocol):
+class ClientConnection(SlicedFeed):
     __slots__ = (
         "ctx", "transport", "parser", "peer_ip", "exchanges", "deadline", "deadline_kind",
         "closing", "_paused", "write_paused", "_url", "_url_size", "_headers", "_header_size",
@@ -43,6 +44,7 @@ class ClientConnection(asyncio.Protocol):
     )
 
     def __init__(self, ctx: WorkerContext) -> None:
+        super().__init__()
         self.ctx = ctx
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpRequestParser(self)
@@ -85,11 +87,18 @@ class ClientConnection(asyncio.Protocol):
             return
         if self.closing:
             return
+        if self._rest:
+            data = self.take_rest(data)
+        self.events = 0
+        self.feed(data, 0)
+
+    def parse(self, piece: bytes | memoryview, data: bytes, pos: int) -> bool:
         try:
-            self.parser.feed_data(data)
+            self.parser.feed_data(piece)
+            return True
         except HttpParserUpgrade as exc:
             # llhttp stops after any request with `Connection: upgrade`.
-            tail = data[exc.args[0] :]
+            tail = data[pos + exc.args[0] :]
             last = self.exchanges[-1] if self.exchanges else None
             if last is not None and last.plan is not None and last.plan.websocket_key:
                 # Bytes past a WebSocket handshake wait for the backend's answer: frames for
@@ -109,6 +118,32 @@ class ClientConnection(asyncio.Protocol):
                 self._reject(HttpError(500, "internal error"))
         except HttpParserError:
             self._reject(HttpError(400, "malformed request"))
+        return False
+
+    def line_too_long(self) -> None:
+        self._reject(HttpError(400, "chunk-size line or trailer field too long"))
+
+    def flush_body(self) -> None:
+        body, self.body = self.body, []
+        if self.exchanges:
+            self.exchanges[-1].request_body(body, self.body_size)
+        self.body_size = 0
+
+    def must_wait(self) -> int:
+        if self.closing:
+            return 3
+        if len(self.exchanges) >= MAX_QUEUED:
+            return 1
+        return 2 if self.events > TURN_EVENTS else 0
+
+    def wait_for_rest(self) -> None:
+        self._pause(_PAUSE_PARSE)
+
+    def rest_parsed(self) -> None:
+        self._resume(_PAUSE_PARSE)
+
+    def schedule(self) -> None:
+        self.ctx.loop.call_soon(self.feed_rest)
 
     def eof_received(self) -> bool:
         # A client that half-closes after its request still gets the response.
@@ -145,6 +180,7 @@ class ClientConnection(asyncio.Protocol):
     # -- llhttp callbacks ------------------------------------------------------------------
 
     def on_message_begin(self) -> None:
+        self.events += 1
         self._url = []
         self._url_size = 0
         self._headers = []
@@ -166,6 +202,11 @@ class ClientConnection(asyncio.Protocol):
             self._header_size += len(name) + len(value) + 4
             if self._header_size > self._max_header_bytes or len(headers) > self._max_header_count:
                 self._header_limit_reached()
+        else:  # trailers count against the same limits as the head
+            self.between = True
+            self._header_size += len(name) + len(value) + 4
+            if self._header_size > self._max_header_bytes:
+                self._header_limit_reached()
 
     def _header_limit_reached(self) -> None:
         if self._header_size > self._max_header_bytes:
@@ -174,6 +215,7 @@ class ClientConnection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         self._in_head = False
+        self.between = True
         parser = self.parser
         version = parser.get_http_version()
         keep_alive = parser.should_keep_alive() and not self.ctx.draining
@@ -203,13 +245,29 @@ class ClientConnection(asyncio.Protocol):
                 # llhttp skips the body of an upgrade request; it would be read as a new request.
                 raise HttpError(400, "an upgrade request cannot carry a body")
             exchange = Exchange(self, plan, version == "1.1", keep_alive, None, method, target)
+            if plan.body == BODY_LENGTH:
+                self.slice = BODY_SLICE
         self._enqueue(exchange)
 
     def on_body(self, data: bytes) -> None:
-        self.exchanges[-1].request_body(data)
+        self.between = False
+        self.body.append(data)
+        self.body_size += len(data)
+
+    def on_chunk_header(self) -> None:
+        self.events += 1
+        self.between = True  # (for trailers after the last chunk; else body data comes)
+
+    def on_chunk_complete(self) -> None:
+        self.between = True
 
     def on_message_complete(self) -> None:
-        self.exchanges[-1].request_complete()
+        self.between = False
+        self.slice = SLICE
+        if self.body:
+            self.flush_body()
+        if self.exchanges:  # (none if the request was answered early and the connection closed)
+            self.exchanges[-1].request_complete()
 
     # -- exchanges -------------------------------------------------------------------------
 
@@ -225,6 +283,8 @@ class ClientConnection(asyncio.Protocol):
         if self.exchanges and self.exchanges[0] is exchange:
             self.exchanges.popleft()
         self._resume(_PAUSE_QUEUE | _PAUSE_BODY | _PAUSE_BACKEND)
+        if self._rest:
+            self.schedule_rest()
         transport = self.transport
         if transport is None:
             return
@@ -276,6 +336,7 @@ class ClientConnection(asyncio.Protocol):
         """A request the proxy cannot parse or accept: answer it in turn, then close."""
         self.closing = True
         self._pause(_PAUSE_QUEUE)
+        self.body = []
         last = self.exchanges[-1] if self.exchanges else None
         if last is not None and not last.request_done and not self._in_head:
             last.request_failed(error)  # e.g. a malformed chunked body of an accepted request

@@ -138,18 +138,20 @@ class Exchange:
 
     # -- request side ------------------------------------------------------------------------
 
-    def request_body(self, data: bytes) -> None:
+    def request_body(self, pieces: list[bytes], size: int) -> None:
+        """The body parsed in one turn of the loop: written at once, as one chunk if chunked."""
         if self.plan is None or self.finished:
             return  # a locally answered request: its body is read and dropped
-        chunk: list[bytes] = [b"%x\r\n" % len(data), data, b"\r\n"] if (
-            self.plan.body == BODY_CHUNKED
-        ) else [data]
+        if len(pieces) > 16:
+            pieces = [b"".join(pieces)]  # (many tiny chunks: one buffer, not an iovec each)
+        if self.plan.body == BODY_CHUNKED:
+            pieces = [b"%x\r\n" % size, *pieces, b"\r\n"]
         if self.upstream is not None:
-            self.upstream.transport.writelines(chunk)
+            self.upstream.transport.writelines(pieces)
             self.client.set_deadline(BODY_IDLE, self.plan.route.timeouts.idle)
         else:
-            self.pending += chunk
-            self.pending_size += len(data)
+            self.pending += pieces
+            self.pending_size += size
             if self.pending_size > PENDING_BODY_LIMIT:
                 self.client.pause_reading_for_body()
 
@@ -202,7 +204,9 @@ class Exchange:
         """The connection opened for this exchange is up (its `connection_made`): the request
         goes out at once, unless a pause is due. uvloop starts reading right after
         connection_made, which would undo it: such a connection joins in `connect_done`."""
-        if not self.client.write_paused:
+        if self.finished:  # its connect was cancelled: uvloop closes it, so it is not pooled
+            conn.abort()
+        elif not self.client.write_paused:
             self._join(conn)
 
     def connect_done(
