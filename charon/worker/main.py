@@ -86,7 +86,9 @@ class Worker:
         loop.add_signal_handler(signal.SIGQUIT, self._request_stop, FAST)
         sweeper = DeadlineSweeper(
             loop,
-            lambda: itertools.chain(ctx.connections, ctx.tunnels, ctx.dialling, (ctx.engine,)),
+            lambda: itertools.chain(
+                ctx.connections, ctx.tunnels, ctx.dialling, (ctx.engine, ctx.send_watch)
+            ),
         )
         sweeper.start()
         self._heartbeat(loop, ctx, b"R")  # R: serving; the supervisor counts the worker ready

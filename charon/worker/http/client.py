@@ -8,7 +8,10 @@ reads). Callbacks named `on_*` are llhttp's.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import socket
+import struct
 from collections import deque
 from typing import TYPE_CHECKING
 
@@ -33,6 +36,7 @@ _PAUSE_BODY = 2  # request body waiting for the backend connection to open
 _PAUSE_QUEUE = 4  # pipelined requests waiting their turn
 _PAUSE_PARSE = 8  # the rest of a read waits to be parsed (http/feeding.py)
 
+_LINGER_RESET = struct.pack("ii", 1, 0)
 HELD_LIMIT = 64 * 1024  # bytes read past a WebSocket handshake before the backend answers
 
 
@@ -150,10 +154,18 @@ class ClientConnection(SlicedFeed):
         if not self.exchanges:
             return False
         self.closing = True
+        last = self.exchanges[-1]
+        if not last.request_done and not self._in_head:
+            # Its body can never end: the backend's connection goes at once, not at a timeout.
+            if last.finished:
+                self.exchange_finished(last, False)  # answered already, the body was dropped
+            else:
+                last.request_failed(HttpError(400, "the request body ended early"))
         return True
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.ctx.connections.discard(self)
+        self.ctx.send_watch.remove(self)
         if self.ctx.listeners is not None:
             self.ctx.listeners.closed_one()
         self.deadline_kind = NONE
@@ -169,11 +181,13 @@ class ClientConnection(SlicedFeed):
     def pause_writing(self) -> None:
         # The client reads the response slower than the backend sends it.
         self.write_paused = True
+        self._watch_sending()
         if self.exchanges and (upstream := self.exchanges[0].upstream) is not None:
             upstream.pause_reading()
 
     def resume_writing(self) -> None:
         self.write_paused = False
+        self.ctx.send_watch.remove(self)
         if self.exchanges and (upstream := self.exchanges[0].upstream) is not None:
             upstream.resume_reading()
 
@@ -294,7 +308,7 @@ class ClientConnection(SlicedFeed):
             self.closing = True
             self.deadline_kind = NONE
             self.exchanges.clear()
-            transport.close()
+            self._close_transport(transport)
             return
         if self.exchanges:
             self.exchanges[0].start()
@@ -391,7 +405,27 @@ class ClientConnection(SlicedFeed):
         self.closing = True
         self.deadline_kind = NONE
         if self.transport is not None:
-            self.transport.close()
+            self._close_transport(self.transport)
+
+    def _close_transport(self, transport: asyncio.Transport) -> None:
+        transport.close()
+        if transport.get_write_buffer_size():  # open until the client takes the rest: watched
+            self._watch_sending()
+
+    def _watch_sending(self) -> None:
+        plan = self.exchanges[0].plan if self.exchanges else None
+        self.ctx.send_watch.add(self, plan.route.timeouts if plan else self.ctx.timeouts)
+
+    def send_timed_out(self) -> None:
+        """The client stopped taking its response (http/sendwatch.py): cut it off with an
+        RST, else the kernel would go on sending it what its socket buffer holds (MiBs)."""
+        self.closing = True
+        self.deadline_kind = NONE
+        if self.transport is not None:
+            sock = self.transport.get_extra_info("socket")
+            with contextlib.suppress(OSError, AttributeError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+            self.transport.abort()
 
     def shutdown(self) -> None:
         """Graceful stop: an idle connection closes now, a busy one after its response."""
