@@ -8,10 +8,7 @@ reads). Callbacks named `on_*` are llhttp's.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import socket
-import struct
 from collections import deque
 from typing import TYPE_CHECKING
 
@@ -21,8 +18,9 @@ from httptools import HttpParserCallbackError, HttpParserError, HttpParserUpgrad
 from charon.worker.deadlines import HEADER, KEEPALIVE, NONE
 from charon.worker.http.errors import HttpError, error_response
 from charon.worker.http.exchange import Exchange
-from charon.worker.http.feeding import BODY_SLICE, MAX_QUEUED, SLICE, TURN_EVENTS, SlicedFeed
+from charon.worker.http.feeding import BODY_SLICE, MAX_QUEUED, SLICE, SlicedFeed
 from charon.worker.http.request import BODY_LENGTH, BODY_NONE, plan_request
+from charon.worker.http.sendwatch import close_transport, cut_off, watch_sending
 
 if TYPE_CHECKING:
     from charon.worker.context import WorkerContext
@@ -36,7 +34,6 @@ _PAUSE_BODY = 2  # request body waiting for the backend connection to open
 _PAUSE_QUEUE = 4  # pipelined requests waiting their turn
 _PAUSE_PARSE = 8  # the rest of a read waits to be parsed (http/feeding.py)
 
-_LINGER_RESET = struct.pack("ii", 1, 0)
 HELD_LIMIT = 64 * 1024  # bytes read past a WebSocket handshake before the backend answers
 
 
@@ -127,27 +124,11 @@ class ClientConnection(SlicedFeed):
     def line_too_long(self) -> None:
         self._reject(HttpError(400, "chunk-size line or trailer field too long"))
 
-    def flush_body(self) -> None:
-        body, self.body = self.body, []
-        if self.exchanges:
-            self.exchanges[-1].request_body(body, self.body_size)
-        self.body_size = 0
-
-    def must_wait(self) -> int:
-        if self.closing:
-            return 3
-        if len(self.exchanges) >= MAX_QUEUED:
-            return 1
-        return 2 if self.events > TURN_EVENTS else 0
-
     def wait_for_rest(self) -> None:
         self._pause(_PAUSE_PARSE)
 
     def rest_parsed(self) -> None:
         self._resume(_PAUSE_PARSE)
-
-    def schedule(self) -> None:
-        self.ctx.loop.call_soon(self.feed_rest)
 
     def eof_received(self) -> bool:
         # A client that half-closes after its request still gets the response.
@@ -181,7 +162,7 @@ class ClientConnection(SlicedFeed):
     def pause_writing(self) -> None:
         # The client reads the response slower than the backend sends it.
         self.write_paused = True
-        self._watch_sending()
+        watch_sending(self)
         if self.exchanges and (upstream := self.exchanges[0].upstream) is not None:
             upstream.pause_reading()
 
@@ -308,7 +289,7 @@ class ClientConnection(SlicedFeed):
             self.closing = True
             self.deadline_kind = NONE
             self.exchanges.clear()
-            self._close_transport(transport)
+            close_transport(self, transport)
             return
         if self.exchanges:
             self.exchanges[0].start()
@@ -405,27 +386,14 @@ class ClientConnection(SlicedFeed):
         self.closing = True
         self.deadline_kind = NONE
         if self.transport is not None:
-            self._close_transport(self.transport)
-
-    def _close_transport(self, transport: asyncio.Transport) -> None:
-        transport.close()
-        if transport.get_write_buffer_size():  # open until the client takes the rest: watched
-            self._watch_sending()
-
-    def _watch_sending(self) -> None:
-        plan = self.exchanges[0].plan if self.exchanges else None
-        self.ctx.send_watch.add(self, plan.route.timeouts if plan else self.ctx.timeouts)
+            close_transport(self, self.transport)
 
     def send_timed_out(self) -> None:
-        """The client stopped taking its response (http/sendwatch.py): cut it off with an
-        RST, else the kernel would go on sending it what its socket buffer holds (MiBs)."""
+        """The client stopped taking its response (http/sendwatch.py)."""
         self.closing = True
         self.deadline_kind = NONE
         if self.transport is not None:
-            sock = self.transport.get_extra_info("socket")
-            with contextlib.suppress(OSError, AttributeError):
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
-            self.transport.abort()
+            cut_off(self.transport)
 
     def shutdown(self) -> None:
         """Graceful stop: an idle connection closes now, a busy one after its response."""

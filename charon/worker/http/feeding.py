@@ -19,6 +19,12 @@ callbacks in one turn of the loop. The client connection instead feeds each read
 from __future__ import annotations
 
 import asyncio
+from collections import deque
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from charon.worker.context import WorkerContext
+    from charon.worker.http.exchange import Exchange
 
 SLICE = 4 * 1024  # outside a Content-Length body's data: bounds the work done per slice
 BODY_SLICE = 64 * 1024  # in a Content-Length body's data: one callback per slice anyway
@@ -32,6 +38,10 @@ class SlicedFeed(asyncio.Protocol):
 
     __slots__ = ("_rest", "_rest_pos", "_rest_due", "slice", "between", "line", "events",
                  "body", "body_size")
+
+    ctx: WorkerContext  # (the client connection's)
+    exchanges: deque[Exchange]
+    closing: bool
 
     def __init__(self) -> None:
         self._rest = b""  # a read's unparsed rest (reading is paused meanwhile)
@@ -54,14 +64,6 @@ class SlicedFeed(asyncio.Protocol):
     def line_too_long(self) -> None:
         raise NotImplementedError
 
-    def flush_body(self) -> None:
-        raise NotImplementedError
-
-    def must_wait(self) -> int:
-        """Why the rest of a read must wait after a slice: 0 (it need not), 1 (the queue of
-        pipelined requests is full: until it drains), 2 (the turn's work is done: next turn),
-        3 (the connection is closing: dropped)."""
-        raise NotImplementedError
 
     def wait_for_rest(self) -> None:
         """Pause reading until the rest is parsed."""
@@ -71,10 +73,23 @@ class SlicedFeed(asyncio.Protocol):
         """Resume reading."""
         raise NotImplementedError
 
-    def schedule(self) -> None:
-        raise NotImplementedError
-
     # -- the loop ---------------------------------------------------------------------------
+
+    def flush_body(self) -> None:
+        body, self.body = self.body, []
+        if self.exchanges:
+            self.exchanges[-1].request_body(body, self.body_size)
+        self.body_size = 0
+
+    def must_wait(self) -> int:
+        """Why the rest of a read must wait after a slice: 0 (it need not), 1 (the queue of
+        pipelined requests is full: until it drains), 2 (the turn's work is done: next turn),
+        3 (the connection is closing: dropped)."""
+        if self.closing:
+            return 3
+        if len(self.exchanges) >= MAX_QUEUED:
+            return 1
+        return 2 if self.events > TURN_EVENTS else 0
 
     def feed(self, data: bytes, pos: int) -> None:
         end = len(data)
@@ -115,7 +130,7 @@ class SlicedFeed(asyncio.Protocol):
     def schedule_rest(self) -> None:
         if self._rest and not self._rest_due:
             self._rest_due = True
-            self.schedule()
+            self.ctx.loop.call_soon(self.feed_rest)
 
     def feed_rest(self) -> None:
         """Parse on in a new turn (reading stays paused until the whole read is parsed)."""

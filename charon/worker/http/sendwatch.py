@@ -12,8 +12,10 @@ connection joins only when its buffer fills (or it closes with bytes left).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import logging
+import socket
 import struct
 import termios
 from typing import TYPE_CHECKING
@@ -25,6 +27,30 @@ if TYPE_CHECKING:
     from charon.worker.http.client import ClientConnection
 
 log = logging.getLogger("charon.worker")
+
+_LINGER_RESET = struct.pack("ii", 1, 0)
+
+
+def watch_sending(conn: ClientConnection) -> None:
+    plan = conn.exchanges[0].plan if conn.exchanges else None
+    conn.ctx.send_watch.add(conn, plan.route.timeouts if plan else conn.ctx.timeouts)
+
+
+def close_transport(conn: ClientConnection, transport: asyncio.Transport) -> None:
+    """Close; with bytes still buffered the connection stays open until the client takes
+    them, so it is watched."""
+    transport.close()
+    if transport.get_write_buffer_size():
+        watch_sending(conn)
+
+
+def cut_off(transport: asyncio.Transport) -> None:
+    """Abort with an RST: a plain close leaves the kernel sending what the socket's buffer
+    holds (MiBs) to a client that does not read it."""
+    sock = transport.get_extra_info("socket")
+    with contextlib.suppress(OSError, AttributeError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+    transport.abort()
 
 
 def _unsent(transport: asyncio.Transport) -> int:
