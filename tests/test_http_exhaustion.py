@@ -142,7 +142,6 @@ def test_million_one_byte_chunks_leave_the_loop_to_others(charon: Charon) -> Non
     port = charon.port
     n = 1_000_000
     answer: list[bytes] = []
-    sent = threading.Event()
 
     def upload() -> None:
         head = b"POST /chunks HTTP/1.1\r\nHost: h.test\r\nTransfer-Encoding: chunked\r\n\r\n"
@@ -152,7 +151,6 @@ def test_million_one_byte_chunks_leave_the_loop_to_others(charon: Charon) -> Non
             for _ in range(n // 10_000):
                 s.sendall(block)
             s.sendall(b"0\r\n\r\n")
-            sent.set()
             answer.append(_adopt(s).read_response().body)
 
     started = time.monotonic()
@@ -160,20 +158,20 @@ def test_million_one_byte_chunks_leave_the_loop_to_others(charon: Charon) -> Non
     thread.start()
     latencies, during = [], 0
     while thread.is_alive() and time.monotonic() - started < 120:
-        in_progress = not sent.is_set()
+        in_progress = not answer  # (the proxy is still parsing and forwarding the body)
         latencies.append(_get(port))
-        during += in_progress and not sent.is_set()
+        during += in_progress and not answer
     thread.join(120)
     took = time.monotonic() - started
     assert answer, "the upload got no answer"
     result = json.loads(answer[0])
     print(f"\n1M chunks: upload {took:.2f} s, {result['chunks']} chunks to the backend, "
-          f"{len(latencies)} other GETs meanwhile ({during} while sending), "
+          f"{len(latencies)} other GETs meanwhile ({during} before its answer), "
           f"max {max(latencies, default=0) * 1e3:.1f} ms")
     assert result["length"] == n
     assert result["sha256"] == hashlib.sha256(b"x" * n).hexdigest()
     assert result["chunks"] < n // 10  # one chunk per turn of the loop, not one per chunk
-    assert during >= 1, "no other request was answered while the upload was being sent"
+    assert during >= 3, "other requests were not answered while the upload was parsed"
 
 
 @pytest.mark.parametrize("pieces", [1, 7], ids=["one-write", "seven-writes"])

@@ -91,13 +91,22 @@ class ClientConnection(SlicedFeed):
         if self._rest:
             data = self.take_rest(data)
         self.events = 0
-        self.feed(data, 0)
-
-    def parse(self, piece: bytes | memoryview, data: bytes, pos: int) -> bool:
+        if len(data) > self.slice or self.line:
+            self.feed(data, 0)
+            return
+        # Nearly every read: one slice (feeding.py's loop, unrolled for the hot path).
         try:
-            self.parser.feed_data(piece)
-            return True
-        except HttpParserUpgrade as exc:
+            self.parser.feed_data(data)
+        except (HttpParserError, HttpParserUpgrade) as exc:
+            self.parse_failed(exc, data, 0)
+            return
+        if self.between and self.line_ends(data, 0, len(data)):
+            return
+        if self.body:
+            self.flush_body()
+
+    def parse_failed(self, exc: Exception, data: bytes, pos: int) -> None:
+        if isinstance(exc, HttpParserUpgrade):
             # llhttp stops after any request with `Connection: upgrade`.
             tail = data[pos + exc.args[0] :]
             last = self.exchanges[-1] if self.exchanges else None
@@ -110,16 +119,15 @@ class ClientConnection(SlicedFeed):
             elif tail:
                 # Another protocol's upgrade went to the backend as a plain request.
                 self.data_received(tail)
-        except HttpParserCallbackError as exc:
+        elif isinstance(exc, HttpParserCallbackError):
             cause = exc.__context__
             if isinstance(cause, HttpError):
                 self._reject(cause)
             else:
                 log.error("request handling failed", exc_info=cause)
                 self._reject(HttpError(500, "internal error"))
-        except HttpParserError:
+        else:
             self._reject(HttpError(400, "malformed request"))
-        return False
 
     def line_too_long(self) -> None:
         self._reject(HttpError(400, "chunk-size line or trailer field too long"))
@@ -244,17 +252,7 @@ class ClientConnection(SlicedFeed):
                 self.slice = BODY_SLICE
         self._enqueue(exchange)
 
-    def on_body(self, data: bytes) -> None:
-        self.between = False
-        self.body.append(data)
-        self.body_size += len(data)
-
-    def on_chunk_header(self) -> None:
-        self.events += 1
-        self.between = True  # (for trailers after the last chunk; else body data comes)
-
-    def on_chunk_complete(self) -> None:
-        self.between = True
+    # (on_body, on_chunk_header and on_chunk_complete: feeding.py)
 
     def on_message_complete(self) -> None:
         self.between = False

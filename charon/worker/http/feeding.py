@@ -22,6 +22,9 @@ import asyncio
 from collections import deque
 from typing import TYPE_CHECKING
 
+import httptools
+from httptools import HttpParserError, HttpParserUpgrade
+
 if TYPE_CHECKING:
     from charon.worker.context import WorkerContext
     from charon.worker.http.exchange import Exchange
@@ -40,6 +43,7 @@ class SlicedFeed(asyncio.Protocol):
                  "body", "body_size")
 
     ctx: WorkerContext  # (the client connection's)
+    parser: httptools.HttpRequestParser
     exchanges: deque[Exchange]
     closing: bool
 
@@ -57,8 +61,8 @@ class SlicedFeed(asyncio.Protocol):
 
     # -- supplied by the client connection ------------------------------------------------
 
-    def parse(self, piece: bytes | memoryview, data: bytes, pos: int) -> bool:
-        """Feed one slice to llhttp; False when parsing of this read must end here."""
+    def parse_failed(self, exc: Exception, data: bytes, pos: int) -> None:
+        """llhttp stopped at `pos` + the offset in the exception, on an upgrade or an error."""
         raise NotImplementedError
 
     def line_too_long(self) -> None:
@@ -73,7 +77,30 @@ class SlicedFeed(asyncio.Protocol):
         """Resume reading."""
         raise NotImplementedError
 
+    # -- llhttp's body callbacks ---------------------------------------------------------------
+
+    def on_body(self, data: bytes) -> None:
+        self.between = False
+        self.body.append(data)
+        self.body_size += len(data)
+
+    def on_chunk_header(self) -> None:
+        self.events += 1
+        self.between = True  # (for trailers after the last chunk; else body data comes)
+
+    def on_chunk_complete(self) -> None:
+        self.between = True
+
     # -- the loop ---------------------------------------------------------------------------
+
+    def parse(self, piece: bytes | memoryview, data: bytes, pos: int) -> bool:
+        """Feed one slice to llhttp; False when parsing of this read must end here."""
+        try:
+            self.parser.feed_data(piece)
+            return True
+        except (HttpParserError, HttpParserUpgrade) as exc:
+            self.parse_failed(exc, data, pos)
+            return False
 
     def flush_body(self) -> None:
         body, self.body = self.body, []
@@ -105,11 +132,7 @@ class SlicedFeed(asyncio.Protocol):
             if not self.parse(piece, data, pos):
                 return
             if self.between:
-                lf = data.rfind(b"\n", pos, stop)
-                self.line = stop - lf - 1 if lf >= 0 else self.line + stop - pos
-                if self.line > LINE_LIMIT:
-                    self.body = []
-                    self.line_too_long()
+                if self.line_ends(data, pos, stop):
                     return
             elif self.line:
                 self.line = 0
@@ -126,6 +149,17 @@ class SlicedFeed(asyncio.Protocol):
                 break
         if self.body:
             self.flush_body()
+
+    def line_ends(self, data: bytes, pos: int, stop: int) -> bool:
+        """After a slice that ended between a chunked body's data: the line being parsed is
+        what follows the last LF. True if it is too long (the request is refused)."""
+        lf = data.rfind(b"\n", pos, stop)
+        self.line = stop - lf - 1 if lf >= 0 else self.line + stop - pos
+        if self.line <= LINE_LIMIT:
+            return False
+        self.body = []
+        self.line_too_long()
+        return True
 
     def schedule_rest(self) -> None:
         if self._rest and not self._rest_due:
