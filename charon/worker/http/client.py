@@ -18,8 +18,8 @@ from httptools import HttpParserCallbackError, HttpParserError, HttpParserUpgrad
 from charon.worker.deadlines import HEADER, KEEPALIVE, NONE
 from charon.worker.http.errors import HttpError, error_response
 from charon.worker.http.exchange import Exchange
-from charon.worker.http.feeding import BODY_SLICE, MAX_QUEUED, SLICE, SlicedFeed
-from charon.worker.http.request import BODY_LENGTH, BODY_NONE, plan_request
+from charon.worker.http.feeding import MAX_QUEUED, SLICE, SlicedFeed
+from charon.worker.http.request import BODY_NONE, plan_request
 from charon.worker.http.sendwatch import close_transport, cut_off, watch_sending
 
 if TYPE_CHECKING:
@@ -248,8 +248,6 @@ class ClientConnection(SlicedFeed):
                 # llhttp skips the body of an upgrade request; it would be read as a new request.
                 raise HttpError(400, "an upgrade request cannot carry a body")
             exchange = Exchange(self, plan, version == "1.1", keep_alive, None, method, target)
-            if plan.body == BODY_LENGTH:
-                self.slice = BODY_SLICE
         self._enqueue(exchange)
 
     # (on_body, on_chunk_header and on_chunk_complete: feeding.py)
