@@ -209,3 +209,14 @@ def test_chunk_extension_length_is_capped(charon: Charon, ext: int, ok: bool, pi
 def test_trailer_section_is_bounded(charon: Charon, trailers: bytes, status: int) -> None:
     out = _chunked_post(charon.port, b"3\r\nabc\r\n0\r\n" + trailers + b"\r\n")
     assert out.startswith(b"HTTP/1.1 %d " % status), out[:200]
+
+
+def test_request_refused_while_its_connect_runs_leaves_the_pool_sound(charon: Charon) -> None:
+    """A request refused just after its head (here: trailers over the limit) cancels the
+    backend connect just begun; uvloop may still call connection_made, then closes the socket:
+    such a connection must not reach the pool (the next request got its closed transport)."""
+    trailers = b"".join(b"X-T%d: %s\r\n" % (i, b"t" * 400) for i in range(100))
+    for _ in range(5):
+        out = _chunked_post(charon.port, b"3\r\nabc\r\n0\r\n" + trailers + b"\r\n")
+        assert out.startswith(b"HTTP/1.1 431 "), out[:200]
+        _get(charon.port)
