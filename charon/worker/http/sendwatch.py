@@ -87,9 +87,6 @@ class SendWatch:
         self.deadline = 0.0
         self.deadline_kind = NONE
 
-    def __len__(self) -> int:
-        return len(self._stalled)
-
     def add(self, conn: ClientConnection, timeouts: Timeouts) -> None:
         transport = conn.transport
         if transport is None or conn in self._stalled:
