@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from harness import HOST, Backend, Charon, free_port, running_charon
+from test_metrics import value, wait_metrics
 
 BIG = 64 << 20
 
@@ -189,3 +190,26 @@ def test_client_fin_mid_body_closes_the_backend_leg(tmp_path: Path) -> None:
     assert seen["eof"] - sent < 10  # (the body idle limit is 60 s)
     assert received and received[0].endswith(b"y" * 100)
     assert answer.startswith(b"HTTP/1.1 400 "), answer[:200]
+
+
+def test_client_not_reading_is_not_counted_as_a_stalled_backend(tmp_path: Path, hosts: str) -> None:
+    """The response idle limit (1 s) passes while the backend waits for the client: the
+    send watch cuts the client (3 s); no upstream timeout is counted against the host."""
+    with _charon(tmp_path, hosts, 'idle = "1s"\nsend = "3s"\nbody_min_rate = 0') as charon:
+        s = _small_rcvbuf_connect(charon.port)
+        with s:
+            s.sendall(b"GET /bytes/%d HTTP/1.1\r\nHost: h.test\r\n\r\n" % BIG)
+            time.sleep(6)
+            total, ended = _read_until_cut(s, 20)
+        assert ended and total < BIG, (total, ended)
+        with socket.create_connection((HOST, charon.port), timeout=10) as s2:
+            s2.sendall(b"GET /status/204 HTTP/1.1\r\nHost: h.test\r\nConnection: close\r\n\r\n")
+            assert s2.recv(100).startswith(b"HTTP/1.1 204 ")
+        samples = wait_metrics(
+            charon,
+            lambda m: bool(value(m, "charon_http_requests_total", host="h.test", method="GET",
+                                 code="204")),
+            "the 204 in the metrics",
+        )
+        assert not value(samples, "charon_upstream_errors_total", host="h.test", kind="timeout")
+        assert "cut off" in charon.log()

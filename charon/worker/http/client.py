@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import httptools
 from httptools import HttpParserCallbackError, HttpParserError, HttpParserUpgrade
 
-from charon.worker.deadlines import HEADER, KEEPALIVE, NONE
+from charon.worker.deadlines import HEADER, KEEPALIVE, NONE, RESPONSE_IDLE
 from charon.worker.http.errors import HttpError, error_response
 from charon.worker.http.exchange import Exchange
 from charon.worker.http.feeding import MAX_QUEUED, SLICE, SlicedFeed
@@ -370,7 +370,8 @@ class ClientConnection(SlicedFeed):
             if kind == HEADER and self._in_head and self.transport is not None:
                 self.transport.write(error_response(408, "request header timeout"))
             self.close()
-        elif self.exchanges:
+        elif self.exchanges and not (kind == RESPONSE_IDLE and self.write_paused):
+            # (The backend waits for a client that does not read: the send watch's call.)
             self.exchanges[0].on_deadline(kind)
 
     def abort_after_flush(self) -> None:
