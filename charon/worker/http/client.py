@@ -370,9 +370,14 @@ class ClientConnection(SlicedFeed):
             if kind == HEADER and self._in_head and self.transport is not None:
                 self.transport.write(error_response(408, "request header timeout"))
             self.close()
-        elif self.exchanges and not (kind == RESPONSE_IDLE and self.write_paused):
-            # (The backend waits for a client that does not read: the send watch's call.)
-            self.exchanges[0].on_deadline(kind)
+        elif self.exchanges:
+            exchange = self.exchanges[0]
+            if kind == RESPONSE_IDLE and self.write_paused and exchange.plan is not None:
+                # The backend waits for a client that does not read (the send watch's call):
+                # it gets its idle time again once the client reads.
+                self.set_deadline(kind, exchange.plan.route.timeouts.idle)
+                return
+            exchange.on_deadline(kind)
 
     def abort_after_flush(self) -> None:
         """Cut the connection after what was written: a response that broke midway."""
