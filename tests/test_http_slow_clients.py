@@ -213,3 +213,23 @@ def test_client_not_reading_is_not_counted_as_a_stalled_backend(tmp_path: Path, 
         )
         assert not value(samples, "charon_upstream_errors_total", host="h.test", kind="timeout")
         assert "cut off" in charon.log()
+
+
+def test_client_fin_mid_body_of_an_answered_request_closes(tmp_path: Path, hosts: str) -> None:
+    """A request answered by the proxy (404: no such host) whose body is being read and
+    dropped: the client's FIN before the body's end closes the connection (it stayed open)."""
+    with (
+        _charon(tmp_path, hosts, 'idle = "60s"') as charon,
+        socket.create_connection((HOST, charon.port), timeout=10) as s,
+    ):
+        s.sendall(b"POST /x HTTP/1.1\r\nHost: nowhere.test\r\nContent-Length: 1000\r\n\r\n")
+        s.sendall(b"y" * 10)
+        time.sleep(0.3)
+        s.shutdown(socket.SHUT_WR)
+        answer, ended = b"", False
+        with contextlib.suppress(TimeoutError, ConnectionResetError):
+            while chunk := s.recv(65536):
+                answer += chunk
+            ended = True
+    assert answer.startswith(b"HTTP/1.1 404 "), answer[:200]
+    assert ended, "the connection stayed open"
