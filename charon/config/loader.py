@@ -328,10 +328,16 @@ def _admin_listen(value: Any) -> ListenAddress | None:
     return values.listen_address(value)
 
 
+_TIMEOUT_VALUES: dict[str, Callable[[Any], Any]] = {
+    "body": values.duration,
+    "body_min_rate": lambda v: values.size(v, 0),
+}
+
+
 def _timeouts(table: _Table, inherited: Timeouts) -> Timeouts:
     table.check_keys(_TIMEOUT_KEYS)
     overrides = {
-        key: table.parse(key, values.positive_duration)
+        key: table.parse(key, _TIMEOUT_VALUES.get(key, values.positive_duration))
         for key in _TIMEOUT_KEYS
         if key in table.data
     }

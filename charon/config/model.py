@@ -31,6 +31,11 @@ class Timeouts:
     header: float = 10.0  # client must send a whole request head within this
     first_byte: float = 60.0  # backend's first response byte after the request was sent
     idle: float = 60.0  # keep-alive idle (client and pooled backend connections), body idle
+    send: float = 60.0  # a client that takes no byte of a response for this long is cut
+    body: float = 0.0  # a whole request body must arrive within this (0: no limit)
+    # Bytes per second a request body must average after `idle` seconds of grace, and a
+    # client must take of a response after `send` seconds of a full buffer (0: no minimum).
+    body_min_rate: int = 256
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 from charon.config.model import Config, Upstream
 from charon.worker.http.headers import ForwardedPolicy
+from charon.worker.http.sendwatch import SendWatch
 from charon.worker.routing import Router
 from charon.worker.telemetry import Telemetry
 from charon.worker.upstreams.pool import UpstreamPool
@@ -34,6 +35,7 @@ class WorkerContext:
         self.tunnels: set[Tunnel] = set()
         self.dialling: set[DialledTunnel] = set()  # handshakes the front door took, until 101
         self.engine = TunnelEngine(loop)  # every tunnel's sockets, on one epoll set
+        self.send_watch = SendWatch(loop)
         self.telemetry = telemetry
         self.listeners: Listeners | None = None  # set once serving
         self.draining = False

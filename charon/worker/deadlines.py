@@ -22,6 +22,7 @@ BODY_IDLE = 4  # client request body stalled
 FIRST_BYTE = 5  # backend's first response byte
 RESPONSE_IDLE = 6  # backend response stalled, or the client not reading it
 TUNNEL_IDLE = 7  # WebSocket tunnel: idle limit reached or a ping due
+SEND = 8  # clients not taking their responses (http/sendwatch.py)
 
 
 class HasDeadline(Protocol):

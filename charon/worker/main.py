@@ -97,7 +97,9 @@ class Worker:
         loop.add_signal_handler(signal.SIGQUIT, self._request_stop, FAST)
         sweeper = DeadlineSweeper(
             loop,
-            lambda: itertools.chain(ctx.connections, ctx.tunnels, ctx.dialling, (ctx.engine,)),
+            lambda: itertools.chain(
+                ctx.connections, ctx.tunnels, ctx.dialling, (ctx.engine, ctx.send_watch)
+            ),
         )
         sweeper.start()
         if orphaned(self.parent_pid):  # the supervisor died while we started

@@ -6,6 +6,7 @@ Routes (any method unless noted):
   /echo, /echo/...   JSON: backend name, method, raw path, version, the request headers as
                      [name, value] pairs in arrival order, body length and sha256 (read streaming)
   /upload            JSON: body length and sha256, read streaming (?delay=S: only after S s)
+  /chunks            JSON: body length, sha256 and how many HTTP chunks carried it
   /bytes/<n>         n bytes of `pattern()` with Content-Length; ?chunked=1: chunked instead
   /sleep/<seconds>   sleeps, then answers "slept"
   /status/<code>     answers with that status (no body for 1xx/204/304)
@@ -73,6 +74,15 @@ def _make_app(name: str) -> web.Application:
         length, sha = await _read_body(request)
         return web.json_response({"backend": name, "length": length, "sha256": sha})
 
+    async def chunks(request: web.Request) -> web.Response:
+        digest = hashlib.sha256()
+        length = count = 0
+        async for data, chunk_end in request.content.iter_chunks():
+            digest.update(data)
+            length += len(data)
+            count += chunk_end
+        return web.json_response({"length": length, "sha256": digest.hexdigest(), "chunks": count})
+
     async def send_bytes(request: web.Request) -> web.StreamResponse:
         n = int(request.match_info["n"])
         resp = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
@@ -119,6 +129,7 @@ def _make_app(name: str) -> web.Application:
     app.router.add_route("*", "/echo", echo)
     app.router.add_route("*", "/echo/{tail:.*}", echo)
     app.router.add_route("*", "/upload", upload)
+    app.router.add_route("*", "/chunks", chunks)
     app.router.add_route("*", "/bytes/{n:[0-9]+}", send_bytes)
     app.router.add_route("*", "/sleep/{seconds}", sleep)
     app.router.add_route("*", "/status/{code:[0-9]+}", status)

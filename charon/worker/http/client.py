@@ -15,11 +15,13 @@ from typing import TYPE_CHECKING
 import httptools
 from httptools import HttpParserCallbackError, HttpParserError, HttpParserUpgrade
 
-from charon.worker.deadlines import HEADER, KEEPALIVE, NONE
+from charon.worker.deadlines import HEADER, KEEPALIVE, NONE, RESPONSE_IDLE
 from charon.worker.http.errors import HttpError, error_response
 from charon.worker.http.exchange import Exchange
+from charon.worker.http.feeding import MAX_QUEUED, SLICE, SlicedFeed
 from charon.worker.http.request import BODY_NONE, plan_request
 from charon.worker.http.requestline import RequestLines
+from charon.worker.http.sendwatch import close_transport, cut_off, watch_sending
 
 if TYPE_CHECKING:
     from charon.worker.context import WorkerContext
@@ -31,12 +33,12 @@ log = logging.getLogger("charon.worker")
 _PAUSE_BACKEND = 1  # the backend reads the request body slower than the client sends it
 _PAUSE_BODY = 2  # request body waiting for the backend connection to open
 _PAUSE_QUEUE = 4  # pipelined requests waiting their turn
+_PAUSE_PARSE = 8  # the rest of a read waits to be parsed (http/feeding.py)
 
-MAX_QUEUED = 16  # pipelined requests parsed ahead of the active one
 HELD_LIMIT = 64 * 1024  # bytes read past a WebSocket handshake before the backend answers
 
 
-class ClientConnection(asyncio.Protocol):
+class ClientConnection(SlicedFeed):
     __slots__ = (
         "ctx", "transport", "parser", "peer_ip", "exchanges", "deadline", "deadline_kind",
         "closing", "_paused", "write_paused", "_url", "_url_size", "_headers", "_header_size",
@@ -45,6 +47,7 @@ class ClientConnection(asyncio.Protocol):
     )
 
     def __init__(self, ctx: WorkerContext) -> None:
+        super().__init__()
         self.ctx = ctx
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpRequestParser(self)
@@ -88,14 +91,39 @@ class ClientConnection(asyncio.Protocol):
             return
         if self.closing:
             return
+        if self._rest:
+            data = self.take_rest(data)
+        self.events = 0
+        if len(data) > self.slice or self.line:
+            self.feed(data, 0)
+            return
+        # Nearly every read: one slice (feeding.py's loop, unrolled for the hot path).
         self.lines.feed(data)
         try:
             self.parser.feed_data(data)
-            self.lines.read_done(self._in_head)
-        except HttpParserUpgrade as exc:
+        except (HttpParserError, HttpParserUpgrade) as exc:
+            self.parse_failed(exc, data, 0)
+            return
+        self.lines.read_done(self._in_head)
+        if self.between and self.line_ends(data, 0, len(data)):
+            return
+        if self.body:
+            self.flush_body()
+
+    def parse(self, piece: bytes | memoryview, data: bytes, pos: int) -> bool:
+        # The request lines follow every slice llhttp is given (feeding.py's loop).
+        self.lines.feed(piece if isinstance(piece, bytes) else bytes(piece))
+        if not super().parse(piece, data, pos):
+            return False
+        self.lines.read_done(self._in_head)
+        return True
+
+    def parse_failed(self, exc: Exception, data: bytes, pos: int) -> None:
+        if isinstance(exc, HttpParserUpgrade):
             # llhttp stops after any request with `Connection: upgrade`.
-            tail = data[exc.args[0] :]
-            self.lines.rewind(len(tail))
+            taken = exc.args[0]
+            tail = data[pos + taken :]
+            self.lines.rewind(len(self.lines.data) - taken)
             last = self.exchanges[-1] if self.exchanges else None
             if last is not None and last.plan is not None and last.plan.websocket_key:
                 # Bytes past a WebSocket handshake wait for the backend's answer: frames for
@@ -106,25 +134,42 @@ class ClientConnection(asyncio.Protocol):
             elif tail:
                 # Another protocol's upgrade went to the backend as a plain request.
                 self.data_received(tail)
-        except HttpParserCallbackError as exc:
+        elif isinstance(exc, HttpParserCallbackError):
             cause = exc.__context__
             if isinstance(cause, HttpError):
                 self._reject(cause)
             else:
                 log.error("request handling failed", exc_info=cause)
                 self._reject(HttpError(500, "internal error"))
-        except HttpParserError:
+        else:
             self._reject(HttpError(400, "malformed request"))
+
+    def line_too_long(self) -> None:
+        self._reject(HttpError(400, "chunk-size line or trailer field too long"))
+
+    def wait_for_rest(self) -> None:
+        self._pause(_PAUSE_PARSE)
+
+    def rest_parsed(self) -> None:
+        self._resume(_PAUSE_PARSE)
 
     def eof_received(self) -> bool:
         # A client that half-closes after its request still gets the response.
         if not self.exchanges:
             return False
         self.closing = True
+        last = self.exchanges[-1]
+        if not last.request_done and not self._in_head:
+            # Its body can never end: the backend's connection goes at once, not at a timeout.
+            if last.finished:
+                self.exchange_finished(last, False)  # answered already, the body was dropped
+            else:
+                last.request_failed(HttpError(400, "the request body ended early"))
         return True
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.ctx.connections.discard(self)
+        self.ctx.send_watch.remove(self)
         if self.ctx.listeners is not None:
             self.ctx.listeners.closed_one()
         self.deadline_kind = NONE
@@ -140,17 +185,20 @@ class ClientConnection(asyncio.Protocol):
     def pause_writing(self) -> None:
         # The client reads the response slower than the backend sends it.
         self.write_paused = True
+        watch_sending(self)
         if self.exchanges and (upstream := self.exchanges[0].upstream) is not None:
             upstream.pause_reading()
 
     def resume_writing(self) -> None:
         self.write_paused = False
+        self.ctx.send_watch.remove(self)
         if self.exchanges and (upstream := self.exchanges[0].upstream) is not None:
             upstream.resume_reading()
 
     # -- llhttp callbacks ------------------------------------------------------------------
 
     def on_message_begin(self) -> None:
+        self.events += 1
         self._url = []
         self._url_size = 0
         self._headers = []
@@ -172,6 +220,11 @@ class ClientConnection(asyncio.Protocol):
             self._header_size += len(name) + len(value) + 4
             if self._header_size > self._max_header_bytes or len(headers) > self._max_header_count:
                 self._header_limit_reached()
+        else:  # trailers count against the same limits as the head
+            self.between = True
+            self._header_size += len(name) + len(value) + 4
+            if self._header_size > self._max_header_bytes:
+                self._header_limit_reached()
 
     def _header_limit_reached(self) -> None:
         if self._header_size > self._max_header_bytes:
@@ -180,6 +233,7 @@ class ClientConnection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         self._in_head = False
+        self.between = True
         parser = self.parser
         version = parser.get_http_version()
         keep_alive = parser.should_keep_alive() and not self.ctx.draining
@@ -215,11 +269,15 @@ class ClientConnection(asyncio.Protocol):
             raise HttpError(400, "extra spaces in the request line")
         self._enqueue(exchange)
 
-    def on_body(self, data: bytes) -> None:
-        self.exchanges[-1].request_body(data)
+    # (on_body, on_chunk_header and on_chunk_complete: feeding.py)
 
     def on_message_complete(self) -> None:
-        self.exchanges[-1].request_complete()
+        self.between = False
+        self.slice = SLICE
+        if self.body:
+            self.flush_body()
+        if self.exchanges:  # (none if the request was answered early and the connection closed)
+            self.exchanges[-1].request_complete()
 
     # -- exchanges -------------------------------------------------------------------------
 
@@ -235,6 +293,8 @@ class ClientConnection(asyncio.Protocol):
         if self.exchanges and self.exchanges[0] is exchange:
             self.exchanges.popleft()
         self._resume(_PAUSE_QUEUE | _PAUSE_BODY | _PAUSE_BACKEND)
+        if self._rest:
+            self.schedule_rest()
         transport = self.transport
         if transport is None:
             return
@@ -244,7 +304,7 @@ class ClientConnection(asyncio.Protocol):
             self.closing = True
             self.deadline_kind = NONE
             self.exchanges.clear()
-            transport.close()
+            close_transport(self, transport)
             return
         if self.exchanges:
             self.exchanges[0].start()
@@ -286,6 +346,7 @@ class ClientConnection(asyncio.Protocol):
         """A request the proxy cannot parse or accept: answer it in turn, then close."""
         self.closing = True
         self._pause(_PAUSE_QUEUE)
+        self.body = []
         last = self.exchanges[-1] if self.exchanges else None
         if last is not None and not last.request_done and not self._in_head:
             last.request_failed(error)  # e.g. a malformed chunked body of an accepted request
@@ -332,7 +393,13 @@ class ClientConnection(asyncio.Protocol):
                 self.transport.write(error_response(408, "request header timeout", True, head))
             self.close()
         elif self.exchanges:
-            self.exchanges[0].on_deadline(kind)
+            exchange = self.exchanges[0]
+            if kind == RESPONSE_IDLE and self.write_paused and exchange.plan is not None:
+                # The backend waits for a client that does not read (the send watch's call):
+                # it gets its idle time again once the client reads.
+                self.set_deadline(kind, exchange.plan.route.timeouts.idle)
+                return
+            exchange.on_deadline(kind)
 
     def abort_after_flush(self) -> None:
         """Cut the connection after what was written: a response that broke midway."""
@@ -343,7 +410,14 @@ class ClientConnection(asyncio.Protocol):
         self.closing = True
         self.deadline_kind = NONE
         if self.transport is not None:
-            self.transport.close()
+            close_transport(self, self.transport)
+
+    def send_timed_out(self) -> None:
+        """The client stopped taking its response (http/sendwatch.py)."""
+        self.closing = True
+        self.deadline_kind = NONE
+        if self.transport is not None:
+            cut_off(self.transport)
 
     def shutdown(self) -> None:
         """Graceful stop: an idle connection closes now, a busy one after its response."""

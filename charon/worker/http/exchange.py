@@ -21,6 +21,7 @@ from charon.worker.deadlines import (
     FIRST_BYTE,
     RESPONSE_IDLE,
 )
+from charon.worker.http.bodyrate import body_wait
 from charon.worker.http.errors import CLIENT_CLOSED, HttpError, error_response
 from charon.worker.http.request import BODY_CHUNKED, BODY_NONE, IDEMPOTENT, RequestPlan
 from charon.worker.http.response import (
@@ -52,7 +53,7 @@ class Exchange:
         "http11", "keep_alive", "request_done", "pending", "pending_size", "upstream",
         "connecting", "finished", "parser", "reason", "headers", "in_head", "interim", "framing",
         "delimited", "response_started", "response_done", "upstream_reusable", "out", "reused",
-        "retried", "switching", "answered",
+        "retried", "switching", "answered", "received",
     )
 
     def __init__(
@@ -97,6 +98,7 @@ class Exchange:
         self.retried = False
         self.switching = False
         self.answered: bytes | None = None  # the backend's answer read by the front door
+        self.received = 0  # request body bytes
 
     # -- lifecycle, driven by the client connection ------------------------------------------
 
@@ -134,24 +136,29 @@ class Exchange:
         elif kind == FIRST_BYTE:
             self._fail(504, "the backend did not answer in time", ERR_TIMEOUT)
         elif kind == BODY_IDLE:
-            self._fail(408, "the request body stalled")
+            self._fail(408, "the request body stalled or came too slowly")
         else:  # RESPONSE_IDLE
             self._fail(504, "the backend stalled", ERR_TIMEOUT)
 
     # -- request side ------------------------------------------------------------------------
 
-    def request_body(self, data: bytes) -> None:
+    def request_body(self, pieces: list[bytes], size: int) -> None:
+        """The body parsed in one turn of the loop: written at once, as one chunk if chunked."""
         if self.plan is None or self.finished:
             return  # a locally answered request: its body is read and dropped
-        chunk: list[bytes] = [b"%x\r\n" % len(data), data, b"\r\n"] if (
-            self.plan.body == BODY_CHUNKED
-        ) else [data]
+        if len(pieces) > 16:
+            pieces = [b"".join(pieces)]  # (many tiny chunks: one buffer, not an iovec each)
+        if self.plan.body == BODY_CHUNKED:
+            pieces = [b"%x\r\n" % size, *pieces, b"\r\n"]
+        self.received += size
         if self.upstream is not None:
-            self.upstream.transport.writelines(chunk)
-            self.client.set_deadline(BODY_IDLE, self.plan.route.timeouts.idle)
+            self.upstream.transport.writelines(pieces)
+            self.client.set_deadline(
+                BODY_IDLE, body_wait(self.plan.route.timeouts, self.started, self.received)
+            )
         else:
-            self.pending += chunk
-            self.pending_size += len(data)
+            self.pending += pieces
+            self.pending_size += size
             if self.pending_size > PENDING_BODY_LIMIT:
                 self.client.pause_reading_for_body()
 
@@ -204,7 +211,9 @@ class Exchange:
         """The connection opened for this exchange is up (its `connection_made`): the request
         goes out at once, unless a pause is due. uvloop starts reading right after
         connection_made, which would undo it: such a connection joins in `connect_done`."""
-        if not self.client.write_paused:
+        if self.finished:  # its connect was cancelled: uvloop closes it, so it is not pooled
+            conn.abort()
+        elif not self.client.write_paused:
             self._join(conn)
 
     def connect_done(
@@ -256,7 +265,7 @@ class Exchange:
         if self.request_done or self.plan.body == BODY_NONE:
             self.client.set_deadline(FIRST_BYTE, timeouts.first_byte)
         else:
-            self.client.set_deadline(BODY_IDLE, timeouts.idle)
+            self.client.set_deadline(BODY_IDLE, body_wait(timeouts, self.started, self.received))
 
     def upstream_data(self, data: bytes) -> None:
         if self.response_done or self.parser is None:
