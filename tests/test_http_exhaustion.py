@@ -220,3 +220,29 @@ def test_request_refused_while_its_connect_runs_leaves_the_pool_sound(charon: Ch
         out = _chunked_post(charon.port, b"3\r\nabc\r\n0\r\n" + trailers + b"\r\n")
         assert out.startswith(b"HTTP/1.1 431 "), out[:200]
         _get(charon.port)
+
+
+@pytest.mark.parametrize("part", ["name", "value"])
+def test_a_field_that_never_ends_is_431_not_memory(own_charon: Charon, part: str) -> None:
+    """A header field sent on and on without its line end: llhttp holds the whole field until
+    the line ends, so the proxy bounds the raw bytes of a head itself (431, close) instead of
+    letting one client fill the worker's memory within the header timeout."""
+    pid = own_charon.worker_pids()[0]
+    _get(own_charon.port)
+    before = vm_rss_kib(pid)
+    start = b"GET / HTTP/1.1\r\nHost: h.test\r\n" + (b"X" if part == "name" else b"X-Long: ")
+    with Client(own_charon.port, timeout=10) as client:
+        client.send(start)
+        sent = 0
+        with pytest.raises(OSError):  # the proxy answers and closes: a send fails
+            for _ in range(64):  # 64 MiB at most
+                client.send(b"a" * (1 << 20))
+                sent += 1 << 20
+        peak = vm_rss_kib(pid)
+        print(f"\nfield {part}: {sent >> 20} MiB taken, worker VmRSS {before} -> {peak} KiB")
+        assert peak - before < RSS_GROWTH_LIMIT_KIB, (before, peak)
+    with Client(own_charon.port, timeout=10) as client:  # what the proxy answered
+        client.send(start + b"a" * 60_000)
+        resp = client.read_response()
+        assert resp.status == 431
+    _get(own_charon.port)

@@ -417,3 +417,23 @@ def test_handshake_with_extra_spaces_refused_on_both_paths(env: Setup) -> None:
     request = ws_request("/echo", host="ws.test").replace(b"GET /echo", b"GET  /echo", 1)
     status, _ = both_paths(env.port, request)
     assert status == 400
+
+
+@pytest.mark.parametrize("bad_at", [1, 20, 39])
+def test_request_line_found_in_a_read_fed_in_slices(env: Setup, bad_at: int) -> None:
+    """40 pipelined requests in one write (more than one 4 KiB slice, and more than the 16 the
+    queue takes before the rest of the read waits): the request lines are followed across
+    slices and waits, so only the double-spaced one is refused, after every one before it."""
+    pad = b"X-Pad: " + b"p" * 500 + b"\r\n"
+    requests = [
+        (b"GET  /echo/%d HTTP/1.1\r\n" if i == bad_at else b"GET /echo/%d HTTP/1.1\r\n") % i
+        + H + pad + b"\r\n"
+        for i in range(40)
+    ]
+    data = b"".join(requests)
+    assert len(data) > 4 * 4096
+    with Client(env.port) as client:
+        client.send(data)
+        for i in range(bad_at):
+            assert client.read_response().json()["raw_path"] == f"/echo/{i}"
+        refused_then_closed(client)

@@ -43,7 +43,7 @@ class ClientConnection(SlicedFeed):
         "ctx", "transport", "parser", "peer_ip", "exchanges", "deadline", "deadline_kind",
         "closing", "_paused", "write_paused", "_url", "_url_size", "_headers", "_header_size",
         "_in_head", "_held", "_max_header_bytes", "_max_header_count", "first_read", "handover",
-        "lines",
+        "lines", "_head_read", "_max_head_read",
     )
 
     def __init__(self, ctx: WorkerContext) -> None:
@@ -68,6 +68,11 @@ class ClientConnection(SlicedFeed):
         limits = ctx.limits  # copied: read for every header field
         self._max_header_bytes = limits.max_header_bytes
         self._max_header_count = limits.max_header_count
+        # llhttp keeps a field's value until its line ends, and only then is it counted: the
+        # raw bytes read into a head are bounded too (the slack covers the request line, the
+        # whitespace around values and the read or slice the head began in).
+        self._head_read = 0
+        self._max_head_read = limits.max_header_bytes + limits.max_request_target + 8192
         # From the front door (http/adopted.py): bytes it read, and what it did with them.
         self.first_read = b""
         self.handover: Handover | None = None
@@ -105,6 +110,8 @@ class ClientConnection(SlicedFeed):
             self.parse_failed(exc, data, 0)
             return
         self.lines.read_done(self._in_head)
+        if self._in_head and self._head_too_long(len(data)):
+            return
         if self.between and self.line_ends(data, 0, len(data)):
             return
         if self.body:
@@ -116,6 +123,13 @@ class ClientConnection(SlicedFeed):
         if not super().parse(piece, data, pos):
             return False
         self.lines.read_done(self._in_head)
+        return not (self._in_head and self._head_too_long(len(piece)))
+
+    def _head_too_long(self, read: int) -> bool:
+        self._head_read += read
+        if self._head_read <= self._max_head_read:
+            return False
+        self._reject(HttpError(431, "request header section too large"))
         return True
 
     def parse_failed(self, exc: Exception, data: bytes, pos: int) -> None:
@@ -203,6 +217,7 @@ class ClientConnection(SlicedFeed):
         self._url_size = 0
         self._headers = []
         self._header_size = 0
+        self._head_read = 0
         self._in_head = True
         if not self.exchanges:
             self.set_deadline(HEADER, self.ctx.timeouts.header)
