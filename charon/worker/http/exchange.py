@@ -313,7 +313,7 @@ class Exchange:
             head,
             client.become_tunnel(),
             backend_tail,
-            plan.route.websocket,
+            plan.route,
             info,
         )
 
