@@ -44,7 +44,8 @@ RETIRE_MARGIN = 10.0  # beyond drain + shutdown timeouts, a retiring worker is k
 
 _STOP_SIGNALS = {signal.SIGTERM: True, signal.SIGINT: False, signal.SIGQUIT: False}
 _HANDLED = (
-    *_STOP_SIGNALS, signal.SIGCHLD, signal.SIGHUP, signal.SIGUSR1, signal.SIGTTIN, signal.SIGTTOU
+    *_STOP_SIGNALS, signal.SIGCHLD, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2,
+    signal.SIGTTIN, signal.SIGTTOU,
 )
 
 
@@ -124,8 +125,10 @@ class Arbiter:
                 if signum is not None and signum in _STOP_SIGNALS:
                     await self._stop(graceful=_STOP_SIGNALS[signal.Signals(signum)])
                     return 0
-                if signum == signal.SIGHUP:
-                    await self._reload()
+                if signum in (signal.SIGHUP, signal.SIGUSR2):
+                    # USR2: a new generation even when the config could apply in place
+                    # (new code after an upgrade).
+                    await self._reload(restart=signum == signal.SIGUSR2)
                 elif signum == signal.SIGUSR1:
                     self._reopen_logs()
                 elif signum in (signal.SIGTTIN, signal.SIGTTOU):
@@ -275,7 +278,7 @@ class Arbiter:
 
     # -- reload ------------------------------------------------------------------------------
 
-    async def _reload(self) -> None:
+    async def _reload(self, restart: bool = False) -> None:
         """Decision 14: the old config keeps serving until a new generation serves the new one."""
         self.notifier.reloading()
         path = self.config.path
@@ -284,7 +287,7 @@ class Arbiter:
         new: list[WorkerProcess] = []
         try:
             config, text = _read(path, self.config_text)
-            if in_place_possible(self.config, config):
+            if not restart and in_place_possible(self.config, config):
                 await self._reload_in_place(config, text)
                 return
             for address in config.server.listen:
