@@ -60,7 +60,7 @@ def _hup(charon: Charon, count: int) -> dict:  # type: ignore[type-arg]
 @pytest.mark.timeout(120)
 def test_routes_added_changed_removed_in_place_on_a_keepalive_connection(
         make_charon, http_backend, ws_backend, backend_factory) -> None:
-    other = backend_factory("http_backend.py")
+    other = backend_factory("http_backend.py", "--name", "other")
     base = hosts_toml(http_backend, ws_backend)
     charon = make_charon(base, workers=2)
     pids = sorted(health(charon)["worker_pids"])
@@ -100,9 +100,8 @@ def test_routes_added_changed_removed_in_place_on_a_keepalive_connection(
         _hup(charon, 13)
         removed = _ask(conn, "new.test")[0]
         time.sleep(0.5)
-    assert before != after, (before, after)
-    status_other, body_other = get(other.port, host="new.test")
-    assert status_other == 200 and after == body_other, (after, body_other)
+    assert before.startswith(b"ok "), before
+    assert b'"backend": "other"' in after, after
     assert removed == 404
     assert conn.sock is sock, "the keep-alive connection was replaced"
     conn.close()
