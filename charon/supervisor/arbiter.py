@@ -336,7 +336,7 @@ class Arbiter:
         version = self.config_version + 1
         started = time.monotonic()
         procs = [s.process for s in self.slots if s.process is not None]
-        failed = await apply_everywhere(procs, version, config.path, text)
+        failed = await apply_everywhere(procs, version, config)
         await self._take_config(config, text, version)
         for proc, reason in failed:
             log.error(

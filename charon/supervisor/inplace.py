@@ -2,13 +2,14 @@
 
 Possible when nothing a worker took at start changes: the worker count, the listening
 sockets, the access log file and whether workers send events. Each worker gets the validated
-text over its control channel (charon/worker/control.py), swaps it in (charon/worker/swap.py)
+config over its control channel (charon/worker/control.py), swaps it in (charon/worker/swap.py)
 and answers with the version it applied or why it could not.
 """
 
 from __future__ import annotations
 
 import asyncio
+import pickle
 import time
 
 from charon.config import Config
@@ -28,13 +29,12 @@ def in_place_possible(old: Config, new: Config) -> bool:
 
 
 async def apply_everywhere(
-    procs: list[WorkerProcess], version: int, path: str, text: str,
-    timeout: float = APPLY_TIMEOUT,
+    procs: list[WorkerProcess], version: int, config: Config, timeout: float = APPLY_TIMEOUT,
 ) -> list[tuple[WorkerProcess, str]]:
     """Send config `version` to every worker and wait for their answers: the workers that did
     not apply it, each with the reason."""
     loop = asyncio.get_running_loop()
-    message = encode(version, f"{path}\0{text}".encode())
+    message = encode(version, pickle.dumps(config, pickle.HIGHEST_PROTOCOL))
     deadline = time.monotonic() + timeout
     failed: list[tuple[WorkerProcess, str]] = []
     waiting: list[WorkerProcess] = []
