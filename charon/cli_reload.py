@@ -17,7 +17,8 @@ WAIT = 60.0
 
 
 def reload(config: Config, pid: int | None, pidfile: str | None) -> int:
-    """Exit status: 0 when the new config serves, 1 when it was refused or nothing answered."""
+    """Exit status: 0 when every worker applied the new config, 1 when it was refused, a
+    worker did not apply it (named; the supervisor replaced it) or nothing answered."""
     if config.admin.listen is None:
         return _fail("reload waits on the admin listener's /healthz: [admin] listen is off")
     pidfile = pidfile or config.server.pidfile
@@ -40,10 +41,13 @@ def reload(config: Config, pid: int | None, pidfile: str | None) -> int:
     while time.monotonic() < deadline:
         status = _status(url)
         if status is not None and int(status["count"]) > before:  # type: ignore[call-overload]
-            if status["last_result"] == "success":
-                print("reloaded")
-                return 0
             reason = status["last_error"]
+            if status["last_result"] == "success":
+                print(f"reloaded: config version {status.get('config_version', '?')}")
+                return 0
+            if status["last_result"] == "incomplete":  # a worker did not apply it: replaced
+                return _fail(f"reload incomplete: config version {status.get('config_version')} "
+                             f"{reason}")
             return _fail(f"reload refused, still serving the previous config: {reason}")
         time.sleep(0.1)
     return _fail(f"no reload result within {WAIT:.0f}s")

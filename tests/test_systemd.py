@@ -339,7 +339,9 @@ def test_notify_protocol_ready_reloading_stopping(
     assert "success" in ready.get("STATUS", ""), ready
     health = charon.health()
     assert health and health["reloads"]["last_result"] == "success", health
-    assert not set(health["worker_pids"]) & set(workers), "the reload kept the old workers"
+    # Applied in place around the swap: the same workers, each on config version 2.
+    assert sorted(health["worker_pids"]) == sorted(workers), "the reload replaced the workers"
+    assert {w["config_version"] for w in health["reloads"]["workers"].values()} == {2}, health
     assert get(charon.port) == 200
 
     # A refused reload still ends with READY=1 (the old config serves), the status says so.

@@ -118,6 +118,7 @@ class Snapshot:
     reloads: dict[str, int]
     last_reload_ok: int
     events_dropped: int
+    config_versions: dict[int, int] = field(default_factory=dict)
 
 
 # name -> (help, label names), for the counters kept as {label values: total}.
@@ -164,6 +165,7 @@ class MetricsSection:
         self.restarts = 0
         self.reloads = dict.fromkeys(RELOAD_RESULTS, 0)
         self.last_reload_ok = 1
+        self.config_versions: dict[int, int] = {}  # worker id -> config version it applied
         self._next_expiry = 0.0
         self.version = 0  # bumped on every change: a scrape with nothing new reuses the text
         self._rendered: tuple[tuple[int, int], asyncio.Future[bytes]] | None = None
@@ -190,6 +192,11 @@ class MetricsSection:
                 totals = self.counters[name]
                 for key in keys:
                     totals.setdefault(key, 0)
+
+    def set_config_versions(self, versions: dict[int, int]) -> None:
+        if versions != self.config_versions:
+            self.config_versions = versions
+            self.version += 1
 
     def _host(self, host: Any) -> str:
         return host if host in self.hosts else OTHER_HOST
@@ -332,6 +339,7 @@ class MetricsSection:
             restarts=self.restarts,
             reloads=dict(self.reloads),
             last_reload_ok=self.last_reload_ok,
+            config_versions=dict(self.config_versions),
             events_dropped=self.events_dropped,
         )
 
@@ -426,6 +434,11 @@ def families(s: Snapshot) -> Iterator[Metric]:
         "charon_config_last_reload_successful",
         "1 if the last configuration reload succeeded (or none was tried), else 0.",
         value=s.last_reload_ok)
+    versions = GaugeMetricFamily(
+        "charon_config_version", "The config version each worker applied.", labels=["worker"])
+    for worker, version in sorted(s.config_versions.items()):
+        versions.add_metric([str(worker)], version)
+    yield versions
     yield CounterMetricFamily(
         "charon_events_dropped",
         "Events workers dropped because the supervisor did not take them in time.",

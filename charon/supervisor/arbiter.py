@@ -6,8 +6,9 @@ back-off when they die, killed when their loop is stuck), the event bus and the 
 Each turn of the loop takes one signal from the queue, or wakes up after TICK, acts on it, then
 reaps, checks heartbeats and respawns.
 
-A reload (HUP) is one such action: validate the new config, start a new generation of workers
-on the same sockets, and only once it serves, retire the old one (see `_reload`).
+A reload (HUP) is one such action: validate the new config, then hand it to the running workers
+(inplace.py), or, when the worker count or the sockets change, start a new generation of workers
+and only once it serves, retire the old one (see `_reload`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from charon.admin.server import AdminSection, AdminServer
 from charon.config import Config, ConfigError, ListenAddress, load_config_text
 from charon.events.receiver import EventHub, EventReceiver
 from charon.events.schema import CONFIG_RELOAD, WORKER_EXIT
+from charon.supervisor.inplace import apply_everywhere, in_place_possible
 from charon.supervisor.pidfile import PidFile
 from charon.supervisor.respawn import Respawn
 from charon.supervisor.sockets import ListenError, bind_listener
@@ -42,7 +44,8 @@ RETIRE_MARGIN = 10.0  # beyond drain + shutdown timeouts, a retiring worker is k
 
 _STOP_SIGNALS = {signal.SIGTERM: True, signal.SIGINT: False, signal.SIGQUIT: False}
 _HANDLED = (
-    *_STOP_SIGNALS, signal.SIGCHLD, signal.SIGHUP, signal.SIGUSR1, signal.SIGTTIN, signal.SIGTTOU
+    *_STOP_SIGNALS, signal.SIGCHLD, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2,
+    signal.SIGTTIN, signal.SIGTTOU,
 )
 
 
@@ -90,6 +93,7 @@ class Arbiter:
         self.generation = 0  # +1 per reload: each generation counts in its own table range
         self._reload_count = 0
         self._reload_last = ("", "")  # result, error
+        self.config_version = 1  # +1 per config accepted by a reload
 
     async def run(self) -> int:
         """Serve until a stop signal; the process exit code."""
@@ -121,8 +125,10 @@ class Arbiter:
                 if signum is not None and signum in _STOP_SIGNALS:
                     await self._stop(graceful=_STOP_SIGNALS[signal.Signals(signum)])
                     return 0
-                if signum == signal.SIGHUP:
-                    await self._reload()
+                if signum in (signal.SIGHUP, signal.SIGUSR2):
+                    # USR2: a new generation even when the config could apply in place
+                    # (new code after an upgrade).
+                    await self._reload(restart=signum == signal.SIGUSR2)
                 elif signum == signal.SIGUSR1:
                     self._reopen_logs()
                 elif signum in (signal.SIGTTIN, signal.SIGTTOU):
@@ -208,17 +214,21 @@ class Arbiter:
                 slot.process = self._spawn(
                     slot.worker_id, self.config, self.config_text, self.generation, len(self.slots)
                 )
+                self._show_versions()
 
     def _spawn(
-        self, worker_id: int, config: Config, text: str, generation: int, size: int
+        self, worker_id: int, config: Config, text: str, generation: int, size: int,
+        version: int = 0,
     ) -> WorkerProcess:
         assert self.receiver is not None
         fds = [self.listeners[address].fileno() for address in config.server.listen]
         proc = WorkerProcess(
             worker_id, text, config.path, fds, self.receiver.endpoint, self.log_format,
-            self.balance_fd, generation, max(size, worker_id + 1),
+            self.balance_fd, generation, max(size, worker_id + 1), version or self.config_version,
         )
-        asyncio.get_running_loop().add_reader(proc.heartbeat_fd, self._on_heartbeat, proc)
+        loop = asyncio.get_running_loop()
+        loop.add_reader(proc.heartbeat_fd, self._on_heartbeat, proc)
+        loop.add_reader(proc.control.fileno(), self._on_control, proc)
         log.info("worker %d started (pid %d)", worker_id, proc.pid)
         return proc
 
@@ -226,8 +236,15 @@ class Arbiter:
         if not proc.read_heartbeat():
             asyncio.get_running_loop().remove_reader(proc.heartbeat_fd)
 
+    def _on_control(self, proc: WorkerProcess) -> None:
+        if not proc.read_replies():
+            asyncio.get_running_loop().remove_reader(proc.control.fileno())
+
     def _forget(self, proc: WorkerProcess) -> None:
-        asyncio.get_running_loop().remove_reader(proc.heartbeat_fd)
+        loop = asyncio.get_running_loop()
+        loop.remove_reader(proc.heartbeat_fd)
+        if proc.control.fileno() >= 0:
+            loop.remove_reader(proc.control.fileno())
         proc.close()
 
     def _announce(self) -> None:
@@ -261,7 +278,7 @@ class Arbiter:
 
     # -- reload ------------------------------------------------------------------------------
 
-    async def _reload(self) -> None:
+    async def _reload(self, restart: bool = False) -> None:
         """Decision 14: the old config keeps serving until a new generation serves the new one."""
         self.notifier.reloading()
         path = self.config.path
@@ -270,13 +287,18 @@ class Arbiter:
         new: list[WorkerProcess] = []
         try:
             config, text = _read(path, self.config_text)
+            if not restart and in_place_possible(self.config, config):
+                await self._reload_in_place(config, text)
+                return
             for address in config.server.listen:
                 if address not in self.listeners:
                     added[address] = bind_listener(address)
             self.listeners.update(added)
             generation = self.generation + 1
             new = [
-                self._spawn(i, config, text, generation, config.server.workers)
+                self._spawn(
+                    i, config, text, generation, config.server.workers, self.config_version + 1
+                )
                 for i in range(config.server.workers)
             ]
             await self._wait_ready(new)
@@ -298,11 +320,49 @@ class Arbiter:
         removed = [a for a in self.listeners if a not in config.server.listen]
         for address in removed:
             self.listeners.pop(address).close()  # the retiring workers' copies close as they go
-        old_admin = self.config.admin
-        self.config, self.config_text = config, text
         self.slots = [Slot(i, proc) for i, proc in enumerate(new)]
         self.generation = generation
         self.respawn.reset()
+        await self._take_config(config, text)
+        log.info(
+            "reloaded: %d workers on %s; %d old workers draining",
+            len(new), ", ".join(str(a) for a in config.server.listen), len(self.retiring),
+        )
+        self._reload_done("success", "")
+
+    async def _reload_in_place(self, config: Config, text: str) -> None:
+        """Every running worker swaps the config in; one that does not is replaced by a fresh
+        worker on the new config (its own connections drain as after a generation reload)."""
+        version = self.config_version + 1
+        started = time.monotonic()
+        procs = [s.process for s in self.slots if s.process is not None]
+        failed = await apply_everywhere(procs, version, config)
+        await self._take_config(config, text, version)
+        for proc, reason in failed:
+            log.error(
+                "worker %d (pid %d) did not apply config version %d: %s; replacing it",
+                proc.worker_id, proc.pid, version, reason,
+            )
+            slot = self.slots[proc.worker_id]
+            self._retire(proc)
+            slot.process = self._spawn(
+                slot.worker_id, config, text, self.generation, len(self.slots)
+            )
+        log.info(
+            "reloaded in place: config version %d applied by %d of %d workers in %.1f ms",
+            version, len(procs) - len(failed), len(procs), (time.monotonic() - started) * 1000,
+        )
+        if failed:
+            names = ", ".join(f"worker {p.worker_id} (pid {p.pid}): {r}" for p, r in failed)
+            self._reload_done("incomplete", f"not applied by {names}; replaced")
+        else:
+            self._reload_done("success", "")
+
+    async def _take_config(self, config: Config, text: str, version: int = 0) -> None:
+        """What the supervisor itself keeps of an accepted config."""
+        old_admin = self.config.admin
+        self.config, self.config_text = config, text
+        self.config_version = version or self.config_version + 1
         self.metrics.set_hosts(h.name for h in config.hosts)
         self.logs.token = config.admin.token or None
         self.logs.allowed_origins = frozenset(o.lower() for o in config.admin.allowed_origins)
@@ -311,11 +371,11 @@ class Arbiter:
                 await self.admin.stop()
                 self.admin = None
             await self._start_admin()
-        log.info(
-            "reloaded: %d workers on %s; %d old workers draining",
-            len(new), ", ".join(str(a) for a in config.server.listen), len(self.retiring),
+
+    def _show_versions(self) -> None:
+        self.metrics.set_config_versions(
+            {s.worker_id: s.process.config_version for s in self.slots if s.process is not None}
         )
-        self._reload_done("success", "")
 
     async def _wait_ready(self, procs: list[WorkerProcess]) -> None:
         deadline = time.monotonic() + RELOAD_READY_TIMEOUT
@@ -328,6 +388,7 @@ class Arbiter:
             await asyncio.sleep(0.02)
 
     def _reload_done(self, result: str, error: str) -> None:
+        self._show_versions()
         self._reload_count += 1
         self._reload_last = (result, error)
         self.hub.supervisor_event([CONFIG_RELOAD, time.time(), result, self.config.path, error])
@@ -387,7 +448,14 @@ class Arbiter:
 
     def reload_status(self) -> dict[str, object]:
         result, error = self._reload_last
-        return {"count": self._reload_count, "last_result": result, "last_error": error}
+        workers = {
+            str(s.worker_id): {"pid": s.process.pid, "config_version": s.process.config_version}
+            for s in self.slots if s.process is not None
+        }
+        return {
+            "count": self._reload_count, "last_result": result, "last_error": error,
+            "config_version": self.config_version, "workers": workers,
+        }
 
 
 def _read(path: str, current_text: str) -> tuple[Config, str]:

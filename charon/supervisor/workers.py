@@ -5,9 +5,12 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
+
+from charon.worker.control import MessageReader
 
 
 class WorkerProcess:
@@ -24,11 +27,18 @@ class WorkerProcess:
         balance_fd: int = -1,
         generation: int = 0,
         generation_size: int = 1,
+        config_version: int = 1,
     ) -> None:
         self.worker_id = worker_id
         read_fd, write_fd = os.pipe()
         os.set_blocking(read_fd, False)
         self.heartbeat_fd = read_fd
+        # Reloads in place: configs go down, (version, error) answers come back (control.py).
+        self.control, child_control = socket.socketpair()
+        self.control.setblocking(False)
+        self.config_version = config_version  # the last one it applied (or started with)
+        self.apply_error: tuple[int, str] | None = None  # the last version it could not apply
+        self._replies = MessageReader()
         args = [
             sys.executable,
             "-m",
@@ -53,16 +63,22 @@ class WorkerProcess:
             str(generation_size),
             "--supervisor-pid",
             str(os.getpid()),
+            "--control-fd",
+            str(child_control.fileno()),
         ]
         try:
             self.process = subprocess.Popen(
                 args,
                 stdin=subprocess.PIPE,
-                pass_fds=(*fds, write_fd, *([balance_fd] if balance_fd >= 0 else [])),
+                pass_fds=(
+                    *fds, write_fd, child_control.fileno(),
+                    *([balance_fd] if balance_fd >= 0 else []),
+                ),
                 close_fds=True,
             )
         finally:
             os.close(write_fd)
+            child_control.close()
         assert self.process.stdin is not None
         try:
             self.process.stdin.write(config_text.encode("utf-8"))
@@ -89,6 +105,27 @@ class WorkerProcess:
             self.ready = True
         return True
 
+    def read_replies(self) -> bool:
+        """Take the workers' answers to configs sent; False once the channel is closed."""
+        try:
+            data = self.control.recv(65536)
+        except BlockingIOError:
+            return True
+        except OSError:
+            data = b""
+        if not data:
+            return False
+        try:
+            replies = self._replies.feed(data)
+        except ValueError:
+            return False
+        for version, error in replies:
+            if error:
+                self.apply_error = (version, error.decode("utf-8", "replace"))
+            else:
+                self.config_version = max(self.config_version, version)
+        return True
+
     def exit_code(self) -> int | None:
         return self.process.poll()
 
@@ -104,3 +141,4 @@ class WorkerProcess:
         """Release the supervisor's side once the process has been reaped."""
         with contextlib.suppress(OSError):
             os.close(self.heartbeat_fd)
+        self.control.close()

@@ -40,19 +40,21 @@ class WorkerContext:
         self.listeners: Listeners | None = None  # set once serving
         self.draining = False
         self.closing_tunnels = False
-        self._pools: dict[tuple[str, int], UpstreamPool] = {}
+        self.pools: dict[tuple[str, int], UpstreamPool] = {}
         self.router = Router(config.hosts, self.pool)
 
     def pool(self, upstream: Upstream) -> UpstreamPool:
-        pool = self._pools.get(upstream.key)
+        pool = self.pools.get(upstream.key)
         if pool is None:
-            pool = UpstreamPool(self.loop, upstream, self.timeouts.idle)
-            self._pools[upstream.key] = pool
+            pool = self.pools[upstream.key] = self.new_pool(upstream, self.timeouts.idle)
         return pool
+
+    def new_pool(self, upstream: Upstream, idle_timeout: float) -> UpstreamPool:
+        return UpstreamPool(self.loop, upstream, idle_timeout)
 
     def close_expired_upstreams(self) -> None:
         now = self.loop.time()
-        for pool in self._pools.values():
+        for pool in self.pools.values():
             pool.close_expired(now)
 
     def report_metrics(self) -> None:
@@ -60,5 +62,5 @@ class WorkerContext:
         self.telemetry.flush_metrics(in_flight, len(self.connections), len(self.tunnels))
 
     def close_idle_upstreams(self) -> None:
-        for pool in self._pools.values():
+        for pool in self.pools.values():
             pool.close_all()

@@ -23,6 +23,7 @@ import os
 import resource
 import signal
 import sys
+import time
 from functools import partial
 
 import uvloop
@@ -33,6 +34,7 @@ from charon.events.publisher import EventPublisher
 from charon.worker import door
 from charon.worker.accesslog import AccessLog
 from charon.worker.context import WorkerContext
+from charon.worker.control import ControlChannel
 from charon.worker.deadlines import DeadlineSweeper
 from charon.worker.listeners import Listeners, LoadTable
 from charon.worker.orphan import (
@@ -41,6 +43,7 @@ from charon.worker.orphan import (
     orphaned,
     signal_on_supervisor_death,
 )
+from charon.worker.swap import apply_config
 from charon.worker.telemetry import Telemetry
 
 log = logging.getLogger("charon.worker")
@@ -62,7 +65,9 @@ class Worker:
         log_format: str = "text",
         table: LoadTable | None = None,
         supervisor_pid: int = 0,
+        control_fd: int = -1,
     ) -> None:
+        self.control_fd = control_fd
         self.table = table
         self.log_format = log_format
         self.config = config
@@ -102,11 +107,17 @@ class Worker:
             ),
         )
         sweeper.start()
+        control = None
+        if self.control_fd >= 0:
+            control = ControlChannel(loop, self.control_fd, partial(self._apply, ctx))
+            control.start()
         if orphaned(self.parent_pid):  # the supervisor died while we started
             self._orphaned()
         self._heartbeat(loop, ctx, b"R")  # R: serving; the supervisor counts the worker ready
 
         mode = await self._stop
+        if control is not None:
+            control.close()  # a retiring worker keeps the config its connections started with
         listeners.close()  # our copies of the sockets; the supervisor's keep the accept queues
         # From now on every response says `Connection: close`.
         ctx.draining = True
@@ -155,6 +166,19 @@ class Worker:
             and not self._stop_asked
         ):
             await asyncio.sleep(0.1)
+
+    def _apply(self, ctx: WorkerContext, config: Config) -> str:
+        """A reload in place (see swap.py): "" once applied, else why not."""
+        if self._stop is not None and self._stop.done():
+            return "the worker is stopping"
+        started = time.process_time()
+        drained = apply_config(ctx, config)
+        self.config = config
+        log.info(
+            "config applied in place: %d hosts, %d tunnels draining; %.2f ms CPU for the swap",
+            len(config.hosts), drained, (time.process_time() - started) * 1000,
+        )
+        return ""
 
     def _in_time(self, loop: asyncio.AbstractEventLoop, deadline: float) -> bool:
         """The drain goes on: before `deadline` and an orphan's cut, and no fast stop asked."""
@@ -214,6 +238,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--generation", type=int, default=0)
     parser.add_argument("--generation-size", type=int, default=1)
     parser.add_argument("--supervisor-pid", type=int, default=0)
+    parser.add_argument("--control-fd", type=int, default=-1, help="reloads in place")
     args = parser.parse_args(argv)
     # First: from here on the kernel tells us if the supervisor dies (see orphan.py).
     signal_on_supervisor_death()
@@ -230,7 +255,7 @@ def main(argv: list[str] | None = None) -> None:
         table = LoadTable(args.balance_fd, args.generation, args.worker_id, args.generation_size)
     worker = Worker(
         config, fds, args.heartbeat_fd, args.events, args.worker_id, args.log_format, table,
-        args.supervisor_pid,
+        args.supervisor_pid, args.control_fd,
     )
     # What start-up made lives as long as the worker: keep it out of every garbage collection.
     gc.freeze()

@@ -35,8 +35,10 @@ class Router:
         self._exact: dict[bytes, HostRoutes] = {}
         self._wildcards: dict[bytes, HostRoutes] = {}  # ".example.org" -> routes
         self._catch_all: HostRoutes | None = None
+        self._by_name: dict[str, HostRoutes] = {}  # host.name -> routes, for open tunnels
         for host in hosts:
             routes = _host_routes(host, pool_for)
+            self._by_name[host.name] = routes
             for domain in host.domains:
                 name = domain.encode("ascii")
                 if name == b"*":
@@ -63,6 +65,26 @@ class Router:
             if path.startswith(prefix):
                 return route
         return own
+
+    def find(self, host_name: str, path: bytes, upstream: tuple[str, int]) -> Route | None:
+        """After a reload, the route of an open tunnel of host `host_name` to `upstream`: the
+        one its path takes if it still goes there, else any of the host's that does; None if
+        the host or that backend address is gone."""
+        routes = self._by_name.get(host_name)
+        if routes is None:
+            return None
+        locations, own = routes
+        chosen = own
+        for prefix, route in locations:
+            if path.startswith(prefix):
+                chosen = route
+                break
+        if chosen.upstream.key == upstream:
+            return chosen
+        for route in (own, *(r for _, r in locations)):
+            if route.upstream.key == upstream:
+                return route
+        return None
 
 
 def _host_routes(host: ProxyHost, pool_for: Callable[[Upstream], UpstreamPool]) -> HostRoutes:

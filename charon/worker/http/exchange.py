@@ -322,7 +322,7 @@ class Exchange:
             head,
             client.become_tunnel(),
             backend_tail,
-            plan.route.websocket,
+            plan.route,
             info,
         )
 

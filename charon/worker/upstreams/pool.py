@@ -23,6 +23,7 @@ class UpstreamPool:
         self.upstream = upstream
         self.idle_timeout = idle_timeout
         self._idle: list[UpstreamConnection] = []  # oldest first
+        self.retired = False  # a reload removed its address: released connections close
 
     def connect(self, exchange: Exchange, fd: int = -1) -> Connecting:
         """A connection for `exchange`, to `start`: it hears of it in `connection_made` (via
@@ -50,7 +51,7 @@ class UpstreamPool:
     def release(self, conn: UpstreamConnection) -> None:
         if conn.closed:
             return
-        if len(self._idle) >= MAX_IDLE:
+        if len(self._idle) >= MAX_IDLE or self.retired:
             conn.close()
             return
         conn.idle_since = self.loop.time()
@@ -70,3 +71,7 @@ class UpstreamPool:
     def close_all(self) -> None:
         while self._idle:
             self._idle.pop().close()
+
+    def retire(self) -> None:
+        self.retired = True
+        self.close_all()

@@ -29,8 +29,8 @@ from charon.worker.websocket.frames import (
 )
 
 if TYPE_CHECKING:
-    from charon.config.model import WebSocketSettings
     from charon.worker.context import WorkerContext
+    from charon.worker.routing import Route
     from charon.worker.websocket._engine import Arrival
 
 log = logging.getLogger("charon.worker")
@@ -106,7 +106,9 @@ class Tunnel(_engine.Tunnel):
     __slots__ = (
         "ctx",
         "info",
+        "route",
         "settings",
+        "_drain_at",
         "deadline",
         "deadline_kind",
         "_next_ping",
@@ -120,15 +122,18 @@ class Tunnel(_engine.Tunnel):
         ctx: WorkerContext,
         client_fd: int,
         backend_fd: int,
-        settings: WebSocketSettings,
+        route: Route,
         info: TunnelInfo,
         adopt: bool = False,
     ) -> None:
+        settings = route.websocket
         # The engine works on its own duplicates of the fds, or on these (adopt).
         super().__init__(ctx.engine.engine, client_fd, backend_fd, settings.max_frame_size, adopt)
         self.ctx = ctx
         self.info = info
+        self.route = route  # matched against a reloaded config's hosts (see swap.py)
         self.settings = settings
+        self._drain_at = 0.0  # loop time when a reload that removed its route closes it; 0: no
         self.deadline = 0.0
         self.deadline_kind = NONE
         self._next_ping = ctx.loop.time() + settings.ping_interval
@@ -244,6 +249,8 @@ class Tunnel(_engine.Tunnel):
         due = [self._next_ping] if settings.ping_interval else []
         if settings.idle_timeout:
             due.append(self.last_traffic + settings.idle_timeout)
+        if self._drain_at:
+            due.append(self._drain_at)
         if due:
             self.deadline = min(due)
             self.deadline_kind = TUNNEL_IDLE
@@ -251,6 +258,9 @@ class Tunnel(_engine.Tunnel):
     def on_deadline(self, kind: int) -> None:
         settings = self.settings
         now = self.ctx.loop.time()
+        if self._drain_at and now >= self._drain_at:
+            self.close(CLOSE_GOING_AWAY, b"host removed by a reload")
+            return
         # The engine's clock is time.monotonic(); uvloop's shares its origin (ms steps).
         if settings.idle_timeout and time.monotonic() >= self.last_traffic + settings.idle_timeout:
             self.close(CLOSE_GOING_AWAY, b"idle timeout")
@@ -271,6 +281,25 @@ class Tunnel(_engine.Tunnel):
     def shutdown(self) -> None:
         self.close(CLOSE_GOING_AWAY, b"server shutting down")
 
+    # -- reloads (swap.py) -----------------------------------------------------------------
+
+    def retarget(self, route: Route) -> None:
+        """The reloaded config still routes here: its idle timeout and ping interval apply
+        from the next sweep on (the frame limit stays the engine's, set at open)."""
+        self.route, self.settings = route, route.websocket
+        self._drain_at = 0.0
+        if route.websocket.ping_interval:
+            self._next_ping = min(
+                self._next_ping, self.ctx.loop.time() + route.websocket.ping_interval
+            )
+        self._arm_deadline()
+
+    def drain(self, at: float) -> None:
+        """Its host or backend is gone from the config: closed with 1001 at loop time `at`."""
+        if not self._drain_at:
+            self._drain_at = at
+        self._arm_deadline()
+
 
 class _Detached(asyncio.Protocol):
     """The protocol of a transport whose socket the engine took: uvloop only closes its fd
@@ -290,12 +319,12 @@ def open_tunnel(
     head: bytes,
     client_tail: bytes,
     backend_tail: bytes,
-    settings: WebSocketSettings,
+    route: Route,
     info: TunnelInfo,
 ) -> None:
     """Hand both connections to a tunnel of the engine after a valid 101 (`head` is the 101
     for the client, not yet written; the tails are bytes read past the handshake)."""
-    args = (ctx, client, backend, head, client_tail, backend_tail, settings, info)
+    args = (ctx, client, backend, head, client_tail, backend_tail, route, info)
     if client.get_write_buffer_size() or backend.get_write_buffer_size():
         _Drain(*args)  # the engine's bytes must follow what uvloop still holds
     else:
@@ -309,13 +338,13 @@ def _take_over(
     head: bytes,
     client_tail: bytes,
     backend_tail: bytes,
-    settings: WebSocketSettings,
+    route: Route,
     info: TunnelInfo,
 ) -> None:
     try:
         client_fd = client.get_extra_info("socket").fileno()
         backend_fd = backend.get_extra_info("socket").fileno()
-        tunnel = Tunnel(ctx, client_fd, backend_fd, settings, info)
+        tunnel = Tunnel(ctx, client_fd, backend_fd, route, info)
     except OSError as exc:  # e.g. out of fds for the duplicates
         log.warning("cannot open a WebSocket tunnel: %s", exc)
         _abandon(ctx, client, backend)
