@@ -382,7 +382,7 @@ def test_unit_command_lines_run_as_systemd_runs_them(
     config.write_text(good.replace("workers = 1", "workers = 2"))
     reload = subprocess.run(unit_command("ExecReload", config, pid=charon.pid),
                             capture_output=True, text=True, timeout=90)
-    assert reload.returncode == 0 and reload.stdout.strip() == "reloaded", reload
+    assert reload.returncode == 0 and reload.stdout.strip() == "reloaded: config version 2", reload
     notify.expect("RELOADING")
     notify.expect("READY")
     health = charon.health()
