@@ -81,6 +81,8 @@ feed(TunnelObject *t, int src, const uint8_t *p, size_t n)
                 pw->have += (uint16_t)take;
                 seg = pos + take;
             }
+            if (w->opcode < OP_CLOSE)
+                w->payload_bytes += take;  /* what passed, not what a header declared */
             pos += take;
             w->remaining -= take;
             if (w->remaining)
@@ -158,8 +160,6 @@ feed(TunnelObject *t, int src, const uint8_t *p, size_t n)
         w->masked = (uint8_t)masked;
         if (masked)
             memcpy(w->mask, h + need - 4, 4);
-        if (w->opcode < OP_CLOSE)
-            w->payload_bytes += len;
         if (w->opcode == OP_CLOSE)
             w->close_got = 0;
         w->remaining = len;
