@@ -3,7 +3,8 @@
  * tunnels queued on a read budget, reports, references dropped), and Python's calls (inject,
  * expect_pong, finish, hand_back) through the Python API. After each step the bytes forwarded
  * in each direction must be a prefix of the bytes the other side sent, unless the proxy added
- * frames of its own to that direction: the walker may hold bytes back, never change them. */
+ * frames of its own to that direction: the walker may hold bytes back, never change them; and
+ * the payload bytes counted in a direction are never more than the bytes sent in it. */
 
 #include "driver.h"
 
@@ -232,6 +233,7 @@ drive_tunnel(Input *in, int dial)
     if (dial) {
         const uint8_t *tail;
         size_t tail_len = take_bytes(in, (size_t)(take_byte(in) & 0x3f), &tail);
+        log_add(&r.log[CLIENT], tail, tail_len);
         int connect_fails = take_byte(in);
         model_connect_errno = connect_fails >= 0 && connect_fails < 8 ? ECONNREFUSED : 0;
         call(r.tunnel, "dial", "(siy#y#y#)", "127.0.0.1", 9, REQUEST,
@@ -318,9 +320,15 @@ drive_tunnel(Input *in, int dial)
             event(&r, 1 - side, EPOLLIN | EPOLLOUT);
             break;
         }
-        for (int s = 0; s < 2 && !r.handed_back; s++)
+        for (int s = 0; s < 2 && !r.handed_back; s++) {
             if (r.fd[1 - s] >= 0)
                 check_prefix(&r.log[s], model_at(r.fd[1 - s]));
+            if (t->w[s].payload_bytes > r.log[s].len) {
+                fprintf(stderr, "side %d: %llu payload bytes counted, %zu bytes sent\n", s,
+                        (unsigned long long)t->w[s].payload_bytes, r.log[s].len);
+                abort();
+            }
+        }
     }
     Py_DECREF(r.tunnel);
     drop_engine(r.engine);
