@@ -72,6 +72,7 @@ def test_engine_tests_pass_under_asan(tmp_path: Path) -> None:
         "LD_PRELOAD": str(LIBASAN),
         "PYTHONMALLOC": "malloc",
         "ASAN_OPTIONS": f"detect_leaks=0:log_path={logs}/asan:halt_on_error=1",
+        "CHARON_WALK_EXAMPLES": "40",
     }
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *SUBSET],

@@ -6,6 +6,7 @@ frame that breaks a rule. Plus the byte counters: bytes that passed, not declare
 
 from __future__ import annotations
 
+import os
 import struct
 
 from enginepair import (
@@ -25,7 +26,8 @@ from hypothesis import strategies as st
 
 from charon.worker.websocket._engine import BACKEND, CLIENT, REFUSED
 
-SETTINGS = settings(max_examples=200, deadline=None,
+# Fewer under the ASan build (test_engine_asan.py), where every allocation is checked.
+SETTINGS = settings(max_examples=int(os.environ.get("CHARON_WALK_EXAMPLES", "200")), deadline=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 OPCODES = [OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG]
