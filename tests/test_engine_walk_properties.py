@@ -166,3 +166,26 @@ def test_byte_counters_count_bytes_that_passed_not_declared_lengths() -> None:
         pair.received(CLIENT)
         assert (pair.tunnel.bytes_in, pair.tunnel.bytes_out) == (10, 100)
         assert (pair.tunnel.messages_in, pair.tunnel.messages_out) == (0, 0)
+
+
+@SETTINGS
+@given(st.data())
+def test_the_pong_to_a_proxy_ping_is_consumed_wherever_reads_cut_it(data: st.DataObject) -> None:
+    """After expect_pong(p), the first client Pong carrying p (FIN, masked, a 7-bit length) is
+    consumed and no other frame: Pongs with another payload and everything else pass."""
+    payload = data.draw(st.binary(min_size=1, max_size=125))
+    sent = data.draw(st.lists(frames(masked=True), max_size=5))
+    for _ in range(data.draw(st.integers(1, 2))):
+        sent.insert(data.draw(st.integers(0, len(sent))),
+                    WsFrame(OP_PONG, payload, mask=data.draw(st.binary(min_size=4, max_size=4))))
+    wire = b"".join(f.wire() for f in sent)
+    points = data.draw(st.lists(st.integers(0, len(wire)), max_size=10))
+    consumed = next(i for i, f in enumerate(sent)
+                    if f.opcode == OP_PONG and f.fin and f.wide == 0 and f.payload == payload)
+    with Pair() as pair:
+        pair.tunnel.expect_pong(payload)
+        for piece in cut(wire, points):
+            pair.deliver(CLIENT, piece)
+        assert pair.received(BACKEND) == b"".join(
+            f.wire() for i, f in enumerate(sent) if i != consumed)
+        assert pair.tunnel.pongs_in == sum(1 for f in sent if f.opcode == OP_PONG)
