@@ -193,17 +193,19 @@ async def hostile(port: int, seen: Counter[str]) -> None:
             tail = await c.drain_to_end()  # the proxy's Close (1002/1009), then the end
             code = struct.unpack("!H", tail[2:4])[0] if len(tail) >= 4 else None
             seen[f"hostile {name}: close {code}"] += 1
-        elif kind == "slowloris":
+        elif kind == "slowloris":  # a byte every 0.5 s: the header timeout (2 s) answers
             try:
                 for b in get(b"/slow")[:12]:
                     await c.send(bytes([b]))
-                    await asyncio.sleep(0.5)
-                    if c.reader.at_eof():
-                        break
-                status, _ = await c.head()
-                seen[f"slowloris: {status}"] += 1
-            except (TimeoutError, asyncio.IncompleteReadError, ConnectionError):
-                seen["slowloris: closed"] += 1
+                    try:
+                        status, _ = await asyncio.wait_for(c.head(), 0.5)
+                    except TimeoutError:
+                        continue
+                    seen[f"slowloris: {status}"] += 1
+                    return
+                seen["slowloris: never answered"] += 1
+            except (asyncio.IncompleteReadError, ConnectionError):
+                seen["slowloris: closed unanswered"] += 1
         else:
             seen["connect and leave"] += 1
 
