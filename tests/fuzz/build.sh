@@ -12,7 +12,12 @@ python="${PYTHON:-python3}"
 cc="${CC:-clang}"
 mkdir -p "$out/obj"
 
-read -r pyinc pylib pyver < <("$python" -c 'import sysconfig as s; print(s.get_paths()["include"], s.get_config_var("LIBDIR"), s.get_config_var("LDVERSION"))')
+read -r pyinc pylib pyver pylibpl < <("$python" -c 'import sysconfig as s; print(s.get_paths()["include"], s.get_config_var("LIBDIR"), s.get_config_var("LDVERSION"), s.get_config_var("LIBPL"))')
+if [ -e "$pylib/libpython$pyver.so" ]; then
+    pylink="-L$pylib -lpython$pyver -Wl,-rpath,$pylib"
+else  # a Python built without --enable-shared: its static library (python3-config --embed)
+    pylink="-L$pylibpl -lpython$pyver $("$python" -c 'import sysconfig as s; print(s.get_config_var("LIBS"), s.get_config_var("SYSLIBS"))') -Wl,-E"
+fi
 san="-fsanitize=address,undefined -fno-sanitize-recover=undefined"
 cflags="-g -O1 -fno-omit-frame-pointer $san -I$pyinc -I$engine -I$here -Wall -Wno-unused-parameter"
 
@@ -27,6 +32,6 @@ for src in model driver; do
 done
 for target in fuzz_head fuzz_tunnel fuzz_dial fuzz_door; do
     $cc $cflags -fsanitize=fuzzer "$here/$target.c" "$out"/obj/*.o \
-        -L"$pylib" -lpython"$pyver" -Wl,-rpath,"$pylib" -lm -o "$out/$target"
+        $pylink -lm -o "$out/$target"
 done
 echo "built in $out"
