@@ -64,3 +64,18 @@ def test_fuzz_target_finds_nothing(built: Path, target: str, tmp_path: Path) -> 
     runs = [line for line in result.stderr.splitlines() if "stat::number_of_executed_units" in line]
     assert runs and int(runs[0].split(":")[-1]) > 20, result.stderr[-3000:]  # it did run
 
+
+
+REGRESSIONS = sorted((FUZZ / "regressions").glob("*/*"))
+
+
+@pytest.mark.parametrize("case", REGRESSIONS,
+                         ids=[f"{p.parent.name}/{p.name}" for p in REGRESSIONS])
+def test_fuzz_regression_input_runs_clean(built: Path, case: Path, tmp_path: Path) -> None:
+    """Inputs that once found a bug (tests/fuzz/regressions/<target>/), run once each:
+    empty-client-tail: a dialled tunnel whose client sent nothing past its head walked a NULL
+    tail (NULL + 0 in feed, undefined behaviour UBSan stops at)."""
+    result = subprocess.run([str(built / case.parent.name), str(case)], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "ASAN_OPTIONS": "detect_leaks=1"})
+    assert result.returncode == 0, result.stderr[-4000:]
