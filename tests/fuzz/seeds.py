@@ -60,7 +60,9 @@ def tunnel_seeds() -> dict[str, bytes]:
 
 def dial_seeds() -> dict[str, bytes]:
     head = b"\xff" + bytes([4]) + b"tail" + b"\xff" + bytes([5, 0])  # client tail, connect ok
+    bare = b"\xff" + bytes([0]) + b"\xff" + bytes([5, 0])  # no client tail
     return {
+        "101-no-tail": bare + chunks(1, SWITCHING, 255) + chunks(0, frame(1, b"yo", True), 255),
         "101": head + chunks(1, SWITCHING + frame(1, b"hi", False), 255)
         + chunks(0, frame(1, b"yo", True), 255),
         "101-cut": head + chunks(1, SWITCHING, 7),
