@@ -1,9 +1,9 @@
-"""The engine's own tests against an AddressSanitizer build of the extension: gcc builds the
-engine's .c files with -fsanitize=address into a copy of the package, and the engine's test
+"""The engine's own tests against a sanitized build of the extension: gcc builds the engine's
+.c files with -fsanitize=address,undefined into a copy of the package, and the engine's test
 files run from that copy in a subprocess with libasan preloaded and Python's plain allocator
 (PYTHONMALLOC=malloc, so ASan sees every object). Every process they start (Charon's
-supervisor and workers, the backends) inherits both; any ASan report is written to a log file
-and fails the test. Leaks are not checked (CPython keeps memory to the end by design)."""
+supervisor and workers, the backends) inherits both; any ASan or UBSan report is written to a
+log file and fails the test. Leaks are not checked (CPython keeps memory to the end by design)."""
 
 from __future__ import annotations
 
@@ -54,7 +54,8 @@ def build_copy(tmp: Path) -> Path:
     suffix = sysconfig.get_config_var("EXT_SUFFIX")
     so = tmp / "charon" / "worker" / "websocket" / f"_engine{suffix}"
     subprocess.run(
-        ["gcc", "-shared", "-fPIC", "-g", "-O1", "-fno-omit-frame-pointer", "-fsanitize=address",
+        ["gcc", "-shared", "-fPIC", "-g", "-O1", "-fno-omit-frame-pointer",
+         "-fsanitize=address,undefined",
          "-Wall", f"-I{sysconfig.get_paths()['include']}", *map(str, sorted(ENGINE.glob("*.c"))),
          "-o", str(so)],
         check=True, capture_output=True, timeout=300)
@@ -72,6 +73,7 @@ def test_engine_tests_pass_under_asan(tmp_path: Path) -> None:
         "LD_PRELOAD": str(LIBASAN),
         "PYTHONMALLOC": "malloc",
         "ASAN_OPTIONS": f"detect_leaks=0:log_path={logs}/asan:halt_on_error=1",
+        "UBSAN_OPTIONS": f"log_path={logs}/ubsan:print_stacktrace=1",
         "CHARON_WALK_EXAMPLES": "40",
     }
     result = subprocess.run(
@@ -85,5 +87,6 @@ def test_engine_tests_pass_under_asan(tmp_path: Path) -> None:
         [sys.executable, "-c", "import charon.worker.websocket._engine as e; print(e.__file__)"],
         cwd=copy, env=env, capture_output=True, text=True, timeout=60)
     assert probe.stdout.strip().startswith(str(copy)), probe
-    assert "__asan_init" in subprocess.run(["nm", "-D", probe.stdout.strip()], capture_output=True,
-                                           text=True, timeout=60).stdout
+    symbols = subprocess.run(["nm", "-D", probe.stdout.strip()], capture_output=True, text=True,
+                             timeout=60).stdout
+    assert "__asan_init" in symbols and "__ubsan_handle_" in symbols
