@@ -97,6 +97,7 @@ typedef struct {
     uint8_t *p;
     size_t len, cap;
     int added;  /* the proxy wrote frames of its own toward the other side */
+    size_t checked;  /* the other side's first bytes already found equal */
 } Log;
 
 static void
@@ -118,11 +119,14 @@ log_add(Log *l, const uint8_t *p, size_t n)
 }
 
 static void
-check_prefix(const Log *src, const ModelSocket *dst)
+check_prefix(Log *src, const ModelSocket *dst)
 {
-    if (src->added || dst->out_len == 0)
+    if (src->added || dst->out_len == src->checked)
         return;
-    if (dst->out_len > src->len || memcmp(dst->out, src->p, dst->out_len) != 0) {
+    size_t from = src->checked;  /* each byte compared once: scripts send megabytes */
+    src->checked = dst->out_len;
+    if (dst->out_len > src->len
+        || memcmp(dst->out + from, src->p + from, dst->out_len - from) != 0) {
         fprintf(stderr, "forwarded bytes are not a prefix of the bytes sent\n");
         abort();
     }
