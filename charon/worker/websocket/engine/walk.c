@@ -81,6 +81,8 @@ feed(TunnelObject *t, int src, const uint8_t *p, size_t n)
                 pw->have += (uint16_t)take;
                 seg = pos + take;
             }
+            if (w->opcode < OP_CLOSE)
+                w->payload_bytes += take;  /* what passed, not what a header declared */
             pos += take;
             w->remaining -= take;
             if (w->remaining)
@@ -158,8 +160,6 @@ feed(TunnelObject *t, int src, const uint8_t *p, size_t n)
         w->masked = (uint8_t)masked;
         if (masked)
             memcpy(w->mask, h + need - 4, 4);
-        if (w->opcode < OP_CLOSE)
-            w->payload_bytes += len;
         if (w->opcode == OP_CLOSE)
             w->close_got = 0;
         w->remaining = len;
@@ -260,9 +260,11 @@ void
 begin_streams(TunnelObject *t, const uint8_t *head, size_t head_len, const uint8_t *backend_tail,
               size_t backend_tail_len, const uint8_t *client_tail, size_t client_tail_len)
 {
-    if (emit(t, CLIENT, head, head_len) == 0)
+    /* An empty tail may be NULL (a dial's client sent nothing past its head): not walked,
+     * since feed's pointer arithmetic on NULL is undefined even with nothing to add. */
+    if (emit(t, CLIENT, head, head_len) == 0 && backend_tail_len)
         feed(t, BACKEND, backend_tail, backend_tail_len);
-    if (!t->lost_any && !t->w[BACKEND].error)
+    if (!t->lost_any && !t->w[BACKEND].error && client_tail_len)
         feed(t, CLIENT, client_tail, client_tail_len);
 }
 
