@@ -18,7 +18,11 @@
 
 PyMODINIT_FUNC PyInit__engine(void);
 
-static const char ACCEPT[] = "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=";
+/* The 101 Python writes for the client once it accepted the backend's (the accept value of
+ * REQUEST's key). */
+static const char SWITCHED[] =
+    "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    "Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n";
 static const char REQUEST[] =
     "GET /chat HTTP/1.1\r\nHost: backend\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
     "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n";
@@ -138,6 +142,7 @@ typedef struct {
     int fd[2];
     Log log[2];
     int handed_back;
+    Input *in;  /* what decides on a 101 (switch or hand back), as Python would */
 } Run;
 
 /* Tunnel.hand_back() as Python calls it: the sockets are Python's, which closes them (or
@@ -159,6 +164,34 @@ take_back(Run *r)
     r->handed_back = 1;
 }
 
+/* A dialled 101 waits for Python (dialled.py: _switching): it reads the head, then either
+ * starts the tunnel with the head it writes for the client, or takes the sockets back. */
+static void
+decide_101(Run *r)
+{
+    PyObject *head = PyObject_CallMethod(r->tunnel, "answer_head", NULL);
+    if (head == NULL || !PyBytes_Check(head)) {
+        PyErr_Print();
+        abort();
+    }
+    Py_DECREF(head);
+    int choice = take_byte(r->in);
+    if (choice >= 0 && (choice & 1)) {
+        take_back(r);  /* a 101 the HTTP path would refuse: it answers 502 */
+        return;
+    }
+    PyObject *opened = PyObject_CallMethod(r->tunnel, "switch", "(y#)", SWITCHED,
+                                           (Py_ssize_t)(sizeof(SWITCHED) - 1));
+    if (opened == NULL) {
+        PyErr_Print();
+        abort();
+    }
+    int ok = PyObject_IsTrue(opened);
+    Py_DECREF(opened);
+    if (!ok)
+        take_back(r);
+}
+
 /* Engine.run(): the queued tunnels, the reports, the dropped references. */
 static void
 engine_run(Run *r)
@@ -173,6 +206,8 @@ engine_run(Run *r)
         for (Py_ssize_t i = 0; i < PyList_GET_SIZE(reports); i++) {
             PyObject *item = PyList_GET_ITEM(reports, i);
             long flags = PyLong_AsLong(PyTuple_GET_ITEM(item, 1));
+            if ((flags & EV_SWITCHING) && !r->handed_back)
+                decide_101(r);
             if ((flags & EV_HANDED_BACK) && !r->handed_back)
                 take_back(r);
         }
@@ -223,6 +258,7 @@ drive_tunnel(Input *in, int dial)
 {
     Run r;
     memset(&r, 0, sizeof(r));
+    r.in = in;
     r.engine = new_engine();
     int limit_byte = take_byte(in);
     unsigned long long max_size = limit_byte < 0 || limit_byte > 250 ? 1ULL << 62
@@ -240,9 +276,8 @@ drive_tunnel(Input *in, int dial)
         log_add(&r.log[CLIENT], tail, tail_len);
         int connect_fails = take_byte(in);
         model_connect_errno = connect_fails >= 0 && connect_fails < 8 ? ECONNREFUSED : 0;
-        call(r.tunnel, "dial", "(siy#y#y#)", "127.0.0.1", 9, REQUEST,
-             (Py_ssize_t)(sizeof(REQUEST) - 1), ACCEPT, (Py_ssize_t)28, tail,
-             (Py_ssize_t)tail_len);
+        call(r.tunnel, "dial", "(siy#y#)", "127.0.0.1", 9, REQUEST,
+             (Py_ssize_t)(sizeof(REQUEST) - 1), tail, (Py_ssize_t)tail_len);
         r.fd[BACKEND] = t->fd[BACKEND];
         /* The proxy wrote both first parts itself: the request and the 101 head. */
         r.log[CLIENT].added = r.log[BACKEND].added = 1;

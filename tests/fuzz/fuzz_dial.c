@@ -1,5 +1,5 @@
 /* libFuzzer target: a dialling tunnel (Tunnel.dial): the backend's answer
- * (dial.c: the head's end, the 101's checks, the head relayed, the hand-back), then the
+ * (dial.c: the head's end, the 101 handed to Python, which switches or takes it back), then the
  * tunnel it opens, under a script of reads cut anywhere,
  * slow peers, FINs, resets, proxy frames, Pong watches and finish(): the frame walker
  * (walk.c) and the buffers and closing (sockets.c, tunnel_type.c). */
