@@ -301,7 +301,7 @@ def test_metrics_counts_websockets_worker_kill_and_promtool(tmp_path: Path) -> N
 
 @pytest.mark.timeout(60)
 def test_reload_results_and_new_hosts(tmp_path: Path) -> None:
-    """SIGHUP: reload results are counted, a host added by the reload gets its own label, and
+    """A reload's results are counted, a host added by the reload gets its own label, and
     what the old generation served is still counted once it has retired."""
     with charon_with_backend(tmp_path, workers=1) as charon:
         old_pid = charon.worker_pids()[0]
@@ -311,7 +311,8 @@ def test_reload_results_and_new_hosts(tmp_path: Path) -> None:
         backend_url = re.search(r'upstream = "(http://[^"]+)"', config).group(1)  # type: ignore[union-attr]
         charon.config_path.write_text(
             config + f'[[hosts]]\ndomains = ["new.test"]\nupstream = "{backend_url}"\n')
-        os.kill(charon.pid, signal.SIGHUP)
+        # A new generation (a config-only SIGHUP applies in place, in the same worker).
+        os.kill(charon.pid, signal.SIGUSR2)
         s = wait_metrics(charon, lambda s: value(
             s, "charon_config_reloads_total", result="success") == 1, "a successful reload")
         assert value(s, "charon_config_last_reload_successful") == 1
