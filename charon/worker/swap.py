@@ -19,34 +19,25 @@ from charon.worker.routing import Router
 
 if TYPE_CHECKING:
     from charon.worker.context import WorkerContext
-    from charon.worker.upstreams.pool import UpstreamPool
 
 
 def apply_config(ctx: WorkerContext, config: Config) -> int:
     """Swap `config` in; the number of tunnels set to drain."""
     old_pools = ctx.pools
-    ctx.pools = {}
-    reused: dict[tuple[str, int], UpstreamPool] = {}
+    ctx.pools = pools = {}
     idle = config.timeouts.idle
-
-    def pool_for(upstream: Upstream) -> UpstreamPool:
+    # The router makes each host's routes, and any pool a new address needs, on the host's
+    # first request (ctx.pool); only the pools an address keeps are carried over here.
+    for upstream in _upstreams(config):
         key = upstream.key
-        pool = ctx.pools.get(key)
-        if pool is None:
-            pool = old_pools.get(key)
-            if pool is not None:
-                pool.upstream = upstream
-                pool.idle_timeout = idle
-                reused[key] = pool
-            else:
-                pool = ctx.new_pool(upstream, idle)
-            ctx.pools[key] = pool
-        return pool
-
-    router = Router(config.hosts, pool_for)
-    for key, pool in old_pools.items():
-        if key not in reused:
-            pool.retire()  # in-flight exchanges still hold it: they close, not release
+        pool = old_pools.pop(key, None)
+        if pool is not None:
+            pool.upstream = upstream
+            pool.idle_timeout = idle
+            pools[key] = pool
+    for pool in old_pools.values():
+        pool.retire()  # in-flight exchanges still hold it: they close, not release
+    router = Router(config.hosts, ctx.pool)
     server = config.server
     ctx.config = config
     ctx.router = router
@@ -68,3 +59,14 @@ def _retarget_tunnels(ctx: WorkerContext, router: Router, drain_timeout: float) 
         else:
             tunnel.retarget(route)
     return drained
+
+
+def _upstreams(config: Config) -> list[Upstream]:
+    """Every backend the config names, each once (the supervisor sends equal ones shared:
+    charon/config/sharing.py, so the identity check below skips most repeats cheaply)."""
+    seen: dict[int, Upstream] = {}
+    for host in config.hosts:
+        seen[id(host.upstream)] = host.upstream
+        for location in host.locations:
+            seen[id(location.upstream)] = location.upstream
+    return list(seen.values())
