@@ -96,6 +96,12 @@ class TunnelEngine:
     def flushing(self) -> int:
         return self.engine.flushing
 
+    @property
+    def waiting(self) -> int:
+        """Accepted connections the front door still waits on (at most 0.5 s each): not in
+        ctx.connections yet, but a worker that ends before handing them over cuts them."""
+        return self.engine.waiting
+
     def close(self) -> None:
         self._loop.remove_reader(self.engine.fileno())
 
