@@ -84,3 +84,48 @@ def test_fifty_in_place_reloads_under_load_drop_nothing(make_charon, http_backen
     assert not pool.churn_errors, f"short WebSockets failed: {pool.churn_errors[:5]}; {summary}"
     # The last config (RELOADS even: the one without the extra host) is the one served.
     assert get(charon.port, host="extra.test")[0] == 404
+
+
+@pytest.mark.timeout(60)
+def test_handshake_in_flight_opens_on_its_old_route_and_drains_if_its_host_went(
+        make_charon, http_backend, ws_backend, ws_pool) -> None:
+    """A handshake whose backend answers after an in-place reload opens on the route it was
+    planned with; its tunnel is then matched against the new config like the open ones: kept
+    while its host stays, closed with 1001 after drain_timeout once its host is gone."""
+    server = "drain_timeout = 1.0"
+    hosts = hosts_toml(http_backend, ws_backend, slow_ws=ws_backend)  # 127.0.0.1's routes
+    other = f'[[hosts]]\ndomains = ["other.test"]\nupstream = "{http_backend.url}"\n\n'
+    charon = make_charon(hosts, workers=1, server=server)
+    pool = ws_pool(charon.port)
+    before = reloads(charon)["count"]
+    slow = "/slow-echo?delay=1.5"  # the backend's 101 comes 1.5 s after the request
+
+    # The host stays: the tunnel that opens after the reload is kept past drain_timeout.
+    kept_later = pool.open_later(1, slow)
+    time.sleep(0.5)
+    rewrite(charon, config_text(charon, hosts + other, workers=1, server=server))
+    os.kill(charon.pid, signal.SIGHUP)
+    assert wait_reloads(charon, before + 1)["last_result"] == "success"
+    [kept] = kept_later.result(20)
+    time.sleep(2.0)
+    assert kept.closed_at is None, kept.describe()
+    assert kept.echoed > 0 and not kept.errors, kept.describe()
+
+    # The host goes: the tunnel opened after the reload is drained like the kept one now is.
+    gone_later = pool.open_later(1, slow)
+    time.sleep(0.5)
+    rewrite(charon, config_text(charon, other, workers=1, server=server))
+    t_hup = time.monotonic()
+    os.kill(charon.pid, signal.SIGHUP)
+    assert wait_reloads(charon, before + 2)["last_result"] == "success"
+    [gone] = gone_later.result(20)
+    t_open = time.monotonic()
+    deadline = time.monotonic() + 10
+    while (gone.closed_at is None or kept.closed_at is None) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    for c in (kept, gone):
+        assert c.close_code == 1001, c.describe()
+        assert c.echoed > 0 and not c.errors, c.describe()
+    assert kept.closed_at is not None and kept.closed_at - t_hup >= 0.9
+    assert gone.closed_at is not None and gone.closed_at - t_open >= 0.8, "not drain_timeout"
+    pool.finish([kept, gone])

@@ -22,6 +22,7 @@ class Route:
     websocket: WebSocketSettings
     pool: UpstreamPool  # the worker's connections to `upstream`, found once, not per request
     host_name: str  # host.name, the label of logs and metrics
+    generation: int  # the router's (see Router.generation)
 
 
 # A proxy host's routes: (location prefix, route) longest first, and the host's own route.
@@ -33,8 +34,14 @@ class Router:
     1,000 hosts then costs their domain names only (bench/reload_apply.py)."""
 
     def __init__(
-        self, hosts: tuple[ProxyHost, ...], pool_for: Callable[[Upstream], UpstreamPool]
+        self,
+        hosts: tuple[ProxyHost, ...],
+        pool_for: Callable[[Upstream], UpstreamPool],
+        generation: int = 0,
     ) -> None:
+        # +1 per config applied in place: a tunnel whose route is older was planned before
+        # the reload and is matched against this router when it opens (tunnel.py).
+        self.generation = generation
         self._pool_for = pool_for
         self._exact: dict[bytes, HostRoutes] = {}  # filled from _exact_hosts as names are asked
         self._exact_hosts: dict[bytes, ProxyHost] = {}
@@ -62,7 +69,7 @@ class Router:
     def _routes(self, host: ProxyHost) -> HostRoutes:
         routes = self._built.get(id(host))
         if routes is None:
-            routes = self._built[id(host)] = _host_routes(host, self._pool_for)
+            routes = self._built[id(host)] = _host_routes(host, self._pool_for, self.generation)
         return routes
 
     def _lookup(self, name: bytes) -> HostRoutes | None:
@@ -120,9 +127,11 @@ class Router:
         return None
 
 
-def _host_routes(host: ProxyHost, pool_for: Callable[[Upstream], UpstreamPool]) -> HostRoutes:
+def _host_routes(
+    host: ProxyHost, pool_for: Callable[[Upstream], UpstreamPool], generation: int
+) -> HostRoutes:
     def route(upstream: Upstream, timeouts: Timeouts, websocket: WebSocketSettings) -> Route:
-        return Route(host, upstream, timeouts, websocket, pool_for(upstream), host.name)
+        return Route(host, upstream, timeouts, websocket, pool_for(upstream), host.name, generation)
 
     locations = tuple(
         (loc.path.encode("latin-1"), route(loc.upstream, loc.timeouts, loc.websocket))
