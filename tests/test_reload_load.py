@@ -7,11 +7,13 @@ throughout. Real processes on 127.0.0.1; every process stopped by PID (test_relo
 
 from __future__ import annotations
 
+import http.client
 import os
 import signal
 import time
 
 import pytest
+from harness import HOST
 from test_reload import (  # noqa: F401  (fixtures)
     HttpLoad,
     config_text,
@@ -129,3 +131,34 @@ def test_handshake_in_flight_opens_on_its_old_route_and_drains_if_its_host_went(
     assert kept.closed_at is not None and kept.closed_at - t_hup >= 0.9
     assert gone.closed_at is not None and gone.closed_at - t_open >= 0.8, "not drain_timeout"
     pool.finish([kept, gone])
+
+
+@pytest.mark.timeout(60)
+def test_kept_alive_connection_takes_new_header_limits_at_its_next_request(
+        make_charon, http_backend, ws_backend) -> None:
+    """The header-size limits a client connection copies for its header fields are taken again
+    by its first request head after a reload in place changed them."""
+    hosts = hosts_toml(http_backend, ws_backend)
+
+    def limits(max_header_bytes: int) -> str:
+        return f"\n[server.limits]\nmax_header_bytes = {max_header_bytes}\n"
+
+    charon = make_charon(hosts, workers=1, server=limits(8192))
+    before = reloads(charon)["count"]
+    conn = http.client.HTTPConnection(HOST, charon.port, timeout=10)
+    big = {"X-Big": "a" * 3000}
+
+    def ask() -> int:
+        conn.request("GET", "/ok", headers=big)
+        resp = conn.getresponse()
+        resp.read()
+        return resp.status
+
+    assert ask() == 200
+    sock = conn.sock
+    rewrite(charon, config_text(charon, hosts, workers=1, server=limits(2048)))
+    os.kill(charon.pid, signal.SIGHUP)
+    assert wait_reloads(charon, before + 1)["last_result"] == "success"
+    assert conn.sock is sock, "the same connection, kept alive"
+    assert ask() == 431
+    conn.close()
