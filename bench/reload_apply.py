@@ -17,6 +17,7 @@ import statistics
 import time
 
 from charon.config import load_config_text
+from charon.config.sharing import share_equal
 from charon.worker.context import WorkerContext
 from charon.worker.swap import apply_config
 from charon.worker.telemetry import Telemetry
@@ -41,7 +42,10 @@ def main() -> None:
     loop = asyncio.new_event_loop()
     texts = [config(args.hosts, 20000), config(args.hosts, 30000)]
     ctx = WorkerContext(loop, load_config_text(texts[0], "a.toml"), Telemetry(None, None, False))  # type: ignore[arg-type]
-    pickled = [pickle.dumps(load_config_text(t, "b.toml"), pickle.HIGHEST_PROTOCOL) for t in texts]
+    pickled = [
+        pickle.dumps(share_equal(load_config_text(t, "b.toml")), pickle.HIGHEST_PROTOCOL)
+        for t in texts
+    ]  # as charon/supervisor/inplace.py sends it
     parse, load, swap = [], [], []
     for r in range(args.rounds):
         t0 = time.process_time()

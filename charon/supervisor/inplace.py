@@ -13,6 +13,7 @@ import pickle
 import time
 
 from charon.config import Config
+from charon.config.sharing import share_equal
 from charon.supervisor.workers import WorkerProcess
 from charon.worker.control import encode
 
@@ -34,7 +35,7 @@ async def apply_everywhere(
     """Send config `version` to every worker and wait for their answers: the workers that did
     not apply it, each with the reason."""
     loop = asyncio.get_running_loop()
-    message = encode(version, pickle.dumps(config, pickle.HIGHEST_PROTOCOL))
+    message = encode(version, pickle.dumps(share_equal(config), pickle.HIGHEST_PROTOCOL))
     deadline = time.monotonic() + timeout
     failed: list[tuple[WorkerProcess, str]] = []
     waiting: list[WorkerProcess] = []

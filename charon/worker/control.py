@@ -1,8 +1,9 @@
 """The supervisor's control channel: a socketpair end each worker inherits (--control-fd).
 
 Both directions carry length-prefixed messages, a "!II" header then the payload:
-- supervisor to worker: (config version, length), then the validated Config, pickled (the
-  parent's own objects: unpickling 1,000 hosts costs ~10 ms of CPU, parsing their TOML ~160);
+- supervisor to worker: (config version, length), then the validated Config, pickled with its
+  equal parts shared (config/sharing.py: unpickling 1,000 hosts costs ~2 ms of CPU, parsing
+  their TOML ~160);
 - worker to supervisor: (config version, length), then an error ("" when applied).
 The worker reads with the loop's add_reader and applies a whole message in one callback, so
 the swap falls between two events of its loop.

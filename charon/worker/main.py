@@ -132,7 +132,7 @@ class Worker:
             deadline = loop.time() + self.config.server.shutdown_timeout
             # A handshake being dialled is an in-flight request too: its tunnel, once open,
             # closes with 1001 at once (closing_tunnels).
-            while (ctx.connections or ctx.dialling) and self._in_time(loop, deadline):
+            while _owed(ctx) and self._in_time(loop, deadline):
                 await asyncio.sleep(0.05)
             if ctx.connections:
                 log.warning("%d connections open at the end of the drain", len(ctx.connections))
@@ -160,7 +160,7 @@ class Worker:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.config.server.drain_timeout
         while (
-            (ctx.connections or ctx.tunnels or ctx.dialling)
+            (_owed(ctx) or ctx.tunnels)
             and loop.time() < deadline
             and not self._fast
             and not self._stop_asked
@@ -215,6 +215,13 @@ class Worker:
         if ctx.listeners is not None:
             ctx.listeners.check()
         loop.call_later(HEARTBEAT_INTERVAL, self._heartbeat, loop, ctx, b".")
+
+
+def _owed(ctx: WorkerContext) -> bool:
+    """Whether clients still wait on this worker: open connections, handshakes being dialled,
+    and connections the front door accepted but has not handed over (waiting up to 0.5 s for
+    their first bytes; a worker that ended before then reset those whose request came late)."""
+    return bool(ctx.connections or ctx.dialling or ctx.engine.waiting)
 
 
 def _raise_fd_limit() -> None:

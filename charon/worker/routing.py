@@ -22,6 +22,7 @@ class Route:
     websocket: WebSocketSettings
     pool: UpstreamPool  # the worker's connections to `upstream`, found once, not per request
     host_name: str  # host.name, the label of logs and metrics
+    generation: int  # the router's (see Router.generation)
 
 
 # A proxy host's routes: (location prefix, route) longest first, and the host's own route.
@@ -29,37 +30,76 @@ HostRoutes = tuple[tuple[tuple[bytes, Route], ...], Route]
 
 
 class Router:
+    """Each host's routes are built on its first request, not when the router is: a reload of
+    1,000 hosts then costs their domain names only (bench/reload_apply.py)."""
+
     def __init__(
-        self, hosts: tuple[ProxyHost, ...], pool_for: Callable[[Upstream], UpstreamPool]
+        self,
+        hosts: tuple[ProxyHost, ...],
+        pool_for: Callable[[Upstream], UpstreamPool],
+        generation: int = 0,
     ) -> None:
-        self._exact: dict[bytes, HostRoutes] = {}
+        # +1 per config applied in place: a tunnel whose route is older was planned before
+        # the reload and is matched against this router when it opens (tunnel.py).
+        self.generation = generation
+        self._pool_for = pool_for
+        self._exact: dict[bytes, HostRoutes] = {}  # filled from _exact_hosts as names are asked
+        self._exact_hosts: dict[bytes, ProxyHost] = {}
         self._wildcards: dict[bytes, HostRoutes] = {}  # ".example.org" -> routes
+        self._wildcard_hosts: dict[bytes, ProxyHost] = {}
         self._catch_all: HostRoutes | None = None
-        self._by_name: dict[str, HostRoutes] = {}  # host.name -> routes, for open tunnels
+        self._catch_all_host: ProxyHost | None = None
+        self._by_name: dict[str, ProxyHost] = {}  # host.name -> host, for open tunnels
+        self._built: dict[int, HostRoutes] = {}  # id(host) -> its routes, shared by its names
+        exact = self._exact_hosts
+        wildcards = self._wildcard_hosts
         for host in hosts:
-            routes = _host_routes(host, pool_for)
-            self._by_name[host.name] = routes
-            for domain in host.domains:
-                name = domain.encode("ascii")
-                if name == b"*":
-                    self._catch_all = routes
-                elif name.startswith(b"*."):
-                    self._wildcards[name[1:]] = routes
+            domains = host.domains
+            self._by_name[domains[0]] = host
+            for domain in domains:
+                if domain.startswith("*"):
+                    if domain == "*":
+                        self._catch_all_host = host
+                    else:
+                        wildcards[domain[1:].encode("ascii")] = host
                 else:
-                    self._exact[name] = routes
+                    exact[domain.encode("ascii")] = host
+        self._hosts = hosts  # keeps every host alive, so id(host) stays unique in _built
+
+    def _routes(self, host: ProxyHost) -> HostRoutes:
+        routes = self._built.get(id(host))
+        if routes is None:
+            routes = self._built[id(host)] = _host_routes(host, self._pool_for, self.generation)
+        return routes
+
+    def _lookup(self, name: bytes) -> HostRoutes | None:
+        """The slow path of `route`: a name whose routes are not built yet, or no exact name."""
+        host = self._exact_hosts.get(name)
+        if host is not None:
+            routes = self._exact[name] = self._routes(host)
+            return routes
+        # A wildcard covers exactly one label: "*.example.org" matches "a.example.org" only.
+        dot = name.find(b".")
+        if dot > 0:
+            suffix = name[dot:]
+            built = self._wildcards.get(suffix)
+            if built is not None:
+                return built
+            host = self._wildcard_hosts.get(suffix)
+            if host is not None:
+                built = self._wildcards[suffix] = self._routes(host)
+                return built
+        if self._catch_all is None and self._catch_all_host is not None:
+            self._catch_all = self._routes(self._catch_all_host)
+        return self._catch_all
 
     def route(self, name: bytes, path: bytes) -> Route | None:
         """Where a request for host `name` (lowercased, without port) and `path` goes."""
         routes = self._exact.get(name)
         if routes is None:
-            # A wildcard covers exactly one label: "*.example.org" matches "a.example.org" only.
-            dot = name.find(b".")
-            if dot > 0:
-                routes = self._wildcards.get(name[dot:])
+            routes = self._lookup(name)
             if routes is None:
-                routes = self._catch_all
-                if routes is None:
-                    return None
+                return None
         locations, own = routes
         for prefix, route in locations:
             if path.startswith(prefix):
@@ -70,10 +110,10 @@ class Router:
         """After a reload, the route of an open tunnel of host `host_name` to `upstream`: the
         one its path takes if it still goes there, else any of the host's that does; None if
         the host or that backend address is gone."""
-        routes = self._by_name.get(host_name)
-        if routes is None:
+        host = self._by_name.get(host_name)
+        if host is None:
             return None
-        locations, own = routes
+        locations, own = self._routes(host)
         chosen = own
         for prefix, route in locations:
             if path.startswith(prefix):
@@ -87,9 +127,11 @@ class Router:
         return None
 
 
-def _host_routes(host: ProxyHost, pool_for: Callable[[Upstream], UpstreamPool]) -> HostRoutes:
+def _host_routes(
+    host: ProxyHost, pool_for: Callable[[Upstream], UpstreamPool], generation: int
+) -> HostRoutes:
     def route(upstream: Upstream, timeouts: Timeouts, websocket: WebSocketSettings) -> Route:
-        return Route(host, upstream, timeouts, websocket, pool_for(upstream), host.name)
+        return Route(host, upstream, timeouts, websocket, pool_for(upstream), host.name, generation)
 
     locations = tuple(
         (loc.path.encode("latin-1"), route(loc.upstream, loc.timeouts, loc.websocket))

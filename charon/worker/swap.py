@@ -19,52 +19,55 @@ from charon.worker.routing import Router
 
 if TYPE_CHECKING:
     from charon.worker.context import WorkerContext
-    from charon.worker.upstreams.pool import UpstreamPool
+    from charon.worker.websocket.tunnel import Tunnel
 
 
 def apply_config(ctx: WorkerContext, config: Config) -> int:
     """Swap `config` in; the number of tunnels set to drain."""
     old_pools = ctx.pools
-    ctx.pools = {}
-    reused: dict[tuple[str, int], UpstreamPool] = {}
+    ctx.pools = pools = {}
     idle = config.timeouts.idle
-
-    def pool_for(upstream: Upstream) -> UpstreamPool:
+    # The router makes each host's routes, and any pool a new address needs, on the host's
+    # first request (ctx.pool); only the pools an address keeps are carried over here.
+    for upstream in _upstreams(config):
         key = upstream.key
-        pool = ctx.pools.get(key)
-        if pool is None:
-            pool = old_pools.get(key)
-            if pool is not None:
-                pool.upstream = upstream
-                pool.idle_timeout = idle
-                reused[key] = pool
-            else:
-                pool = ctx.new_pool(upstream, idle)
-            ctx.pools[key] = pool
-        return pool
-
-    router = Router(config.hosts, pool_for)
-    for key, pool in old_pools.items():
-        if key not in reused:
-            pool.retire()  # in-flight exchanges still hold it: they close, not release
+        pool = old_pools.pop(key, None)
+        if pool is not None:
+            pool.upstream = upstream
+            pool.idle_timeout = idle
+            pools[key] = pool
+    for pool in old_pools.values():
+        pool.retire()  # in-flight exchanges still hold it: they close, not release
+    router = Router(config.hosts, ctx.pool, ctx.router.generation + 1)
     server = config.server
     ctx.config = config
     ctx.router = router
     ctx.forwarded = ForwardedPolicy(server.trusted_proxies, server.underscores_in_headers)
     ctx.limits = server.limits
     ctx.timeouts = config.timeouts
-    return _retarget_tunnels(ctx, router, server.drain_timeout)
+    drain_at = ctx.loop.time() + server.drain_timeout
+    return sum(not retarget(ctx, tunnel, drain_at) for tunnel in list(ctx.tunnels))
 
 
-def _retarget_tunnels(ctx: WorkerContext, router: Router, drain_timeout: float) -> int:
-    drained = 0
-    drain_at = ctx.loop.time() + drain_timeout
-    for tunnel in list(ctx.tunnels):
-        old = tunnel.route
-        route = router.find(old.host_name, tunnel.info.path.encode("latin-1"), old.upstream.key)
-        if route is None:
-            drained += 1
-            tunnel.drain(drain_at)
-        else:
-            tunnel.retarget(route)
-    return drained
+def retarget(ctx: WorkerContext, tunnel: Tunnel, drain_at: float) -> bool:
+    """Match an open tunnel against the current config: kept (True) or set to close with 1001
+    at loop time `drain_at`. Also for a tunnel whose handshake was planned before a reload
+    and opened after it (tunnel.py's running)."""
+    old = tunnel.route
+    route = ctx.router.find(old.host_name, tunnel.info.path.encode("latin-1"), old.upstream.key)
+    if route is None:
+        tunnel.drain(drain_at)
+        return False
+    tunnel.retarget(route)
+    return True
+
+
+def _upstreams(config: Config) -> list[Upstream]:
+    """Every backend the config names, each once (the supervisor sends equal ones shared:
+    charon/config/sharing.py, so the identity check below skips most repeats cheaply)."""
+    seen: dict[int, Upstream] = {}
+    for host in config.hosts:
+        seen[id(host.upstream)] = host.upstream
+        for location in host.locations:
+            seen[id(location.upstream)] = location.upstream
+    return list(seen.values())

@@ -24,6 +24,7 @@ from charon.worker.http.requestline import RequestLines
 from charon.worker.http.sendwatch import close_transport, cut_off, watch_sending
 
 if TYPE_CHECKING:
+    from charon.config.model import Limits
     from charon.worker.context import WorkerContext
     from charon.worker.http.adopted import Handover
 
@@ -43,7 +44,7 @@ class ClientConnection(SlicedFeed):
         "ctx", "transport", "parser", "peer_ip", "exchanges", "deadline", "deadline_kind",
         "closing", "_paused", "write_paused", "_url", "_url_size", "_headers", "_header_size",
         "_in_head", "_held", "_max_header_bytes", "_max_header_count", "first_read", "handover",
-        "lines", "_head_read", "_max_head_read",
+        "lines", "_head_read", "_max_head_read", "_limits",
     )
 
     def __init__(self, ctx: WorkerContext) -> None:
@@ -65,14 +66,8 @@ class ClientConnection(SlicedFeed):
         self._header_size = 0
         self._in_head = False
         self._held: bytearray | None = None
-        limits = ctx.limits  # copied: read for every header field
-        self._max_header_bytes = limits.max_header_bytes
-        self._max_header_count = limits.max_header_count
-        # llhttp keeps a field's value until its line ends, and only then is it counted: the
-        # raw bytes read into a head are bounded too (the slack covers the request line, the
-        # whitespace around values and the read or slice the head began in).
         self._head_read = 0
-        self._max_head_read = limits.max_header_bytes + limits.max_request_target + 8192
+        self._take_limits(ctx.limits)
         # From the front door (http/adopted.py): bytes it read, and what it did with them.
         self.first_read = b""
         self.handover: Handover | None = None
@@ -124,6 +119,17 @@ class ClientConnection(SlicedFeed):
             return False
         self.lines.read_done(self._in_head)
         return not (self._in_head and self._head_too_long(len(piece)))
+
+    def _take_limits(self, limits: Limits) -> None:
+        """Copied: read for every header field; taken again by the first request head after
+        a reload in place changed them (one identity check per head)."""
+        self._limits = limits
+        self._max_header_bytes = limits.max_header_bytes
+        self._max_header_count = limits.max_header_count
+        # llhttp keeps a field's value until its line ends, and only then is it counted: the
+        # raw bytes read into a head are bounded too (the slack covers the request line, the
+        # whitespace around values and the read or slice the head began in).
+        self._max_head_read = limits.max_header_bytes + limits.max_request_target + 8192
 
     def _head_too_long(self, read: int) -> bool:
         self._head_read += read
@@ -219,6 +225,8 @@ class ClientConnection(SlicedFeed):
         self._header_size = 0
         self._head_read = 0
         self._in_head = True
+        if self.ctx.limits is not self._limits:
+            self._take_limits(self.ctx.limits)
         if not self.exchanges:
             self.set_deadline(HEADER, self.ctx.timeouts.header)
 

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from charon.worker.deadlines import NONE, TUNNEL_IDLE
+from charon.worker.swap import retarget
 from charon.worker.websocket import _engine
 from charon.worker.websocket._engine import BACKEND, BACKEND_LOST, CLIENT, CLIENT_LOST, REFUSED
 from charon.worker.websocket.frames import (
@@ -96,6 +97,12 @@ class TunnelEngine:
     def flushing(self) -> int:
         return self.engine.flushing
 
+    @property
+    def waiting(self) -> int:
+        """Accepted connections the front door still waits on (at most 0.5 s each): not in
+        ctx.connections yet, but a worker that ends before handing them over cuts them."""
+        return self.engine.waiting
+
     def close(self) -> None:
         self._loop.remove_reader(self.engine.fileno())
 
@@ -155,7 +162,10 @@ class Tunnel(_engine.Tunnel):
 
     def running(self) -> None:
         """The engine serves the tunnel from now on."""
-        self.ctx.tunnels.add(self)
+        ctx = self.ctx
+        ctx.tunnels.add(self)
+        if self.route.generation != ctx.router.generation:  # planned before a reload
+            retarget(ctx, self, ctx.loop.time() + ctx.config.server.drain_timeout)
         self._arm_deadline()
         self.ctx.telemetry.websocket_open(self.info)
         if self.ctx.closing_tunnels:

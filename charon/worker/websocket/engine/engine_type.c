@@ -301,6 +301,12 @@ Engine_get_flushing(EngineObject *e, void *Py_UNUSED(closure))
     return PyLong_FromSsize_t(e->flushing_count);
 }
 
+static PyObject *
+Engine_get_waiting(EngineObject *e, void *Py_UNUSED(closure))
+{
+    return PyLong_FromLong(e->waiting_len);
+}
+
 static PyMethodDef Engine_methods[] = {
     {"fileno", (PyCFunction)Engine_fileno, METH_NOARGS, "The epoll fd to watch for reading."},
     {"run", (PyCFunction)Engine_run, METH_NOARGS,
@@ -321,6 +327,8 @@ static PyMethodDef Engine_methods[] = {
 
 static PyGetSetDef Engine_getset[] = {
     {"flushing", (getter)Engine_get_flushing, NULL, "finished tunnels still flushing", NULL},
+    {"waiting", (getter)Engine_get_waiting, NULL,
+     "accepted connections waiting for their first bytes (not yet handed to Python)", NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
 

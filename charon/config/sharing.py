@@ -1,0 +1,44 @@
+"""Equal parts of a config made one object, before it is pickled for the workers.
+
+The loader builds a Timeouts, a WebSocketSettings and an Upstream for each host and location
+even when they are equal; pickle writes each object it has not seen, so 1,000 hosts made a
+445 KB message that a worker unpickled in 6 ms of CPU. Shared, the same config is 139 KB and
+unpickles in 1.9 ms (bench/reload_apply.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import TypeVar
+
+from charon.config.model import Config, Location, ProxyHost
+
+T = TypeVar("T")
+
+
+def share_equal(config: Config) -> Config:
+    """`config` with equal timeouts, WebSocket settings and upstreams as one object each."""
+    seen: dict[object, object] = {}
+
+    def one(value: T) -> T:
+        return seen.setdefault(value, value)  # type: ignore[return-value]
+
+    def location(loc: Location) -> Location:
+        return replace(
+            loc,
+            upstream=one(loc.upstream),
+            timeouts=one(loc.timeouts),
+            websocket=one(loc.websocket),
+        )
+
+    def host(h: ProxyHost) -> ProxyHost:
+        return replace(
+            h,
+            upstream=one(h.upstream),
+            timeouts=one(h.timeouts),
+            websocket=one(h.websocket),
+            locations=tuple(location(loc) for loc in h.locations),
+        )
+
+    hosts = tuple(host(h) for h in config.hosts)
+    return replace(config, timeouts=one(config.timeouts), hosts=hosts)
