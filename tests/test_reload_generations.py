@@ -1,7 +1,8 @@
 # ruff: noqa: F811  (the fixtures imported from test_reload are redefined as arguments)
 """Generations (issue #11): retiring generations are capped (`max_retiring_generations`), a
-changed worker count grows or shrinks the pool in place. Real processes on 127.0.0.1; every
-process stopped by PID (the fixtures of test_reload.py).
+changed worker count grows or shrinks the pool in place, and `charon reload --restart-workers`
+starts a new generation. Real processes on 127.0.0.1; every process stopped by PID (the
+fixtures of test_reload.py).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from harness import HOST, Charon, wait_until
 from test_reload import (  # noqa: F401  (fixtures)
     WsPool,
     alive,
+    charon_cli,
     children,
     config_text,
     frozen,
@@ -228,3 +230,29 @@ def test_worker_count_grows_and_shrinks_in_place(make_charon, http_backend, ws_b
     pool.finish([ws])
     assert ws.echoed == ws.sent and not ws.errors, ws.describe()
     conn.close()
+
+
+# -- 3. charon reload --restart-workers ----------------------------------------------------------
+
+
+@pytest.mark.timeout(90)
+def test_charon_reload_restart_workers_starts_a_new_generation(make_charon, http_backend,
+                                                               ws_backend, tmp_path) -> None:
+    """An unchanged config would apply in place; --restart-workers starts new workers anyway
+    (new code after an upgrade) and waits for them like a reload."""
+    pidfile = tmp_path / "charon.pid"
+    charon = make_charon(hosts_toml(http_backend, ws_backend), workers=2,
+                         server=f'pidfile = "{pidfile}"')
+    old = set(health(charon)["worker_pids"])
+    path = str(charon.config_path)
+
+    result = charon_cli("reload", "--config", path)
+    assert result.returncode == 0, result.stderr
+    assert set(health(charon)["worker_pids"]) == old  # in place
+
+    result = charon_cli("reload", "--config", path, "--restart-workers")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "reloaded: config version 3", result.stdout
+    h = health(charon)
+    assert h["workers_ready"] == 2 and not set(h["worker_pids"]) & old, (old, h)
+    assert "reloaded: 2 workers" in charon.log()
