@@ -8,10 +8,12 @@ fixtures of test_reload.py).
 from __future__ import annotations
 
 import http.client
+import json
 import os
 import signal
 import threading
 import time
+import urllib.request
 
 import pytest
 from harness import HOST, Charon, wait_until
@@ -88,7 +90,8 @@ class _Opener:
     def _run(self) -> None:
         while not self._stop.wait(self.every):
             try:
-                self.pool.open(1, timeout=20)
+                # ?id=N (N: the client's index): the backend's /last-close tells its close code
+                self.pool.open(1, timeout=20, path=f"/echo?id={len(self.pool.clients)}")
             except Exception as exc:  # noqa: BLE001 - every failure is a finding
                 self.errors.append(f"{type(exc).__name__}: {exc}")
 
@@ -142,6 +145,9 @@ def test_retiring_generations_are_capped_under_a_websocket_arrival_stream(
         open_ = [c for c in pool.clients if c.closed_at is None]
         assert closed, "no generation was cut: the cap did nothing"
         assert all(c.close_code == 1001 for c in closed), [c.describe() for c in closed[:3]]
+        for c in closed[:5]:  # the backend side got 1001 too
+            with urllib.request.urlopen(f"{ws_backend.url}/last-close?id={c.idx}", timeout=5) as r:
+                assert json.loads(r.read())["code"] == 1001, c.describe()
         assert open_, "the cap cut the generations it should keep"
         # The oldest generations were cut: the WebSockets still open were opened after the
         # closed ones (numbered in opening order; old and new generation both accept for a
