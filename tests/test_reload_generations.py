@@ -238,6 +238,30 @@ def test_worker_count_grows_and_shrinks_in_place(make_charon, http_backend, ws_b
     conn.close()
 
 
+@pytest.mark.timeout(60)
+def test_a_ttin_count_is_kept_by_a_reload_that_keeps_workers(make_charon, http_backend,
+                                                            ws_backend) -> None:
+    """Only a changed `[server] workers` resizes: a worker added by TTIN survives a reload
+    whose config keeps workers = 2, and one that sets workers = 2 -> 1 takes the pool to 1."""
+    hosts = hosts_toml(http_backend, ws_backend)
+    charon = make_charon(hosts, workers=2)
+    os.kill(charon.pid, signal.SIGTTIN)
+    charon.wait_ready(3)
+    three = _worker_pids_by_id(charon)
+    assert set(three) == {"0", "1", "2"}
+
+    os.kill(charon.pid, signal.SIGHUP)  # the same file
+    status = wait_reloads(charon, 1)
+    assert status["last_result"] == "success", status
+    assert _worker_pids_by_id(charon) == three, status
+
+    rewrite(charon, config_text(charon, hosts, workers=1))
+    os.kill(charon.pid, signal.SIGHUP)
+    status = wait_reloads(charon, 2)
+    assert status["last_result"] == "success", status
+    assert _worker_pids_by_id(charon) == {"0": three["0"]}, status
+
+
 # -- 3. charon reload --restart-workers ----------------------------------------------------------
 
 

@@ -74,7 +74,9 @@ async def reload_in_place(arbiter: Arbiter, config: Config, text: str) -> None:
     fresh worker on the new config (its own connections drain as after a generation reload)."""
     version = arbiter.config_version + 1
     started = time.monotonic()
-    size = config.server.workers
+    # A count set by TTIN/TTOU is kept unless the config's own count changed.
+    same = config.server.workers == arbiter.config.server.workers
+    size = len(arbiter.slots) if same else config.server.workers
     for slot in arbiter.slots[size:]:  # shrinking: the newest go, as with TTOU
         if slot.process is not None:
             arbiter._retire(slot.process)
