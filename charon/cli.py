@@ -40,6 +40,10 @@ def main(argv: list[str] | None = None) -> None:
     reload.add_argument("--config", required=True, metavar="PATH")
     reload.add_argument("--pid", type=int, help="the supervisor's PID (e.g. systemd's $MAINPID)")
     reload.add_argument("--pidfile", metavar="PATH", help="default: [server] pidfile")
+    reload.add_argument(
+        "--restart-workers", action="store_true",
+        help="start a new generation of workers (new code after an upgrade), as SIGUSR2 does",
+    )
     args = parser.parse_args(argv)
 
     if args.command == "check":
@@ -47,7 +51,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "logs":
         sys.exit(cli_logs.main(args))
     if args.command == "reload":
-        sys.exit(cli_reload.reload(_read(args.config)[0], args.pid, args.pidfile))
+        sys.exit(cli_reload.reload(
+            _read(args.config)[0], args.pid, args.pidfile, args.restart_workers
+        ))
     logsetup.setup("supervisor", args.log_format)
     if args.command == "run":
         sys.exit(_run(*_read(args.config), args.log_format))

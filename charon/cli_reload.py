@@ -1,4 +1,7 @@
-"""`charon reload`: send SIGHUP to a running supervisor and wait for the reload's result."""
+"""`charon reload`: send SIGHUP to a running supervisor and wait for the reload's result.
+
+With --restart-workers it sends SIGUSR2: a new generation of workers even when the config could
+apply in place, so that workers run the code installed since they started (an upgrade)."""
 
 from __future__ import annotations
 
@@ -16,7 +19,9 @@ from charon.supervisor.pidfile import read_pid
 WAIT = 60.0
 
 
-def reload(config: Config, pid: int | None, pidfile: str | None) -> int:
+def reload(
+    config: Config, pid: int | None, pidfile: str | None, restart_workers: bool = False
+) -> int:
     """Exit status: 0 when every worker applied the new config, 1 when it was refused, a
     worker did not apply it (named; the supervisor replaced it) or nothing answered."""
     if config.admin.listen is None:
@@ -34,7 +39,7 @@ def reload(config: Config, pid: int | None, pidfile: str | None) -> int:
     if before is None:
         return _fail(f"the supervisor does not answer on {url}")
     try:
-        os.kill(pid, signal.SIGHUP)
+        os.kill(pid, signal.SIGUSR2 if restart_workers else signal.SIGHUP)
     except ProcessLookupError:
         return _fail(f"no process {pid}")
     deadline = time.monotonic() + WAIT

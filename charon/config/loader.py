@@ -48,6 +48,7 @@ _SERVER_KEYS = (
     "pidfile",
     "access_log",
     "heartbeat_timeout",
+    "max_retiring_generations",
     "underscores_in_headers",
     "limits",
 )
@@ -233,6 +234,9 @@ def _server(table: _Table) -> ServerConfig:
         pidfile=table.get("pidfile", values.string, None),
         access_log=table.get("access_log", values.string, None),
         heartbeat_timeout=table.get("heartbeat_timeout", values.at_least_1s, 10.0),
+        max_retiring_generations=table.get(
+            "max_retiring_generations", lambda v: values.integer(v, 0, 16), 2
+        ),
         underscores_in_headers=table.get("underscores_in_headers", _boolean, False),
         limits=_limits(table.table("limits")),
     )

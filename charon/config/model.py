@@ -102,6 +102,8 @@ class ServerConfig:
     pidfile: str | None = None  # where the supervisor writes its PID, for `charon reload`
     access_log: str | None = None  # a file for one line per request (USR1 reopens it)
     heartbeat_timeout: float = 10.0  # a worker silent this long is killed and replaced
+    # Old generations draining at once; past it the oldest closes its tunnels (1001) and exits.
+    max_retiring_generations: int = 2
     # Forward request header names with `_`; by default they are dropped (as nginx does).
     underscores_in_headers: bool = False
     limits: Limits = field(default_factory=Limits)

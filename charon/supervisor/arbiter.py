@@ -7,8 +7,9 @@ Each turn of the loop takes one signal from the queue, or wakes up after TICK, a
 reaps, checks heartbeats and respawns.
 
 A reload (HUP) is one such action: validate the new config, then hand it to the running workers
-(inplace.py), or, when the worker count or the sockets change, start a new generation of workers
-and only once it serves, retire the old one (see `_reload`).
+(inplace.py, which also grows or shrinks the pool), or, when the sockets change or USR2 asks for
+new code, start a new generation of workers and only once it serves, retire the old one, with
+retiring generations capped (generations.py).
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ import os
 import signal
 import socket
 import time
-from dataclasses import dataclass
 
 from charon.admin.logs import LiveLogSection
 from charon.admin.metrics import MetricsSection
@@ -27,12 +27,13 @@ from charon.admin.server import AdminSection, AdminServer
 from charon.config import Config, ConfigError, ListenAddress, load_config_text
 from charon.events.receiver import EventHub, EventReceiver
 from charon.events.schema import CONFIG_RELOAD, WORKER_EXIT
-from charon.supervisor.inplace import apply_everywhere, in_place_possible
+from charon.supervisor.generations import start_generation
+from charon.supervisor.inplace import in_place_possible, reload_in_place
 from charon.supervisor.pidfile import PidFile
 from charon.supervisor.respawn import Respawn
 from charon.supervisor.sockets import ListenError, bind_listener
 from charon.supervisor.systemd import Notifier, inherited_listeners, take_inherited
-from charon.supervisor.workers import WorkerProcess
+from charon.supervisor.workers import ReloadFailure, Slot, WorkerProcess
 from charon.worker.listeners import create_table
 
 log = logging.getLogger("charon.supervisor")
@@ -51,20 +52,6 @@ _HANDLED = (
 
 class StartupFailure(Exception):
     pass
-
-
-class ReloadFailure(Exception):
-    pass
-
-
-@dataclass
-class Slot:
-    """A worker position: the process in it, or when the next one may start."""
-
-    worker_id: int
-    process: WorkerProcess | None = None
-    respawn_at: float = 0.0
-    crashes: int = 0  # its workers that died after serving, in a row (see respawn.py)
 
 
 class Arbiter:
@@ -279,98 +266,19 @@ class Arbiter:
     # -- reload ------------------------------------------------------------------------------
 
     async def _reload(self, restart: bool = False) -> None:
-        """Decision 14: the old config keeps serving until a new generation serves the new one."""
+        """Decision 14: the old config keeps serving until the workers serve the new one."""
         self.notifier.reloading()
         path = self.config.path
         log.info("reloading %s", path)
-        added: dict[ListenAddress, socket.socket] = {}
-        new: list[WorkerProcess] = []
         try:
             config, text = _read(path, self.config_text)
             if not restart and in_place_possible(self.config, config):
-                await self._reload_in_place(config, text)
-                return
-            for address in config.server.listen:
-                if address not in self.listeners:
-                    added[address] = bind_listener(address)
-            self.listeners.update(added)
-            generation = self.generation + 1
-            new = [
-                self._spawn(
-                    i, config, text, generation, config.server.workers, self.config_version + 1
-                )
-                for i in range(config.server.workers)
-            ]
-            await self._wait_ready(new)
+                await reload_in_place(self, config, text)
+            else:
+                await start_generation(self, config, text)
         except (ConfigError, ListenError, ReloadFailure) as exc:
-            for proc in new:
-                proc.kill()
-                proc.process.wait()
-                self._forget(proc)
-            for address, sock in added.items():
-                sock.close()
-                del self.listeners[address]
             log.error("reload failed, still serving the previous config: %s", exc)
             self._reload_done("error", str(exc))
-            return
-
-        for slot in self.slots:
-            if slot.process is not None:
-                self._retire(slot.process)
-        removed = [a for a in self.listeners if a not in config.server.listen]
-        for address in removed:
-            self.listeners.pop(address).close()  # the retiring workers' copies close as they go
-        self.slots = [Slot(i, proc) for i, proc in enumerate(new)]
-        self.generation = generation
-        self.respawn.reset()
-        await self._take_config(config, text)
-        log.info(
-            "reloaded: %d workers on %s; %d old workers draining",
-            len(new), ", ".join(str(a) for a in config.server.listen), len(self.retiring),
-        )
-        self._reload_done("success", "")
-
-    async def _reload_in_place(self, config: Config, text: str) -> None:
-        """Every running worker swaps the config in; one that does not is replaced by a fresh
-        worker on the new config (its own connections drain as after a generation reload)."""
-        version = self.config_version + 1
-        started = time.monotonic()
-        procs = [s.process for s in self.slots if s.process is not None]
-        failed = await apply_everywhere(procs, version, config)
-        await self._take_config(config, text, version)
-        for proc, reason in failed:
-            log.error(
-                "worker %d (pid %d) did not apply config version %d: %s; replacing it",
-                proc.worker_id, proc.pid, version, reason,
-            )
-            slot = self.slots[proc.worker_id]
-            self._retire(proc)
-            slot.process = self._spawn(
-                slot.worker_id, config, text, self.generation, len(self.slots)
-            )
-        log.info(
-            "reloaded in place: config version %d applied by %d of %d workers in %.1f ms",
-            version, len(procs) - len(failed), len(procs), (time.monotonic() - started) * 1000,
-        )
-        if failed:
-            names = ", ".join(f"worker {p.worker_id} (pid {p.pid}): {r}" for p, r in failed)
-            self._reload_done("incomplete", f"not applied by {names}; replaced")
-        else:
-            self._reload_done("success", "")
-
-    async def _take_config(self, config: Config, text: str, version: int = 0) -> None:
-        """What the supervisor itself keeps of an accepted config."""
-        old_admin = self.config.admin
-        self.config, self.config_text = config, text
-        self.config_version = version or self.config_version + 1
-        self.metrics.set_hosts(h.name for h in config.hosts)
-        self.logs.token = config.admin.token or None
-        self.logs.allowed_origins = frozenset(o.lower() for o in config.admin.allowed_origins)
-        if config.admin.listen != old_admin.listen:
-            if self.admin is not None:
-                await self.admin.stop()
-                self.admin = None
-            await self._start_admin()
 
     def _show_versions(self) -> None:
         self.metrics.set_config_versions(
@@ -386,6 +294,15 @@ class Arbiter:
             if time.monotonic() > deadline:
                 raise ReloadFailure(f"new workers did not serve within {RELOAD_READY_TIMEOUT:.0f}s")
             await asyncio.sleep(0.02)
+
+    async def _started(self, procs: list[WorkerProcess]) -> str:
+        """Wait for workers added by a reload; "" once they serve, else why not (the respawn
+        machinery goes on replacing them)."""
+        try:
+            await self._wait_ready(procs)
+        except ReloadFailure as exc:
+            return str(exc)
+        return ""
 
     def _reload_done(self, result: str, error: str) -> None:
         self._show_versions()

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 
 from charon.worker.control import MessageReader
 
@@ -30,6 +31,7 @@ class WorkerProcess:
         config_version: int = 1,
     ) -> None:
         self.worker_id = worker_id
+        self.generation = generation
         read_fd, write_fd = os.pipe()
         os.set_blocking(read_fd, False)
         self.heartbeat_fd = read_fd
@@ -91,6 +93,7 @@ class WorkerProcess:
         self.ready = False
         self.killed = False
         self.retire_by = 0.0  # set when retired after a reload: killed if still alive then
+        self.cut = False  # its retiring generation was past the cap: told to close and exit
 
     def read_heartbeat(self) -> bool:
         """Consume the beats waiting in the pipe; False once the pipe is closed."""
@@ -142,3 +145,17 @@ class WorkerProcess:
         with contextlib.suppress(OSError):
             os.close(self.heartbeat_fd)
         self.control.close()
+
+
+class ReloadFailure(Exception):
+    pass
+
+
+@dataclass
+class Slot:
+    """A worker position: the process in it, or when the next one may start."""
+
+    worker_id: int
+    process: WorkerProcess | None = None
+    respawn_at: float = 0.0
+    crashes: int = 0  # its workers that died after serving, in a row (see respawn.py)
