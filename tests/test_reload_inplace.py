@@ -205,3 +205,36 @@ def test_every_worker_confirms_and_one_that_does_not_is_named_and_replaced(
     wait_until(lambda: metric(metrics(charon), "charon_config_version", worker="1") == 3, 10,
                interval=0.1, what="the metric to show the replacement's version")
     assert all(get(charon.port, host="new.test")[0] == 404 for _ in range(6))
+
+
+@pytest.mark.timeout(90)
+def test_a_changed_frame_limit_applies_to_open_tunnels_from_their_next_frame(
+        make_charon, http_backend, ws_backend) -> None:
+    """websocket_max_frame_size changed by an in-place reload holds for tunnels already open:
+    raised, a frame over the old limit passes; lowered, a frame over the new one gets 1009."""
+    from websockets.exceptions import ConnectionClosed
+    from websockets.sync.client import connect as connect_sync
+
+    def hosts(limit: str) -> str:
+        return (f'[[hosts]]\ndomains = ["{HOST}"]\nupstream = "{http_backend.url}"\n\n'
+                f'[[hosts.locations]]\npath = "/echo"\nupstream = "{ws_backend.url}"\n'
+                f'websocket_max_frame_size = "{limit}"\n\n')
+
+    charon = make_charon(hosts("1KiB"), workers=1)
+    pids = charon.worker_pids()
+    message = b"m" * 4096
+    with connect_sync(f"ws://{HOST}:{charon.port}/echo", compression=None,
+                      open_timeout=10, close_timeout=5) as ws:
+        ws.send(b"small")
+        assert ws.recv(timeout=10) == b"small"
+        rewrite(charon, config_text(charon, hosts("64KiB"), workers=1))
+        _hup(charon, 1)
+        ws.send(message)  # over the limit it opened with
+        assert ws.recv(timeout=10) == message
+        rewrite(charon, config_text(charon, hosts("2KiB"), workers=1))
+        _hup(charon, 2)
+        ws.send(message)
+        with pytest.raises(ConnectionClosed):
+            ws.recv(timeout=10)
+        assert ws.close_code == 1009
+    assert charon.worker_pids() == pids

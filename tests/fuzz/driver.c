@@ -298,7 +298,7 @@ drive_tunnel(Input *in, int dial)
         ModelSocket *m = fd >= 0 ? model_at(fd) : NULL;
         const uint8_t *p;
         size_t n;
-        switch ((op >> 1) % 10) {
+        switch ((op >> 1) % 11) {
         case 0:  /* the side's peer sends a chunk */
             n = take_bytes(in, (size_t)take_byte(in) & 0xff, &p);
             if (m && !m->eof && !m->error) {
@@ -354,6 +354,16 @@ drive_tunnel(Input *in, int dial)
             call(r.tunnel, "finish", "()");
             engine_run(&r);
             break;
+        case 9: {  /* a reload changes the client frame limit (Tunnel.max_frame_size) */
+            int k = take_byte(in);
+            PyObject *limit = PyLong_FromUnsignedLongLong(k < 0 ? 0 : (unsigned long long)k << 4);
+            if (limit == NULL || PyObject_SetAttrString(r.tunnel, "max_frame_size", limit) < 0) {
+                PyErr_Print();
+                abort();
+            }
+            Py_DECREF(limit);
+            break;
+        }
         default:  /* both ways at once, as one epoll batch */
             event(&r, side, EPOLLIN | EPOLLOUT);
             event(&r, 1 - side, EPOLLIN | EPOLLOUT);

@@ -295,8 +295,9 @@ class Tunnel(_engine.Tunnel):
 
     def retarget(self, route: Route) -> None:
         """The reloaded config still routes here: its idle timeout and ping interval apply
-        from the next sweep on (the frame limit stays the engine's, set at open)."""
+        from the next sweep on, its frame limit from the next client frame."""
         self.route, self.settings = route, route.websocket
+        self.max_frame_size = route.websocket.max_frame_size
         self._drain_at = 0.0
         if route.websocket.ping_interval:
             self._next_ping = min(

@@ -358,7 +358,31 @@ static PyMethodDef Tunnel_methods[] = {
     {NULL, NULL, 0, NULL},
 };
 
+static PyObject *
+Tunnel_get_max_frame_size(TunnelObject *t, void *Py_UNUSED(c))
+{
+    return PyLong_FromUnsignedLongLong(t->w[CLIENT].max_size);
+}
+
+/* A reload changed the host's limit: the walker compares each client frame header with it,
+ * so it holds from the next frame on (a frame already passing is not judged again). */
+static int
+Tunnel_set_max_frame_size(TunnelObject *t, PyObject *value, void *Py_UNUSED(c))
+{
+    if (value == NULL) {
+        PyErr_SetString(PyExc_AttributeError, "max_frame_size cannot be deleted");
+        return -1;
+    }
+    unsigned long long size = PyLong_AsUnsignedLongLong(value);
+    if (size == (unsigned long long)-1 && PyErr_Occurred())
+        return -1;
+    t->w[CLIENT].max_size = size;
+    return 0;
+}
+
 static PyGetSetDef Tunnel_getset[] = {
+    {"max_frame_size", (getter)Tunnel_get_max_frame_size, (setter)Tunnel_set_max_frame_size,
+     "the largest client frame payload passed (1009 past it)", NULL},
     {"messages_in", (getter)Tunnel_get_messages_in, NULL, "client messages", NULL},
     {"messages_out", (getter)Tunnel_get_messages_out, NULL, "backend messages", NULL},
     {"bytes_in", (getter)Tunnel_get_bytes_in, NULL, "client data payload bytes", NULL},
