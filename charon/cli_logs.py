@@ -304,7 +304,9 @@ class _Printer:
             error = r.get("error")
             return (
                 f"{head}{self.paint(_BOLD, 'config reload')} {clean(r.get('result'))} "
-                f"{clean(r.get('path', ''))}{': ' + clean(error) if error else ''}"
+                f"{clean(r.get('path', ''))}"
+                f"{' (config version ' + clean(r['version']) + ')' if r.get('version') else ''}"
+                f"{': ' + clean(error) if error else ''}"
             )
         if kind == "dropped":
             dropped = self.paint(_RED, f"{clean(r.get('count'))} records dropped")

@@ -238,3 +238,28 @@ def test_a_changed_frame_limit_applies_to_open_tunnels_from_their_next_frame(
             ws.recv(timeout=10)
         assert ws.close_code == 1009
     assert charon.worker_pids() == pids
+
+
+@pytest.mark.timeout(60)
+def test_the_live_log_tells_which_worker_applied_which_version(
+        make_charon, http_backend, ws_backend) -> None:
+    """Each reload's live-log record carries the config version serving after it and the
+    version every worker applied."""
+    import asyncio
+
+    from test_live_logs import log_stream, session
+
+    base = hosts_toml(http_backend, ws_backend)
+    charon = make_charon(base, workers=2)
+
+    async def watch() -> dict:  # type: ignore[type-arg]
+        async with session() as s, log_stream(s, charon, kind="reload", backlog="0") as log:
+            rewrite(charon, config_text(charon, base + _host("new.test", http_backend)))
+            os.kill(charon.pid, signal.SIGHUP)
+            records = await log.until(lambda r: r.get("kind") == "reload", timeout=15)
+            return records[-1]
+
+    record = asyncio.run(watch())
+    assert record["result"] == "success", record
+    assert record["version"] == 2, record
+    assert record["workers"] == {"0": 2, "1": 2}, record

@@ -49,7 +49,8 @@ FIELDS: dict[str, tuple[str, ...]] = {
     UPSTREAM_ERROR: ("time", "host", "error", "status", "client_ip", "path"),
     # deltas: counters since the previous METRICS; gauges: values now (see worker/telemetry.py)
     METRICS: ("deltas", "gauges"),
-    CONFIG_RELOAD: ("time", "result", "path", "error"),
+    # version: the config version serving after it; workers: {worker id: version applied}
+    CONFIG_RELOAD: ("time", "result", "path", "error", "version", "workers"),
     WORKER_EXIT: ("time", "worker_id", "pid", "status", "restart_in"),
     # `count` records lost by the worker `pid` between `since` and `time` (its last loss)
     DROPPED: ("time", "count", "since", "pid", "by"),

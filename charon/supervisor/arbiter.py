@@ -280,10 +280,12 @@ class Arbiter:
             log.error("reload failed, still serving the previous config: %s", exc)
             self._reload_done("error", str(exc))
 
-    def _show_versions(self) -> None:
-        self.metrics.set_config_versions(
-            {s.worker_id: s.process.config_version for s in self.slots if s.process is not None}
-        )
+    def _show_versions(self) -> dict[int, int]:
+        versions = {
+            s.worker_id: s.process.config_version for s in self.slots if s.process is not None
+        }
+        self.metrics.set_config_versions(versions)
+        return versions
 
     async def _wait_ready(self, procs: list[WorkerProcess]) -> None:
         deadline = time.monotonic() + RELOAD_READY_TIMEOUT
@@ -305,10 +307,13 @@ class Arbiter:
         return ""
 
     def _reload_done(self, result: str, error: str) -> None:
-        self._show_versions()
+        versions = self._show_versions()
         self._reload_count += 1
         self._reload_last = (result, error)
-        self.hub.supervisor_event([CONFIG_RELOAD, time.time(), result, self.config.path, error])
+        self.hub.supervisor_event([
+            CONFIG_RELOAD, time.time(), result, self.config.path, error, self.config_version,
+            {str(worker): version for worker, version in sorted(versions.items())},
+        ])
         status = f"serving with {len(self.slots)} workers (last reload: {result}"
         self.notifier.ready(f"{status}: {error})" if error else f"{status})")
 
