@@ -15,6 +15,7 @@ from collections.abc import Iterator
 import pytest
 from harness import HOST, wait_until
 from test_websocket_handshake import Env, RawWs, client_frame, handshake_hosts, ws_env, ws_request
+from test_websocket_upgrade_rules import all_until_close, answer
 
 BAD_LENGTHS = [b"x", b"", b"1, 2", b"-1", b"+5", b"1_0", b"0x10", b"5\r\nContent-Length: 6"]
 
@@ -27,18 +28,6 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
 
 def _fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
-
-
-def _answer_then_close(sock: socket.socket) -> bytes:
-    """All the proxy sends until it closes (bounded by the socket's timeout)."""
-    got = bytearray()
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        chunk = sock.recv(65536)
-        if not chunk:
-            return bytes(got)
-        got += chunk
-    raise AssertionError(f"no close after {bytes(got)!r}")
 
 
 def _bad(length: bytes) -> bytes:
@@ -54,7 +43,7 @@ def test_bad_content_length_handshakes_get_400_and_hold_no_fd(env: Env) -> None:
     for i in range(50):
         with socket.create_connection((HOST, env.port), timeout=10) as sock:
             sock.sendall(_bad(BAD_LENGTHS[i % len(BAD_LENGTHS)]))
-            answer = _answer_then_close(sock)
+            answer = all_until_close(sock)
         assert answer.startswith(b"HTTP/1.1 400 "), (BAD_LENGTHS[i % len(BAD_LENGTHS)], answer)
     wait_until(lambda: _fds(worker) <= before + 2, 5, what=f"about {before} fds in the worker")
     with RawWs(env.port) as ws:  # and the worker still serves handshakes
@@ -77,7 +66,7 @@ def test_bad_arrival_first_in_a_batch_leaves_the_others_served(env: Env) -> None
     finally:
         os.kill(worker, signal.SIGCONT)
     try:
-        assert _answer_then_close(socks[0]).startswith(b"HTTP/1.1 400 ")
+        assert all_until_close(socks[0]).startswith(b"HTTP/1.1 400 ")
         for sock in socks[1:]:
             head = b""
             while b"\r\n\r\n" not in head:
@@ -93,17 +82,6 @@ def test_bad_arrival_first_in_a_batch_leaves_the_others_served(env: Env) -> None
 @pytest.mark.parametrize("length", BAD_LENGTHS)
 def test_bad_content_length_same_both_ways(env: Env, length: bytes) -> None:
     """The HTTP path answers the same handshake with the same 400 (a second request)."""
-    answers = []
-    for warm_up in (False, True):
-        with socket.create_connection((HOST, env.port), timeout=10) as sock:
-            if warm_up:
-                sock.sendall(f"GET /plain HTTP/1.1\r\nHost: {HOST}\r\n\r\n".encode())
-                got = b""
-                while not got.endswith(b"plain"):
-                    chunk = sock.recv(4096)
-                    assert chunk, got
-                    got += chunk
-            sock.sendall(_bad(length))
-            answers.append(_answer_then_close(sock))
+    answers = [answer(env, _bad(length), warm_up) for warm_up in (False, True)]
     assert answers[0] == answers[1]
     assert answers[0].startswith(b"HTTP/1.1 400 "), answers[0]

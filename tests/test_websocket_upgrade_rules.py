@@ -10,6 +10,7 @@ the front door's first read and on the HTTP path (a second request on a connecti
 from __future__ import annotations
 
 import socket
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -30,9 +31,11 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
         yield env
 
 
-def _all_until_close(sock: socket.socket) -> bytes:
+def all_until_close(sock: socket.socket) -> bytes:
+    """All the proxy sends until it closes (bounded: 10 s, each recv by the socket's timeout)."""
     got = bytearray()
-    for _ in range(1000):  # bounded; each recv is bounded by the socket's timeout
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
         chunk = sock.recv(65536)
         if not chunk:
             return bytes(got)
@@ -40,7 +43,7 @@ def _all_until_close(sock: socket.socket) -> bytes:
     raise AssertionError(f"no close after {bytes(got)!r}")
 
 
-def _answer(env: Env, request: bytes, warm_up: bool) -> bytes:
+def answer(env: Env, request: bytes, warm_up: bool) -> bytes:
     """What the proxy sends for `request` until it closes the connection (the request ends
     with Connection: close or is HTTP/1.0, or the proxy closes after its error)."""
     with socket.create_connection((HOST, env.port), timeout=10) as sock:
@@ -52,12 +55,12 @@ def _answer(env: Env, request: bytes, warm_up: bool) -> bytes:
                 assert chunk, got
                 got += chunk
         sock.sendall(request)
-        return _all_until_close(sock)
+        return all_until_close(sock)
 
 
 def _both_ways(env: Env, request: bytes) -> bytes:
-    front = _answer(env, request, warm_up=False)
-    http = _answer(env, request, warm_up=True)
+    front = answer(env, request, warm_up=False)
+    http = answer(env, request, warm_up=True)
     assert front == http, f"front door:\n{front!r}\nHTTP path:\n{http!r}"
     return front
 
