@@ -24,6 +24,9 @@ SUBSET = [
     "tests/test_engine_walk_properties.py",
     "tests/test_websocket_engine.py",
     "tests/test_front_door.py",
+    # (its own Charon; accepting is Python's policy, the engine's part is one accept4 error)
+    "--deselect", "tests/test_front_door.py::test_out_of_fds_accepting_pauses_then_resumes",
+    "tests/test_front_door_101.py",  # the dial's 101 handed to Python and back (switch)
     "tests/test_websocket_tunnel.py::test_backend_killed_mid_stream_raw",
     "tests/test_websocket_tunnel.py::test_unmasked_client_frame_closed_1002",
     "tests/test_websocket_tunnel.py::test_frame_over_the_limit_closed_1009",
@@ -74,7 +77,7 @@ def test_engine_tests_pass_under_asan(tmp_path: Path) -> None:
         "PYTHONMALLOC": "malloc",
         "ASAN_OPTIONS": f"detect_leaks=0:log_path={logs}/asan:halt_on_error=1",
         "UBSAN_OPTIONS": f"log_path={logs}/ubsan:print_stacktrace=1",
-        "CHARON_WALK_EXAMPLES": "40",
+        "CHARON_WALK_EXAMPLES": "20",
     }
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *SUBSET],

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 FUZZ = Path(__file__).parent / "fuzz"
-TARGETS = {"fuzz_head": 5, "fuzz_tunnel": 15, "fuzz_dial": 10, "fuzz_door": 10}  # seconds
+TARGETS = {"fuzz_head": 4, "fuzz_tunnel": 8, "fuzz_dial": 6, "fuzz_door": 5}  # seconds
 
 
 def fuzzer_runtime() -> str | None:

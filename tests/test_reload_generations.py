@@ -103,7 +103,7 @@ class _Opener:
 # -- 1. the cap ------------------------------------------------------------------------------
 
 
-RESTARTS = 12  # more than the cap, each 1.5 s apart
+RESTARTS = 8  # four times the cap, each 1.5 s apart
 WORKERS = 2
 CAP = 2
 
