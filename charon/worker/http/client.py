@@ -13,7 +13,7 @@ from collections import deque
 from typing import TYPE_CHECKING
 
 import httptools
-from httptools import HttpParserCallbackError, HttpParserUpgrade
+from httptools import HttpParserCallbackError, HttpParserError, HttpParserUpgrade
 
 from charon.worker.deadlines import HEADER, KEEPALIVE, NONE, RESPONSE_IDLE
 from charon.worker.http.errors import HttpError, error_response
@@ -98,7 +98,14 @@ class ClientConnection(SlicedFeed):
             self.feed(data, 0)
             return
         # Nearly every read: one slice (feeding.py's loop, unrolled for the hot path).
-        if not self.parse(data, data, 0):
+        self.lines.feed(data)
+        try:
+            self.parser.feed_data(data)
+        except (HttpParserError, HttpParserUpgrade) as exc:
+            self.parse_failed(exc, data, 0)
+            return
+        self.lines.read_done(self._in_head)
+        if self._in_head and self._head_too_long(len(data)):
             return
         if self.between and self.line_ends(data, 0, len(data)):
             return
