@@ -40,7 +40,7 @@ class Timeouts:
 
 @dataclass(frozen=True)
 class Upstream:
-    """One backend address. Only plain http:// for now.
+    """One backend address, http:// or https:// (re-encrypted toward the backend).
 
     The path of the request is never rewritten.
     """
@@ -48,6 +48,9 @@ class Upstream:
     url: str
     host: str
     port: int
+    tls: bool = False  # https://: the backend connection is TLS
+    tls_verify: bool = True  # check the backend's certificate (and name) when tls
+    tls_ca: str | None = None  # a CA bundle (PEM path) to verify it with; None: the system's
 
     @property
     def key(self) -> tuple[str, int]:
@@ -70,6 +73,23 @@ class Location:
 
 
 @dataclass(frozen=True)
+class CertificateFiles:
+    """A certificate chain and its private key, PEM files (absolute paths)."""
+
+    cert: str
+    key: str
+    line: int = 0  # where they were configured, for messages
+
+
+@dataclass(frozen=True)
+class HostTls:
+    """How a proxy host gets its certificate: from files, or over ACME (`tls = "auto"`)."""
+
+    files: CertificateFiles | None = None
+    auto: bool = False
+
+
+@dataclass(frozen=True)
 class ProxyHost:
     domains: tuple[str, ...]  # lowercase; exact names or "*.suffix" wildcards
     upstream: Upstream
@@ -77,6 +97,9 @@ class ProxyHost:
     timeouts: Timeouts
     websocket: WebSocketSettings
     line: int = 0  # where the [[hosts]] table starts, for messages
+    tls: HostTls | None = None  # None: served over TLS only with [tls] default_certificate
+    force_https: bool = False  # plain http requests get 308 to https (ACME paths exempt)
+    hsts: str | None = None  # Strict-Transport-Security value added over TLS
 
     @property
     def name(self) -> str:
@@ -107,6 +130,7 @@ class ServerConfig:
     # Forward request header names with `_`; by default they are dropped (as nginx does).
     underscores_in_headers: bool = False
     limits: Limits = field(default_factory=Limits)
+    tls_listen: tuple[ListenAddress, ...] = ()  # TLS listeners (bound like listen)
 
 
 @dataclass(frozen=True)
@@ -122,6 +146,28 @@ class AdminConfig:
     events: bool = True
 
 
+# Mozilla's "intermediate" TLS 1.2 cipher list (TLS 1.3 suites are OpenSSL's defaults).
+INTERMEDIATE_CIPHERS = (
+    "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:ECDHE-ECDSA-AES256-GCM-SHA384:"
+    "ECDHE-RSA-AES256-GCM-SHA384:ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305:"
+    "DHE-RSA-AES128-GCM-SHA256:DHE-RSA-AES256-GCM-SHA384:DHE-RSA-CHACHA20-POLY1305"
+)
+LETS_ENCRYPT = "https://acme-v02.api.letsencrypt.org/directory"
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    default_certificate: CertificateFiles | None = None  # for unknown or missing SNI
+    acme_directory: str = LETS_ENCRYPT
+    email: str | None = None  # the ACME account's contact
+    state_dir: str = "/var/lib/charon"  # ACME account, keys and certificates (0600)
+    acme_ca_bundle: str | None = None  # PEM CAs to trust the ACME server with (Pebble)
+    handshake_timeout: float = 10.0  # a TLS handshake must end within this
+    ciphers: str = INTERMEDIATE_CIPHERS
+    min_version: str = "1.2"  # "1.2" or "1.3"
+    ticket_key_lifetime: float = 3600.0  # session ticket keys rotate this often (0: no tickets)
+
+
 @dataclass(frozen=True)
 class Config:
     path: str  # where it was read from ("<default>" for the embedded one)
@@ -129,3 +175,4 @@ class Config:
     admin: AdminConfig
     timeouts: Timeouts
     hosts: tuple[ProxyHost, ...]
+    tls: TlsConfig = field(default_factory=TlsConfig)
