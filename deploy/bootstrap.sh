@@ -16,6 +16,8 @@ if ! command -v gcc >/dev/null 2>&1; then
 elif ! echo '#include <sys/epoll.h>' | gcc -E -x c - >/dev/null 2>&1; then
     apt_packages+=(libc6-dev)
 fi
+# The engine terminates TLS itself (it links OpenSSL): libssl's headers.
+echo '#include <openssl/ssl.h>' | gcc -E -x c - >/dev/null 2>&1 || apt_packages+=(libssl-dev)
 python3 -c 'import os, sys, sysconfig
 sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' \
     2>/dev/null || apt_packages+=(python3-dev)
