@@ -293,7 +293,7 @@ def test_session_resumption_across_workers(env: Env) -> None:
                                 session=first.session) as s:
             s.sendall(b"GET / HTTP/1.1\r\nHost: app.example.com\r\n\r\n")
             assert s.recv(65536)  # the connection stays open: find who serves it
-            return s.session_reused, owner(port, raw.getsockname()[1], workers)
+            return bool(s.session_reused), owner(port, raw.getsockname()[1], workers)
 
     results: list[tuple[bool, int | None]] = []
     with ThreadPoolExecutor(8) as pool:

@@ -95,7 +95,7 @@ def handshake(port: int, server_name: str | None, ctx: ssl.SSLContext, *,
             assert der is not None
             cipher = s.cipher()
             done = Handshake(x509.load_der_x509_certificate(der), str(s.version()),
-                             s.selected_alpn_protocol(), s.session_reused, None,
+                             s.selected_alpn_protocol(), bool(s.session_reused), None,
                              cipher[0] if cipher else "")
             if request_host is not None:
                 s.sendall(f"GET / HTTP/1.1\r\nHost: {request_host}\r\nConnection: close\r\n\r\n"
