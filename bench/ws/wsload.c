@@ -13,6 +13,16 @@
  * The client modes print JSON lines on stdout (one per result; `idle` also prints progress
  * lines). SHA-1 and base64 for the RFC 6455 handshake are implemented here: no OpenSSL.
  * Build: gcc -O2 -o wsload wsload.c (see the Makefile).
+ *
+ * `echo --inflight N` keeps N messages in flight per connection (default 1).
+ *
+ * wsload-tls (the same file built with -DWSLOAD_TLS, linked with OpenSSL; `make wsload-tls`)
+ * also takes wss://127.0.0.1:P/ URLs: the client modes then speak TLS (certificates are not
+ * verified: this measures the server's cost), with SNI `--sni NAME` (default: the --host name
+ * without its port); `handshake --resume 1` offers the session of the first connection on every
+ * later one, so that the server resumes instead of doing a full handshake. Its results add
+ * "tls_handshakes" and "tls_resumed". `wsload-tls tls --url wss://...` loops over TLS alone:
+ * connect, handshake, close_notify, wait for the server's close (no HTTP at all).
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -32,6 +42,10 @@
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
+#ifdef WSLOAD_TLS
+#include <openssl/err.h>
+#include <openssl/ssl.h>
+#endif
 
 #define MAX_FRAME (16u << 20)    /* larger frames are refused (protocol error) */
 #define MAX_HEAD 16384           /* a handshake head larger than this is refused */
@@ -560,8 +574,10 @@ static int run_server(int port) {
 /* clients: echo, handshake, idle                                                              */
 /* ------------------------------------------------------------------------------------------ */
 
-enum { M_ECHO, M_HANDSHAKE, M_IDLE };
-enum { C_FREE, C_CONNECTING, C_HS, C_OPEN, C_CLOSE_WAIT, C_EOF_WAIT };
+enum { M_ECHO, M_HANDSHAKE, M_IDLE, M_TLS };
+#define CYCLES (mode == M_HANDSHAKE || mode == M_TLS) /* loops of connect ... close */
+enum { C_FREE, C_CONNECTING, C_TLS, C_HS, C_OPEN, C_CLOSE_WAIT, C_EOF_WAIT };
+#define MAX_INFLIGHT 64
 
 enum {
     E_CONNECT,
@@ -596,7 +612,12 @@ typedef struct {
     uint8_t *msg; /* echo: the frame sent each time (header + masked payload) */
     size_t msglen, msghdr;
     char accept[32];
-    uint64_t t_start, t_sent, deadline;
+    uint64_t t_start, deadline;
+    uint64_t t_sent[MAX_INFLIGHT]; /* send times of the messages in flight, oldest at sent_head */
+    int sent_head;
+#ifdef WSLOAD_TLS
+    SSL *ssl;
+#endif
 } cconn;
 
 /* options */
@@ -607,6 +628,14 @@ static char opt_host[256] = "";
 static int opt_conns = 100;
 static size_t opt_size = 32;
 static double opt_duration = 10, opt_warmup = -1, opt_hold = 20, opt_rate = 2000;
+static int opt_inflight = 1;
+#ifdef WSLOAD_TLS
+static int opt_tls = 0, opt_resume = 0;
+static char opt_sni[256] = "";
+static SSL_CTX *tls_ctx;
+static SSL_SESSION *tls_session; /* --resume: offered on every connection after the first */
+static uint64_t n_tls_handshakes = 0, n_tls_resumed = 0;
+#endif
 
 static int cli_ep;
 static cconn *conns;
@@ -650,12 +679,56 @@ static void note_error(int kind, const char *detail) {
                  detail ? detail : "");
 }
 
+/* send()/recv() on the connection, through TLS when it has it; -1 with errno EAGAIN: wait. */
+static ssize_t io_send(cconn *c, const void *d, size_t n) {
+#ifdef WSLOAD_TLS
+    if (c->ssl) {
+        if (!n) return 0;
+        int r = SSL_write(c->ssl, d, n > (1u << 30) ? (1 << 30) : (int)n);
+        if (r > 0) return r;
+        int e = SSL_get_error(c->ssl, r);
+        errno = (e == SSL_ERROR_WANT_WRITE || e == SSL_ERROR_WANT_READ) ? EAGAIN : ECONNRESET;
+        return -1;
+    }
+#endif
+    return send(c->fd, d, n, MSG_NOSIGNAL);
+}
+
+static ssize_t io_recv(cconn *c, void *d, size_t n) {
+#ifdef WSLOAD_TLS
+    if (c->ssl) {
+        /* several records per call: a level-triggered epoll does not see what OpenSSL holds */
+        size_t got = 0;
+        while (got < n) {
+            int r = SSL_read(c->ssl, (uint8_t *)d + got, (int)(n - got > 65536 ? 65536 : n - got));
+            if (r > 0) {
+                got += (size_t)r;
+                continue;
+            }
+            int e = SSL_get_error(c->ssl, r);
+            if (got) break;
+            if (e == SSL_ERROR_ZERO_RETURN) return 0;
+            errno = (e == SSL_ERROR_WANT_READ || e == SSL_ERROR_WANT_WRITE) ? EAGAIN : ECONNRESET;
+            return -1;
+        }
+        return (ssize_t)got;
+    }
+#endif
+    return recv(c->fd, d, n, 0);
+}
+
 static void cli_events(cconn *c, uint32_t ev) {
     struct epoll_event e = {.events = ev, .data.u64 = ((uint64_t)(c - conns) << 32) | c->gen};
     epoll_ctl(cli_ep, EPOLL_CTL_MOD, c->fd, &e);
 }
 
 static void conn_release(cconn *c) {
+#ifdef WSLOAD_TLS
+    if (c->ssl) {
+        SSL_free(c->ssl);
+        c->ssl = NULL;
+    }
+#endif
     if (c->fd >= 0) close(c->fd);
     c->fd = -1;
     c->state = C_FREE;
@@ -671,7 +744,7 @@ static void start_conn(cconn *c, uint64_t now);
 /* A connection failed: count it, release it; the handshake loop starts a new one. */
 static void conn_fail(cconn *c, int kind, const char *detail, uint64_t now) {
     int was_open = c->state == C_OPEN || c->state == C_CLOSE_WAIT || c->state == C_EOF_WAIT;
-    int settling = c->state == C_CONNECTING || c->state == C_HS;
+    int settling = c->state == C_CONNECTING || c->state == C_TLS || c->state == C_HS;
     note_error(kind, detail);
     conn_release(c);
     if (mode == M_IDLE || mode == M_ECHO) {
@@ -681,14 +754,14 @@ static void conn_fail(cconn *c, int kind, const char *detail, uint64_t now) {
         } else if (was_open) {
             n_dropped++;
         }
-    } else if (mode == M_HANDSHAKE && !phase_stop_new) {
+    } else if (CYCLES && !phase_stop_new) {
         start_conn(c, now);
     }
 }
 
 static void cli_flush(cconn *c, uint64_t now) {
     while (buf_used(&c->out)) {
-        ssize_t w = send(c->fd, c->out.p + c->out.off, buf_used(&c->out), MSG_NOSIGNAL);
+        ssize_t w = io_send(c, c->out.p + c->out.off, buf_used(&c->out));
         if (w < 0) {
             if (errno == EAGAIN || errno == EWOULDBLOCK) {
                 if (!c->out_on) {
@@ -716,7 +789,7 @@ static int cli_send(cconn *c, const uint8_t *d, size_t n, uint64_t now) {
         return 0;
     }
     for (;;) {
-        ssize_t w = send(c->fd, d, n, MSG_NOSIGNAL);
+        ssize_t w = io_send(c, d, n);
         if (w < 0) {
             if (errno == EINTR) continue;
             if (errno == EAGAIN || errno == EWOULDBLOCK) w = 0;
@@ -753,8 +826,8 @@ static void send_message(cconn *c, uint64_t now) {
     uint8_t *mask = c->msg + c->msghdr - 4;
     memcpy(mask, &m, 4);
     mask_copy(c->msg + c->msghdr, payload_ref, opt_size, mask);
-    c->inflight = 1;
-    c->t_sent = now;
+    c->t_sent[(c->sent_head + c->inflight) % MAX_INFLIGHT] = now;
+    c->inflight++;
     c->deadline = now + ECHO_TIMEOUT_NS;
     cli_send(c, c->msg, c->msglen, now);
 }
@@ -776,11 +849,62 @@ static void send_handshake(cconn *c, uint64_t now) {
     cli_send(c, (const uint8_t *)req, (size_t)n, now);
 }
 
+/* The TCP connection is up: the TLS handshake (wsload-tls with wss://), then the upgrade. */
+static void on_connected(cconn *c, uint64_t now) {
+#ifdef WSLOAD_TLS
+    if (opt_tls) {
+        if (!c->ssl) {
+            c->ssl = SSL_new(tls_ctx);
+            if (!c->ssl) die("SSL_new failed");
+            SSL_set_fd(c->ssl, c->fd);
+            SSL_set_connect_state(c->ssl);
+            SSL_set_tlsext_host_name(c->ssl, opt_sni);
+            if (opt_resume && tls_session) SSL_set_session(c->ssl, tls_session);
+            c->state = C_TLS;
+        }
+        int r = SSL_do_handshake(c->ssl);
+        if (r != 1) {
+            int e = SSL_get_error(c->ssl, r);
+            if (e == SSL_ERROR_WANT_READ) {
+                cli_events(c, EPOLLIN);
+                return;
+            }
+            if (e == SSL_ERROR_WANT_WRITE) {
+                cli_events(c, EPOLLIN | EPOLLOUT);
+                return;
+            }
+            char d[160];
+            snprintf(d, sizeof d, "tls handshake: %s",
+                     ERR_reason_error_string(ERR_peek_last_error()) ? ERR_reason_error_string(ERR_peek_last_error()) : "failed");
+            ERR_clear_error();
+            conn_fail(c, E_CONNECT, d, now);
+            return;
+        }
+        if (now >= win_start && now < win_end) {
+            n_tls_handshakes++;
+            n_tls_resumed += (uint64_t)SSL_session_reused(c->ssl);
+        }
+        if (mode == M_TLS) { /* the cycle's end: our close_notify, then the server's close */
+            if (now >= win_start && now < win_end)
+                hist_add(hist, &hist_over, &hist_max, (now - c->t_start) / 1000);
+            SSL_shutdown(c->ssl);
+            c->state = C_EOF_WAIT;
+            c->deadline = now + CLOSE_TIMEOUT_NS;
+            cli_events(c, EPOLLIN);
+            return;
+        }
+    }
+#endif
+    cli_events(c, EPOLLIN);
+    send_handshake(c, now);
+}
+
 static void start_conn(cconn *c, uint64_t now) {
     c->gen++;
     c->t_start = now;
     c->deadline = now + HS_TIMEOUT_NS;
     c->inflight = 0;
+    c->sent_head = 0;
     c->out_on = 0;
     c->state = C_CONNECTING;
     n_live++;
@@ -789,7 +913,7 @@ static void start_conn(cconn *c, uint64_t now) {
     if (fd < 0) {
         char d[128];
         snprintf(d, sizeof d, "socket: %s", strerror(errno));
-        if (mode == M_HANDSHAKE) { /* do not spin: count it and give up the slot */
+        if (CYCLES) { /* do not spin: count it and give up the slot */
             note_error(E_CONNECT, d);
             c->state = C_FREE;
             n_live--;
@@ -806,13 +930,13 @@ static void start_conn(cconn *c, uint64_t now) {
     if (r == 0) {
         e.events = EPOLLIN;
         epoll_ctl(cli_ep, EPOLL_CTL_ADD, fd, &e);
-        send_handshake(c, now);
+        on_connected(c, now);
     } else if (errno == EINPROGRESS) {
         epoll_ctl(cli_ep, EPOLL_CTL_ADD, fd, &e);
     } else {
         char d[128];
         snprintf(d, sizeof d, "%s", strerror(errno));
-        if (mode == M_HANDSHAKE) {
+        if (CYCLES) {
             note_error(E_CONNECT, d);
             close(fd);
             c->fd = -1;
@@ -825,13 +949,22 @@ static void start_conn(cconn *c, uint64_t now) {
 }
 
 static void on_open(cconn *c, uint64_t now) {
+#ifdef WSLOAD_TLS
+    /* the 101 came through SSL_read, so a TLS 1.3 ticket sent after the handshake is in */
+    if (opt_resume && !tls_session && c->ssl) {
+        SSL_SESSION *s = SSL_get1_session(c->ssl);
+        if (s && SSL_SESSION_is_resumable(s)) tls_session = s;
+        else if (s) SSL_SESSION_free(s);
+    }
+#endif
     if (mode == M_ECHO) {
         n_opened++;
         n_settled++;
         c->state = C_OPEN;
         c->deadline = UINT64_MAX;
         if (phase_stop_new) send_close(c, now);
-        else send_message(c, now);
+        else
+            for (int i = 0; i < opt_inflight && c->state == C_OPEN; i++) send_message(c, now);
     } else if (mode == M_HANDSHAKE) {
         if (now >= win_start && now < win_end)
             hist_add(hist, &hist_over, &hist_max, (now - c->t_start) / 1000);
@@ -846,9 +979,19 @@ static void on_open(cconn *c, uint64_t now) {
 
 /* The peer finished the closing handshake (Close then EOF). */
 static void on_closed(cconn *c, uint64_t now) {
+#ifdef WSLOAD_TLS
+    if (c->ssl) {
+        SSL_shutdown(c->ssl); /* close_notify (if not sent yet), so the session stays resumable */
+        if (opt_resume && !tls_session) { /* a TLS 1.3 ticket arrives after the handshake */
+            SSL_SESSION *s = SSL_get1_session(c->ssl);
+            if (s && SSL_SESSION_is_resumable(s)) tls_session = s;
+            else if (s) SSL_SESSION_free(s);
+        }
+    }
+#endif
     conn_release(c);
     n_closed_clean++;
-    if (mode == M_HANDSHAKE) {
+    if (CYCLES) {
         if (now >= win_start && now < win_end) {
             n_done++;
             hist_add(hist2, &hist2_over, &hist2_max, (now - c->t_start) / 1000);
@@ -944,13 +1087,15 @@ static long cli_process(cconn *c, const uint8_t *d, size_t n, uint64_t now) {
                 conn_fail(c, E_MISMATCH, NULL, now);
                 return -1;
             }
-            c->inflight = 0;
+            uint64_t t_sent = c->t_sent[c->sent_head];
+            c->sent_head = (c->sent_head + 1) % MAX_INFLIGHT;
+            c->inflight--;
             if (now >= win_start && now < win_end) {
                 n_done++;
-                hist_add(hist, &hist_over, &hist_max, (now - c->t_sent) / 1000);
+                hist_add(hist, &hist_over, &hist_max, (now - t_sent) / 1000);
             }
             if (phase_stop_new) {
-                send_close(c, now);
+                if (!c->inflight) send_close(c, now);
             } else {
                 send_message(c, now);
             }
@@ -962,7 +1107,7 @@ static long cli_process(cconn *c, const uint8_t *d, size_t n, uint64_t now) {
 }
 
 static void cli_read(cconn *c, uint64_t now) {
-    ssize_t r = recv(c->fd, scratch, sizeof scratch, 0);
+    ssize_t r = io_recv(c, scratch, sizeof scratch);
     if (r == 0) {
         if (c->state == C_EOF_WAIT) on_closed(c, now);
         else conn_fail(c, E_EOF, NULL, now);
@@ -995,8 +1140,11 @@ static void cli_event(cconn *c, uint32_t ev, uint64_t now) {
             return;
         }
         if (!(ev & EPOLLOUT)) return;
-        cli_events(c, EPOLLIN);
-        send_handshake(c, now);
+        on_connected(c, now);
+        return;
+    }
+    if (c->state == C_TLS) {
+        on_connected(c, now);
         return;
     }
     if ((ev & EPOLLOUT) && c->out_on) {
@@ -1013,6 +1161,7 @@ static void sweep_deadlines(uint64_t now) {
         if (c->state == C_FREE || now < c->deadline) continue;
         switch (c->state) {
         case C_CONNECTING:
+        case C_TLS:
         case C_HS:
             conn_fail(c, E_TIMEOUT_HS, NULL, now);
             break;
@@ -1038,6 +1187,16 @@ static void print_errors(FILE *o) {
     fprintf(o, "},\"errors_total\":%llu", (unsigned long long)total);
     /* first_error is built from strerror and our own text: no quotes or backslashes */
     fprintf(o, ",\"first_error\":\"%s\"", first_error);
+}
+
+static void print_tls(FILE *o) {
+#ifdef WSLOAD_TLS
+    if (opt_tls)
+        fprintf(o, "\"tls_handshakes\":%llu,\"tls_resumed\":%llu,", (unsigned long long)n_tls_handshakes,
+                (unsigned long long)n_tls_resumed);
+#else
+    (void)o;
+#endif
 }
 
 static void pump(int timeout_ms) {
@@ -1135,10 +1294,11 @@ static int run_client(void) {
                hist_pct(hist, hist_over, hist_max, 0.99), (unsigned long long)hist_max,
                (unsigned long long)n_dropped, (unsigned long long)n_closed_clean);
         if (first_status[0]) printf("\"first_status\":\"%s\",", first_status);
+        print_tls(stdout);
         print_errors(stdout);
         printf("}\n");
         fflush(stdout);
-    } else if (mode == M_HANDSHAKE) {
+    } else if (CYCLES) {
         if (opt_warmup < 0) opt_warmup = 1;
         win_start = t0 + (uint64_t)(opt_warmup * 1e9);
         win_end = win_start + (uint64_t)(opt_duration * 1e9);
@@ -1168,14 +1328,16 @@ static int run_client(void) {
             sweep_deadlines(now_ns());
         }
         double dur = secs(win_end - win_start);
-        printf("{\"mode\":\"handshake\",\"conns\":%d,\"duration_s\":%.3f,\"handshakes\":%llu,"
+        printf("{\"mode\":\"%s\",\"conns\":%d,\"duration_s\":%.3f,\"handshakes\":%llu,"
                "\"handshakes_per_s\":%.1f,\"p50_us\":%.0f,\"p99_us\":%.0f,\"max_us\":%llu,"
                "\"cycle_p50_us\":%.0f,\"cycle_p99_us\":%.0f,",
-               opt_conns, dur, (unsigned long long)n_done, dur > 0 ? (double)n_done / dur : 0.0,
+               mode == M_TLS ? "tls" : "handshake", opt_conns, dur, (unsigned long long)n_done,
+               dur > 0 ? (double)n_done / dur : 0.0,
                hist_pct(hist, hist_over, hist_max, 0.50), hist_pct(hist, hist_over, hist_max, 0.99),
                (unsigned long long)hist_max, hist_pct(hist2, hist2_over, hist2_max, 0.50),
                hist_pct(hist2, hist2_over, hist2_max, 0.99));
         if (first_status[0]) printf("\"first_status\":\"%s\",", first_status);
+        print_tls(stdout);
         print_errors(stdout);
         printf("}\n");
         fflush(stdout);
@@ -1234,6 +1396,7 @@ static int run_client(void) {
                opt_conns, (unsigned long long)n_opened, (unsigned long long)n_failed, open_at_end,
                (unsigned long long)n_dropped, (unsigned long long)n_closed_clean, nofile_limit());
         if (first_status[0]) printf("\"first_status\":\"%s\",", first_status);
+        print_tls(stdout);
         print_errors(stdout);
         printf("}\n");
         fflush(stdout);
@@ -1249,8 +1412,15 @@ static int run_client(void) {
 
 static void parse_url(const char *url) {
     const char *p = url;
+    size_t scheme = 5;
+#ifdef WSLOAD_TLS
+    if (strncmp(p, "wss://", 6) == 0) {
+        opt_tls = 1;
+        scheme = 6;
+    } else
+#endif
     if (strncmp(p, "ws://", 5) != 0) die("--url must start with ws:// (got %s)", url);
-    p += 5;
+    p += scheme;
     const char *hend = p + strcspn(p, ":/");
     if ((size_t)(hend - p) != 9 || strncmp(p, "127.0.0.1", 9) != 0)
         die("--url host must be 127.0.0.1: this tool only talks to loopback (got %s)", url);
@@ -1271,7 +1441,9 @@ static void usage(void) {
             "usage:\n"
             "  wsload server --port P\n"
             "  wsload echo --url ws://127.0.0.1:P/ [--host H] [--conns 100] [--size 32]\n"
-            "              [--duration 10] [--warmup 2]\n"
+            "              [--duration 10] [--warmup 2] [--inflight 1]\n"
+            "  (wsload-tls: wss:// URLs too, [--sni NAME]; handshake and tls [--resume 1])\n"
+            "  wsload-tls tls --url wss://127.0.0.1:P/ [--conns 50] [--duration 10] [--resume 1]\n"
             "  wsload handshake --url ws://127.0.0.1:P/ [--host H] [--conns 50] [--duration 10]\n"
             "              [--warmup 1]\n"
             "  wsload idle --url ws://127.0.0.1:P/ [--host H] [--conns 9000] [--hold 20]\n"
@@ -1316,6 +1488,11 @@ int main(int argc, char **argv) {
         else if (!strcmp(a, "--warmup")) opt_warmup = atof(v);
         else if (!strcmp(a, "--hold")) opt_hold = atof(v);
         else if (!strcmp(a, "--rate")) opt_rate = atof(v);
+        else if (!strcmp(a, "--inflight")) opt_inflight = atoi(v);
+#ifdef WSLOAD_TLS
+        else if (!strcmp(a, "--sni")) snprintf(opt_sni, sizeof opt_sni, "%s", v);
+        else if (!strcmp(a, "--resume")) opt_resume = atoi(v);
+#endif
         else die("unknown option %s", a);
     }
     if (!strcmp(cmd, "selftest")) return selftest();
@@ -1326,6 +1503,9 @@ int main(int argc, char **argv) {
     if (!strcmp(cmd, "echo")) mode = M_ECHO;
     else if (!strcmp(cmd, "handshake")) mode = M_HANDSHAKE;
     else if (!strcmp(cmd, "idle")) mode = M_IDLE;
+#ifdef WSLOAD_TLS
+    else if (!strcmp(cmd, "tls")) mode = M_TLS;
+#endif
     else usage();
     if (!url) die("%s needs --url ws://127.0.0.1:PORT/", cmd);
     parse_url(url);
@@ -1336,5 +1516,26 @@ int main(int argc, char **argv) {
     if (opt_duration <= 0) die("bad --duration");
     if (opt_rate <= 0) die("bad --rate");
     if (opt_warmup < 0) opt_warmup = mode == M_ECHO ? 2 : opt_warmup;
+    if (opt_inflight < 1 || opt_inflight > MAX_INFLIGHT) die("--inflight must be 1..%d", MAX_INFLIGHT);
+#ifdef WSLOAD_TLS
+    if (mode == M_TLS && !opt_tls) die("tls needs a wss:// URL");
+    if (opt_tls) {
+        if (!opt_sni[0]) {
+            snprintf(opt_sni, sizeof opt_sni, "%s", opt_host);
+            char *colon = strrchr(opt_sni, ':');
+            if (colon && !strchr(opt_sni, ']')) *colon = 0;
+        }
+        tls_ctx = SSL_CTX_new(TLS_client_method());
+        if (!tls_ctx) die("SSL_CTX_new failed");
+        SSL_CTX_set_verify(tls_ctx, SSL_VERIFY_NONE, NULL);
+        SSL_CTX_set_mode(tls_ctx, SSL_MODE_ENABLE_PARTIAL_WRITE | SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER);
+        SSL_CTX_set_options(tls_ctx, SSL_OP_IGNORE_UNEXPECTED_EOF);
+        /* the client's own session cache is not used: --resume offers one session explicitly */
+        SSL_CTX_set_session_cache_mode(tls_ctx, SSL_SESS_CACHE_OFF);
+        const char *v = getenv("WSLOAD_TLS_VERSION"); /* "1.2" or "1.3": pin the version */
+        if (v && !strcmp(v, "1.2")) SSL_CTX_set_max_proto_version(tls_ctx, TLS1_2_VERSION);
+        if (v && !strcmp(v, "1.3")) SSL_CTX_set_min_proto_version(tls_ctx, TLS1_3_VERSION);
+    }
+#endif
     return run_client();
 }
