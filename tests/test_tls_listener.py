@@ -6,6 +6,7 @@ against the throwaway CA of tests/tlsca.py: Python ssl, curl and openssl s_clien
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import socket
 import ssl
@@ -14,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import pytest
+from backends.http_backend import pattern
 from harness import HOST, Backend
 from test_reload import owner
 from tlsca import Leaf, TestCA
@@ -212,6 +214,30 @@ def test_get_post_keepalive_and_forwarded_proto(env: Env) -> None:
         assert status == 200
         assert (up["length"], up["sha256"]) == (len(body), hashlib.sha256(body).hexdigest())
         assert conn.sock is sock, "keep-alive: every request on one TLS connection"
+    finally:
+        conn.close()
+
+
+def test_large_download_and_chunked_upload(env: Env) -> None:
+    """Bodies bigger than any buffer on the way, both directions, on one TLS connection."""
+    size = 5_000_000
+    want = hashlib.sha256(b"".join(pattern(size))).hexdigest()
+    conn = HttpsConnection("app.example.com", env.strict.tls_port, client_context(env.ca),
+                           timeout=20)
+    try:
+        for chunked in ("0", "1"):
+            conn.request("GET", f"/bytes/{size}?chunked={chunked}")
+            response = conn.getresponse()
+            body = response.read()
+            assert response.status == 200
+            assert (len(body), hashlib.sha256(body).hexdigest()) == (size, want)
+        blocks = [os.urandom(65536) for _ in range(40)]
+        conn.request("POST", "/chunks", body=iter(blocks), encode_chunked=True,
+                     headers={"Transfer-Encoding": "chunked"})
+        response = conn.getresponse()
+        got = json.loads(response.read())
+        joined = b"".join(blocks)
+        assert (got["length"], got["sha256"]) == (len(joined), hashlib.sha256(joined).hexdigest())
     finally:
         conn.close()
 

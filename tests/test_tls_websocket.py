@@ -312,3 +312,34 @@ def test_autobahn_quick_over_wss_same_verdicts(tmp_path: Path, env: Env,
             if got[key] != want[key]:
                 worse.append(f"{case}: {key} {want[key]} direct, {got[key]} over wss")
     assert not worse, "verdicts differ over wss through Charon:\n" + "\n".join(worse)
+
+
+@pytest.mark.timeout(60)
+def test_wss_drained_by_new_generation_closed_1001(tmp_path: Path, env: Env) -> None:
+    """Past `drain_timeout` after a new generation (SIGUSR2; a SIGHUP that changes nothing a
+    worker took at start reloads in place), the old worker ends its wss tunnels with a Close
+    1001 written through TLS at a frame boundary, as over ws://; the client reconnects."""
+    with running_tls_charon(tmp_path, _hosts(env.ws, env.leaf),
+                            server_toml='drain_timeout = "1s"') as charon:
+        port = charon.tls_port
+
+        async def scenario() -> None:
+            async with wss_connect(port, "/echo", env.ctx) as ws:
+                await ws.send("before the reload")
+                assert await asyncio.wait_for(ws.recv(), 5) == "before the reload"
+                count = _reload_count(charon)
+                os.kill(charon.pid, signal.SIGUSR2)
+                await asyncio.to_thread(wait_until, lambda: _reload_count(charon) > count, 30,
+                                        what="the reload's result")
+                with pytest.raises(ConnectionClosed) as closed:
+                    while True:  # echoes until the drain ends it
+                        await ws.send("during the drain")
+                        await asyncio.wait_for(ws.recv(), 10)
+                        await asyncio.sleep(0.1)
+                assert closed.value.rcvd is not None, "no Close frame: the tunnel was cut"
+                assert closed.value.rcvd.code == 1001
+            async with wss_connect(port, "/echo", env.ctx) as fresh:
+                await fresh.send("after")
+                assert await asyncio.wait_for(fresh.recv(), 5) == "after"
+
+        run(scenario(), timeout=45)
