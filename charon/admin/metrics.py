@@ -40,6 +40,7 @@ from charon.events.schema import (
     ERR_CLOSED,
     ERR_CONNECT,
     ERR_TIMEOUT,
+    ERR_TLS,
     FIELDS,
     METRICS,
     WORKER_EXIT,
@@ -52,7 +53,7 @@ OTHER_HOST = "_other"  # the host label of anything that is not a configured pro
 OTHER = "other"  # the label value of anything else out of a bounded set
 GAUGE_TTL = 5.0  # a process that has not reported for this long has its gauges dropped
 EXITED_MEMORY = 60.0  # how long an exited pid's events_dropped count is remembered
-ERROR_KINDS = (ERR_CONNECT, ERR_TIMEOUT, ERR_BAD_RESPONSE, ERR_CLOSED)
+ERROR_KINDS = (ERR_CONNECT, ERR_TIMEOUT, ERR_BAD_RESPONSE, ERR_CLOSED, ERR_TLS)
 DIRECTIONS = ("in", "out")
 RELOAD_RESULTS = ("success", "error")
 METHODS = KNOWN_METHODS | {"OTHER"}

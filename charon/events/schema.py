@@ -61,6 +61,7 @@ ERR_CONNECT = "connect"
 ERR_TIMEOUT = "timeout"
 ERR_BAD_RESPONSE = "bad_response"
 ERR_CLOSED = "closed"
+ERR_TLS = "tls"  # the TLS handshake with an https:// backend failed (its certificate, mostly)
 
 
 # The columns of a batch's REQUEST records, in the order of FIELDS[REQUEST], with how each is

@@ -5,10 +5,10 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING
 
-from charon.config.model import Config, Upstream
+from charon.config.model import Config, Upstream, UpstreamKey
 from charon.worker.http.headers import ForwardedPolicy
 from charon.worker.http.sendwatch import SendWatch
-from charon.worker.routing import Router
+from charon.worker.routing import config_router
 from charon.worker.telemetry import Telemetry
 from charon.worker.upstreams.pool import UpstreamPool
 from charon.worker.websocket.tunnel import TunnelEngine
@@ -30,7 +30,6 @@ class WorkerContext:
         self.forwarded = ForwardedPolicy(server.trusted_proxies, server.underscores_in_headers)
         self.limits = config.server.limits
         self.timeouts = config.timeouts
-        self.scheme = b"http"
         self.connections: set[ClientConnection] = set()
         self.tunnels: set[Tunnel] = set()
         self.dialling: set[DialledTunnel] = set()  # handshakes the front door took, until 101
@@ -40,8 +39,8 @@ class WorkerContext:
         self.listeners: Listeners | None = None  # set once serving
         self.draining = False
         self.closing_tunnels = False
-        self.pools: dict[tuple[str, int], UpstreamPool] = {}
-        self.router = Router(config.hosts, self.pool)
+        self.pools: dict[UpstreamKey, UpstreamPool] = {}
+        self.router = config_router(config, self.pool)
 
     def pool(self, upstream: Upstream) -> UpstreamPool:
         pool = self.pools.get(upstream.key)

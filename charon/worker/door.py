@@ -24,6 +24,7 @@ from charon.worker.websocket.dialled import DialledTunnel, Handshake
 
 if TYPE_CHECKING:
     from charon.worker.context import WorkerContext
+    from charon.worker.tlsinfo import TlsInfo
     from charon.worker.websocket._engine import Arrival, SplitHead
 
 log = logging.getLogger("charon.worker")
@@ -51,10 +52,10 @@ def arrived(ctx: WorkerContext, arrivals: list[Arrival] | None, accepted: int) -
         ctx.listeners.opened(accepted)
     if arrivals is None:
         return
-    for fd, peer_ip, first_read, head in arrivals:
+    for fd, peer_ip, first_read, head, tls in arrivals:
         if head is not None and not ctx.draining:
             try:
-                plan = _plan(ctx, peer_ip, head)
+                plan = _plan(ctx, peer_ip, head, tls)
             except Exception:
                 log.exception("the front door could not plan a handshake; the HTTP path takes it")
                 plan = None
@@ -62,16 +63,19 @@ def arrived(ctx: WorkerContext, arrivals: list[Arrival] | None, accepted: int) -
                 _dial(ctx, fd, peer_ip, first_read, head, plan)
                 continue
         try:
-            adopt_client(ctx, fd, peer_ip, first_read)
+            adopt_client(ctx, fd, peer_ip, first_read, tls=tls)
         except Exception:  # (its socket object, if made, closes the fd when dropped)
             log.exception("cannot hand an accepted connection to the HTTP path")
             if ctx.listeners is not None:
                 ctx.listeners.closed_one()
 
 
-def _plan(ctx: WorkerContext, peer_ip: str, head: SplitHead) -> RequestPlan | None:
+def _plan(
+    ctx: WorkerContext, peer_ip: str, head: SplitHead, tls: TlsInfo | None
+) -> RequestPlan | None:
     """The plan of a handshake this path may dial as the HTTP path would forward it; None
-    leaves the connection to the HTTP path, which answers the rest."""
+    leaves the connection to the HTTP path, which answers the rest (a force_https 308, a 421,
+    a backend over TLS, which the engine does not dial)."""
     method, target, fields, head_len = head
     limits = ctx.limits
     if (
@@ -82,13 +86,14 @@ def _plan(ctx: WorkerContext, peer_ip: str, head: SplitHead) -> RequestPlan | No
         return None
     try:
         plan = plan_request(
-            method, target, "1.1", fields, peer_ip, ctx.scheme, ctx.router, ctx.forwarded
+            method, target, "1.1", fields, peer_ip, tls, ctx.router, ctx.forwarded
         )
     except HttpError:
         return None
     if plan.websocket_key is None or plan.body != BODY_NONE:
         return None
-    if not _is_ip(plan.route.upstream.host):
+    upstream = plan.route.upstream
+    if upstream.tls or not _is_ip(upstream.host):
         return None
     return plan
 

@@ -2,7 +2,9 @@
 
 The bytes the front door read are fed to the new `ClientConnection` before any other. A
 connection whose WebSocket handshake the engine dialled comes with a `Handover`: the backend's
-answer so far (with its socket, the request already sent) or the failure to answer with.
+answer so far (with its socket, the request already sent) or the failure to answer with. A TLS
+connection comes as one end of a socketpair that the engine pumps plaintext through, with what
+its handshake negotiated (`TlsInfo`).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from charon.worker.upstreams.connecting import Connecting
 
 if TYPE_CHECKING:
     from charon.worker.context import WorkerContext
+    from charon.worker.tlsinfo import TlsInfo
 
 log = logging.getLogger("charon.worker")
 
@@ -49,8 +52,12 @@ def adopt_client(
     peer_ip: str,
     first_read: bytes,
     handover: Handover | None = None,
+    tls: TlsInfo | None = None,
 ) -> None:
-    family = socket.AF_INET6 if ":" in peer_ip else socket.AF_INET
+    if tls is not None:
+        family = socket.AF_UNIX
+    else:
+        family = socket.AF_INET6 if ":" in peer_ip else socket.AF_INET
     try:
         sock = socket.socket(family, socket.SOCK_STREAM, 0, fd)
     except OSError:
@@ -61,6 +68,9 @@ def adopt_client(
             ctx.listeners.closed_one()
         return
     conn = ClientConnection(ctx)
+    if tls is not None:
+        conn.peer_ip = peer_ip  # (else the socket's own peer address, in connection_made)
+        conn.tls = tls
     conn.first_read = first_read
     conn.handover = handover
     # connect_accepted_socket only waits for connection_made: stepped without a Task.

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from charon.config.model import Limits
     from charon.worker.context import WorkerContext
     from charon.worker.http.adopted import Handover
+    from charon.worker.tlsinfo import TlsInfo
 
 log = logging.getLogger("charon.worker")
 
@@ -44,7 +45,7 @@ class ClientConnection(SlicedFeed):
         "ctx", "transport", "parser", "peer_ip", "exchanges", "deadline", "deadline_kind",
         "closing", "_paused", "write_paused", "_url", "_url_size", "_headers", "_header_size",
         "_in_head", "_held", "_max_header_bytes", "_max_header_count", "first_read", "handover",
-        "lines", "_head_read", "_max_head_read", "_limits",
+        "lines", "_head_read", "_max_head_read", "_limits", "tls",
     )
 
     def __init__(self, ctx: WorkerContext) -> None:
@@ -71,14 +72,18 @@ class ClientConnection(SlicedFeed):
         # From the front door (http/adopted.py): bytes it read, and what it did with them.
         self.first_read = b""
         self.handover: Handover | None = None
+        # What the client's TLS connection negotiated (the engine terminates it and hands
+        # the plaintext over a socketpair); None on a plain listener.
+        self.tls: TlsInfo | None = None
         self.lines = RequestLines()  # where each request line is, to refuse extra spaces
 
     # -- asyncio.Protocol ------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
-        peer = transport.get_extra_info("peername")
-        self.peer_ip = peer[0] if peer else ""
+        if not self.peer_ip:  # (a TLS connection's socketpair has no peer: it came with it)
+            peer = transport.get_extra_info("peername")
+            self.peer_ip = peer[0] if peer else ""
         self.ctx.connections.add(self)  # (counted for accept back-off by the front door)
         self.set_deadline(HEADER, self.ctx.timeouts.header)
         if self.first_read:
@@ -269,7 +274,7 @@ class ClientConnection(SlicedFeed):
                 version,
                 self._headers,
                 self.peer_ip,
-                self.ctx.scheme,
+                self.tls,
                 self.ctx.router,
                 self.ctx.forwarded,
             )
@@ -277,7 +282,7 @@ class ClientConnection(SlicedFeed):
             if error.close:
                 raise
             if parser.should_upgrade():
-                raise HttpError(error.status, error.detail) from None
+                raise error.closing() from None
             exchange = Exchange(
                 self, None, version == "1.1", keep_alive, error, method, target
             )
@@ -376,7 +381,7 @@ class ClientConnection(SlicedFeed):
             return
         # A response to HEAD has no body (RFC 9110 9.3.2); the method is known once a target was.
         method = self.parser.get_method() if self._url else b"-"
-        exchange = Exchange(self, None, True, False, HttpError(error.status, error.detail), method)
+        exchange = Exchange(self, None, True, False, error.closing(), method)
         exchange.request_done = True
         self._enqueue(exchange)
 

@@ -1,5 +1,7 @@
 # Stub of the C extension _engine.c (the WebSocket tunnel engine).
 
+from charon.worker.tlsinfo import TlsInfo
+
 CLIENT: int
 BACKEND: int
 CLIENT_LOST: int
@@ -11,8 +13,8 @@ READ_SIZE: int
 
 # (method, target, [(name, value), ...], head length) of a first read split by the front door
 SplitHead = tuple[bytes, bytes, list[tuple[bytes, bytes]], int]
-# (fd, peer IP, first read, SplitHead or None)
-Arrival = tuple[int, str, bytes, SplitHead | None]
+# (fd, peer IP, first read, SplitHead or None, what a TLS connection negotiated or None)
+Arrival = tuple[int, str, bytes, SplitHead | None, TlsInfo | None]
 Report = tuple[Tunnel, int, int]
 
 def split_head(data: bytes) -> SplitHead | None: ...
