@@ -1,6 +1,8 @@
 """An aiohttp backend for the HTTP data-path tests; binds 127.0.0.1 only, exits on SIGTERM.
 
-    python tests/backends/http_backend.py --port PORT [--name NAME]
+    python tests/backends/http_backend.py --port PORT [--name NAME] [--cert PEM --key KEY]
+
+With --cert and --key it serves HTTPS (the chain and key as PEM files).
 
 Routes (any method unless noted):
   /echo, /echo/...   JSON: backend name, method, raw path, version, the request headers as
@@ -22,6 +24,7 @@ import argparse
 import asyncio
 import hashlib
 import signal
+import ssl
 
 from aiohttp import web
 
@@ -138,12 +141,12 @@ def _make_app(name: str) -> web.Application:
     return app
 
 
-async def _main(port: int, name: str) -> None:
+async def _main(port: int, name: str, tls: ssl.SSLContext | None = None) -> None:
     runner = web.AppRunner(
         _make_app(name), access_log=None, auto_decompress=False, shutdown_timeout=0.5
     )
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", port)
+    site = web.TCPSite(runner, "127.0.0.1", port, ssl_context=tls)
     await site.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -157,8 +160,14 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--name", default="http")
+    parser.add_argument("--cert")
+    parser.add_argument("--key")
     args = parser.parse_args()
-    asyncio.run(_main(args.port, args.name))
+    tls = None
+    if args.cert:
+        tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        tls.load_cert_chain(args.cert, args.key)
+    asyncio.run(_main(args.port, args.name, tls))
 
 
 if __name__ == "__main__":
