@@ -8,6 +8,8 @@ certificates come from a throwaway CA (tests/tlsca.py); clients are raw sockets 
 
 from __future__ import annotations
 
+import os
+import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +18,7 @@ import pytest
 from harness import Backend, Charon, free_port, wait_until
 from httpwire import Client, Response
 from test_metrics import value, wait_metrics
+from test_websocket_handshake import RawWs, client_frame
 from tlsca import TestCA
 
 from charon.config.loader import load_config_text
@@ -58,6 +61,9 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
         "http_backend.py", "--name", "misnamed",
         "--cert", str(other_leaf.cert_path), "--key", str(other_leaf.key_path),
     )
+    secure_ws = Backend(
+        "ws_backend.py", "--cert", str(backend_leaf.cert_path), "--key", str(backend_leaf.key_path)
+    )
     tls_port = free_port()
     https = f"https://127.0.0.1:{secure.port}"
     hosts = f"""
@@ -98,6 +104,11 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
         tls_ca = "{ca.cert_path}"
 
         [[hosts]]
+        domains = ["ws.test"]
+        upstream = "https://127.0.0.1:{secure_ws.port}"
+        tls_ca = "{ca.cert_path}"
+
+        [[hosts]]
         domains = ["plainport.test"]
         upstream = "http://127.0.0.1:{secure.port}"
     """
@@ -116,7 +127,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
         yield Setup(charon, tls_port, state_dir, plain.port)
     finally:
         charon.stop()
-        for backend in (plain, secure, misnamed):
+        for backend in (plain, secure, misnamed, secure_ws):
             backend.stop()
 
 
@@ -130,7 +141,7 @@ def get(port: int, host: str, path: str = "/") -> Response:
         return exchange(client, f"GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n")
 
 
-# -- force_https ---------------------------------------------------------------------------------
+# -- force_https --------------------------------------------------------------------------------
 
 
 def test_force_https_redirects_plain_requests_and_keeps_the_connection(setup: Setup) -> None:
@@ -183,7 +194,7 @@ def test_plain_requests_say_http_and_get_no_hsts(setup: Setup) -> None:
     assert headers["x-forwarded-proto"] == "http"
 
 
-# -- ACME HTTP-01 ----------------------------------------------------------------------------------
+# -- ACME HTTP-01 ------------------------------------------------------------------------------
 
 
 def test_acme_challenge_files_are_answered_by_the_proxy_on_any_host(setup: Setup) -> None:
@@ -217,10 +228,12 @@ def test_acme_tokens_cannot_name_other_files(setup: Setup) -> None:
     secret.parent.mkdir(parents=True, exist_ok=True)
     secret.write_bytes(b"private")
     for target in ("/.well-known/acme-challenge/..%2Fsecret",
+                   "/.well-known/acme-challenge/%2E%2E%2Fsecret",
                    "/.well-known/acme-challenge/.secret",
                    "/.well-known/acme-challenge/"):
         resp = get(setup.charon.port, "acme.test", target)
-        assert resp.status == 200 and resp.json()["backend"] == "plain", target
+        assert b"private" not in resp.body, target
+        assert resp.status == 400 or resp.json()["backend"] == "plain", target
 
 
 # -- https:// backends ---------------------------------------------------------------------------
@@ -271,17 +284,33 @@ def test_plain_and_tls_connections_to_one_address_are_never_mixed(setup: Setup) 
     assert get(setup.charon.port, "plainport.test", "/echo").status == 502
 
 
-def test_websocket_to_an_https_backend_is_502_for_now(setup: Setup) -> None:
-    with Client(setup.charon.port) as client:
-        resp = exchange(client, WS_HEAD.format(host="verified.test"))
-        assert resp.status == 502
-    wait_until(
-        lambda: "WebSocket to https upstream not supported yet" in setup.charon.log(), 5,
-        what="the log line",
-    )
+def test_websocket_to_an_https_backend_is_tunnelled(setup: Setup) -> None:
+    with RawWs(setup.charon.port) as ws:
+        head = ws.upgrade("/echo", "ws.test", b"Sec-WebSocket-Protocol: v1.chat\r\n")
+        assert head.get("Sec-WebSocket-Protocol") == "v1.chat"
+        ws.send(client_frame(0x1, b"hello over tls"))
+        frame = ws.read_frame()
+        assert (frame.opcode, frame.payload, frame.masked) == (0x1, b"hello over tls", False)
+        big = os.urandom(700_000)  # more than one read of each leg, both ways
+        ws.send(client_frame(0x2, big))
+        frame = ws.read_frame()
+        assert frame.opcode == 0x2 and frame.payload == big
+        ws.send(client_frame(0x8, struct.pack("!H", 1000) + b"done"))
+        frame = ws.read_frame()
+        assert frame.opcode == 0x8 and frame.close_code == 1000
+        ws.read_to_end()
 
 
-# -- the plan's decisions for TLS connections (plan_request itself) ----------------------------------
+def test_https_backend_closing_a_tunnel_reaches_the_client(setup: Setup) -> None:
+    with RawWs(setup.charon.port) as ws:
+        ws.upgrade("/close/4001", "ws.test")
+        frame = ws.read_frame()
+        assert frame.opcode == 0x8 and frame.close_code == 4001
+        ws.send(client_frame(0x8, struct.pack("!H", 4001)))
+        ws.read_to_end()
+
+
+# -- the plan's decisions for TLS connections (plan_request itself) ------------------------------
 
 PLAN_CONFIG = """
 [server]

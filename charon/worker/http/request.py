@@ -200,8 +200,8 @@ def plan_request(
         host_value, route_name, path = _authority_and_path(target, method, host_values)
     check_target(path)
     if (
-        path[:_ACME_LEN] == ACME_PREFIX
-        and router.acme_state_dir is not None
+        router.acme_state_dir is not None  # (most configs: no ACME host, nothing to look at)
+        and path[:_ACME_LEN] == ACME_PREFIX
         and (method == b"GET" or method == b"HEAD")
     ):
         answer = challenge_answer(router.acme_state_dir, path)
@@ -238,9 +238,6 @@ def plan_request(
     else:
         scheme = b"https"
         hsts = route.hsts  # (RFC 6797 7.2: never over plain http)
-    if websocket and route.upstream.tls:
-        # The engine copies a tunnel between raw sockets; a TLS backend socket is not one.
-        raise HttpError(502, "WebSocket to https upstream not supported yet")
     out[0] = b"".join((method, b" ", target, b" HTTP/1.1\r\nHost: ", host_value, b"\r\n"))
 
     if max_forwards is not None:
