@@ -20,12 +20,14 @@ from typing import TYPE_CHECKING
 from charon.worker.http.adopted import adopt_client
 from charon.worker.http.errors import HttpError
 from charon.worker.http.request import BODY_NONE, RequestPlan, plan_request
+from charon.worker.tlsinfo import TlsInfo
+from charon.worker.tlspump import serve_http
+from charon.worker.websocket._engine import CLIENT
 from charon.worker.websocket.dialled import DialledTunnel, Handshake
 
 if TYPE_CHECKING:
     from charon.worker.context import WorkerContext
-    from charon.worker.tlsinfo import TlsInfo
-    from charon.worker.websocket._engine import Arrival, SplitHead
+    from charon.worker.websocket._engine import Arrival, SplitHead, TlsConn
 
 log = logging.getLogger("charon.worker")
 
@@ -60,10 +62,13 @@ def arrived(ctx: WorkerContext, arrivals: list[Arrival] | None, accepted: int) -
                 log.exception("the front door could not plan a handshake; the HTTP path takes it")
                 plan = None
             if plan is not None:
-                _dial(ctx, fd, peer_ip, first_read, head, plan)
+                _dial(ctx, fd, peer_ip, first_read, head, plan, tls)
                 continue
         try:
-            adopt_client(ctx, fd, peer_ip, first_read, tls=tls)
+            if tls is not None:
+                serve_http(ctx, fd, peer_ip, first_read, tls)
+            else:
+                adopt_client(ctx, fd, peer_ip, first_read)
         except Exception:  # (its socket object, if made, closes the fd when dropped)
             log.exception("cannot hand an accepted connection to the HTTP path")
             if ctx.listeners is not None:
@@ -71,7 +76,7 @@ def arrived(ctx: WorkerContext, arrivals: list[Arrival] | None, accepted: int) -
 
 
 def _plan(
-    ctx: WorkerContext, peer_ip: str, head: SplitHead, tls: TlsInfo | None
+    ctx: WorkerContext, peer_ip: str, head: SplitHead, tls: TlsConn | None
 ) -> RequestPlan | None:
     """The plan of a handshake this path may dial as the HTTP path would forward it; None
     leaves the connection to the HTTP path, which answers the rest (a force_https 308, a 421,
@@ -84,9 +89,10 @@ def _plan(
         or len(target) > limits.max_request_target
     ):
         return None
+    info = TlsInfo(*tls.info()) if tls is not None else None  # (421 compares its SNI name)
     try:
         plan = plan_request(
-            method, target, "1.1", fields, peer_ip, tls, ctx.router, ctx.forwarded
+            method, target, "1.1", fields, peer_ip, info, ctx.router, ctx.forwarded
         )
     except HttpError:
         return None
@@ -100,11 +106,13 @@ def _plan(
 
 def _dial(
     ctx: WorkerContext, fd: int, peer_ip: str, first_read: bytes, head: SplitHead,
-    plan: RequestPlan,
+    plan: RequestPlan, tls: TlsConn | None,
 ) -> None:
     tunnel = None
     try:
         tunnel = DialledTunnel(ctx, fd, Handshake(plan, head[1], peer_ip, first_read))
+        if tls is not None:
+            tunnel.attach_tls(CLIENT, tls)
         tunnel.begin(first_read[head[3]:])
     except Exception:
         # The tunnel owns the fd once made: dropping it closes the connection, unanswered.

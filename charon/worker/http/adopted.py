@@ -15,11 +15,11 @@ import socket
 from typing import TYPE_CHECKING, Any
 
 from charon.worker.http.client import ClientConnection
+from charon.worker.tlsinfo import TlsInfo
 from charon.worker.upstreams.connecting import Connecting
 
 if TYPE_CHECKING:
     from charon.worker.context import WorkerContext
-    from charon.worker.tlsinfo import TlsInfo
 
 log = logging.getLogger("charon.worker")
 
@@ -54,6 +54,8 @@ def adopt_client(
     handover: Handover | None = None,
     tls: TlsInfo | None = None,
 ) -> None:
+    """Serve `fd` as an HTTP client connection. `tls`: it is a TLS connection's plaintext
+    socketpair end (tlspump.py), so its peer address is `peer_ip`, not the socket's."""
     if tls is not None:
         family = socket.AF_UNIX
     else:
@@ -68,11 +70,11 @@ def adopt_client(
             ctx.listeners.closed_one()
         return
     conn = ClientConnection(ctx)
-    if tls is not None:
-        conn.peer_ip = peer_ip  # (else the socket's own peer address, in connection_made)
-        conn.tls = tls
     conn.first_read = first_read
     conn.handover = handover
+    if tls is not None:
+        conn.tls = tls
+        conn.peer_ip = peer_ip
     # connect_accepted_socket only waits for connection_made: stepped without a Task.
     coro = ctx.loop.connect_accepted_socket(lambda: conn, sock)
     Connecting(ctx.loop, coro, _adopted).start()

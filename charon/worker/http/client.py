@@ -72,16 +72,14 @@ class ClientConnection(SlicedFeed):
         # From the front door (http/adopted.py): bytes it read, and what it did with them.
         self.first_read = b""
         self.handover: Handover | None = None
-        # What the client's TLS connection negotiated (the engine terminates it and hands
-        # the plaintext over a socketpair); None on a plain listener.
-        self.tls: TlsInfo | None = None
+        self.tls: TlsInfo | None = None  # what a TLS connection negotiated (None: plain)
         self.lines = RequestLines()  # where each request line is, to refuse extra spaces
 
     # -- asyncio.Protocol ------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
-        if not self.peer_ip:  # (a TLS connection's socketpair has no peer: it came with it)
+        if self.tls is None:  # (a TLS connection's socket is a socketpair: adopt_client says)
             peer = transport.get_extra_info("peername")
             self.peer_ip = peer[0] if peer else ""
         self.ctx.connections.add(self)  # (counted for accept back-off by the front door)
