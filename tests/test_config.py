@@ -701,7 +701,10 @@ for bad in INVALID_DOMAINS:
 
 UPSTREAM_ERRORS = [
     ("ftp://127.0.0.1:3000", "unsupported scheme 'ftp' (only http:// and https:// are supported)"),
-    ("https://127.0.0.1:3000/api", "upstream must not have a path: Charon forwards the request path unchanged"),
+    (
+        "https://127.0.0.1:3000/api",
+        "upstream must not have a path: Charon forwards the request path unchanged",
+    ),
     (
         "http://127.0.0.1:3000/api",
         "upstream must not have a path: Charon forwards the request path unchanged",
