@@ -16,7 +16,7 @@ from typing import Any
 
 import tomli
 
-from charon.config import values
+from charon.config import tls, values
 from charon.config.lines import KeyLines
 from charon.config.model import (
     AdminConfig,
@@ -28,6 +28,7 @@ from charon.config.model import (
     ProxyHost,
     ServerConfig,
     Timeouts,
+    TlsConfig,
     WebSocketSettings,
 )
 from charon.config.table import ConfigError, Source, Table, address_list, array_of, boolean
@@ -38,7 +39,7 @@ DEFAULT_LISTEN = ListenAddress("127.0.0.1", 8080)
 DEFAULT_ADMIN_LISTEN = ListenAddress("127.0.0.1", 9090)
 MAX_WORKERS = 64
 
-_TOP_KEYS = ("server", "admin", "timeouts", "hosts")
+_TOP_KEYS = ("server", "admin", "timeouts", "tls", "hosts")
 _SERVER_KEYS = (
     "listen",
     "workers",
@@ -51,17 +52,18 @@ _SERVER_KEYS = (
     "max_retiring_generations",
     "underscores_in_headers",
     "limits",
+    "tls_listen",
 )
 _LIMIT_MINIMUMS = {"max_request_target": 256, "max_header_bytes": 1024, "max_header_count": 8}
 _TIMEOUT_KEYS = tuple(f.name for f in dataclasses.fields(Timeouts))
 _WEBSOCKET_KEYS = ("websocket_max_frame_size", "websocket_idle_timeout", "websocket_ping_interval")
-_LOCATION_KEYS = ("path", "upstream", "timeouts", *_WEBSOCKET_KEYS)
-_HOST_KEYS = ("domains", "upstream", "timeouts", "locations", *_WEBSOCKET_KEYS)
+_LOCATION_KEYS = ("path", "upstream", "timeouts", *_WEBSOCKET_KEYS, *tls.LOCATION_KEYS)
+_HOST_KEYS = ("domains", "upstream", "timeouts", "locations", *_WEBSOCKET_KEYS, *tls.HOST_KEYS)
 _MIN_FRAME_SIZE = 126
 
 
-def load_config(path: str) -> Config:
-    """Reads and validates the config file at `path`."""
+def load_config(path: str, *, check_files: bool = True) -> Config:
+    """Reads and validates the config file at `path` (see load_config_text for check_files)."""
     try:
         data = Path(path).read_bytes()
     except OSError as err:
@@ -71,16 +73,22 @@ def load_config(path: str) -> Config:
     except UnicodeDecodeError as err:
         line = data[: err.start].count(b"\n") + 1
         raise ConfigError(path, line, "the config file is not valid UTF-8") from None
-    return load_config_text(text, path)
+    return load_config_text(text, path, check_files=check_files)
 
 
-def load_config_text(text: str, path: str) -> Config:
-    """Validates config `text`; `path` is only used in messages and stored in `Config.path`."""
+def load_config_text(text: str, path: str, *, check_files: bool = True) -> Config:
+    """Validates config `text`; `path` is stored in `Config.path`, named in messages, and
+    relative file names are relative to its directory.
+
+    check_files=False skips reading certificate and CA files (their paths are still made
+    absolute): for a process re-reading a config that was checked already, which must not fail
+    to start because a file changed or a certificate expired since.
+    """
     try:
         data = tomli.loads(text)
     except tomli.TOMLDecodeError as err:
         raise _syntax_error(err, text, path) from None
-    root = Table(Source(path, KeyLines(text)), (), data)
+    root = Table(Source(path, KeyLines(text), check_files), (), data)
     return _config(root)
 
 
@@ -107,16 +115,19 @@ def _config(root: Table) -> Config:
     root.check_keys(_TOP_KEYS)
     server = _server(root.table("server"))
     admin = _admin(root.table("admin"), server)
+    tls.check_admin_overlap(root.table("server"), server, admin.listen)
+    tls_config = tls.tls_config(root.table("tls"), server)
     timeouts = _timeouts(root.table("timeouts"), Timeouts())
-    hosts = _hosts(root, timeouts)
-    return Config(root.source.path, server, admin, timeouts, hosts)
+    hosts = _hosts(root, timeouts, server, tls_config)
+    return Config(root.source.path, server, admin, timeouts, hosts, tls_config)
 
 
 def _server(table: Table) -> ServerConfig:
     table.check_keys(_SERVER_KEYS)
     default_workers = min(os.cpu_count() or 1, MAX_WORKERS)
+    listen = _listen(table)
     return ServerConfig(
-        listen=_listen(table),
+        listen=listen,
         workers=table.get("workers", lambda v: values.integer(v, 1, MAX_WORKERS), default_workers),
         trusted_proxies=_trusted_proxies(table),
         shutdown_timeout=table.get("shutdown_timeout", values.duration, 30.0),
@@ -129,6 +140,7 @@ def _server(table: Table) -> ServerConfig:
         ),
         underscores_in_headers=table.get("underscores_in_headers", boolean, False),
         limits=_limits(table.table("limits")),
+        tls_listen=tls.tls_listen(table, listen),
     )
 
 
@@ -241,22 +253,37 @@ def _websocket(table: Table, inherited: WebSocketSettings) -> WebSocketSettings:
 # -- hosts and locations -----------------------------------------------------------------------
 
 
-def _hosts(root: Table, timeouts: Timeouts) -> tuple[ProxyHost, ...]:
+def _hosts(
+    root: Table, timeouts: Timeouts, server: ServerConfig, tls_config: TlsConfig
+) -> tuple[ProxyHost, ...]:
     tables = root.tables("hosts")
     if not tables:
         raise root.error_at(("hosts",), "no [[hosts]]: nothing to proxy")
     seen: dict[str, int] = {}  # domain -> line of the host that has it
-    return tuple(_host(table, timeouts, seen) for table in tables)
+    return tuple(_host(table, timeouts, seen, server, tls_config) for table in tables)
 
 
-def _host(table: Table, timeouts: Timeouts, seen: dict[str, int]) -> ProxyHost:
+def _host(
+    table: Table,
+    timeouts: Timeouts,
+    seen: dict[str, int],
+    server: ServerConfig,
+    tls_config: TlsConfig,
+) -> ProxyHost:
     table.check_keys(_HOST_KEYS)
     domains = _domains(table, seen)
-    upstream = table.require("upstream", values.upstream)
+    backend_tls = tls.backend_tls(table, tls.BackendTls())
+    upstream = tls.with_backend_tls(table.require("upstream", values.upstream), backend_tls)
     host_timeouts = _timeouts(table.table("timeouts"), timeouts)
     websocket = _websocket(table, WebSocketSettings())
-    locations = _locations(table, host_timeouts, websocket)
-    return ProxyHost(domains, upstream, locations, host_timeouts, websocket, line=table.line)
+    locations = _locations(table, host_timeouts, websocket, backend_tls)
+    tls.check_backend_tls_used(table, [upstream, *(loc.upstream for loc in locations)])
+    # Last: reading and checking certificate files costs the most.
+    host_tls = tls.host_tls(table, server, tls_config, domains)
+    return ProxyHost(
+        domains, upstream, locations, host_timeouts, websocket, line=table.line,
+        tls=host_tls.tls, force_https=host_tls.force_https, hsts=host_tls.hsts,
+    )
 
 
 def _domains(table: Table, seen: dict[str, int]) -> tuple[str, ...]:
@@ -275,7 +302,7 @@ def _domains(table: Table, seen: dict[str, int]) -> tuple[str, ...]:
 
 
 def _locations(
-    host: Table, timeouts: Timeouts, websocket: WebSocketSettings
+    host: Table, timeouts: Timeouts, websocket: WebSocketSettings, backend_tls: tls.BackendTls
 ) -> tuple[Location, ...]:
     locations: list[Location] = []
     seen: dict[str, int] = {}  # path -> line of its location
@@ -287,9 +314,12 @@ def _locations(
                 "path", f"'{path}' is already used by the location at line {seen[path]}"
             )
         seen[path] = table.line
+        location_tls = tls.backend_tls(table, backend_tls)
+        upstream = table.require("upstream", values.upstream)
+        tls.check_backend_tls_used(table, [upstream])
         location = Location(
             path=path,
-            upstream=table.require("upstream", values.upstream),
+            upstream=tls.with_backend_tls(upstream, location_tls),
             timeouts=_timeouts(table.table("timeouts"), timeouts),
             websocket=_websocket(table, websocket),
         )
