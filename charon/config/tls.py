@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import re
-import ssl
 from collections.abc import Sequence
 from typing import Any
 
@@ -24,7 +23,6 @@ from charon.config.model import (
     Upstream,
 )
 from charon.config.table import Table, address_list, boolean
-from charon.tls import certs
 
 HOST_KEYS = ("tls", "force_https", "hsts", "tls_verify", "tls_ca")
 LOCATION_KEYS = ("tls_verify", "tls_ca")
@@ -128,6 +126,8 @@ def certificate_files(table: Table, key: str, domains: Sequence[str]) -> Certifi
         cert = table.resolve(_file_name(raw["cert"], "a file path"))
         private = table.resolve(_file_name(raw["key"], "a file path"))
         if table.source.check_files:
+            from charon.tls import certs  # cryptography: only for configs with certificates
+
             certs.check_pair(cert, private, domains)
     except ValueError as err:  # CertificateError is one
         raise table.error(key, str(err)) from None
@@ -209,7 +209,7 @@ def backend_tls(table: Table, inherited: BackendTls) -> BackendTls:
             raise table.error("tls_ca", "has no effect with tls_verify = false")
         name = table.parse("tls_ca", lambda v: _file_name(v, "a file path"))
         ca = _ca_file(table, "tls_ca", name)
-    return BackendTls(verify, ca)
+    return BackendTls(verify, ca if verify else None)
 
 
 def with_backend_tls(upstream: Upstream, settings: BackendTls) -> Upstream:
@@ -240,6 +240,8 @@ def _file_name(value: Any, what: str) -> str:
 def _ca_file(table: Table, key: str, name: str) -> str:
     path = table.resolve(name)
     if table.source.check_files:
+        from charon.tls import certs
+
         try:
             certs.read_ca_bundle(path)
         except ValueError as err:
@@ -273,6 +275,8 @@ def _ciphers(value: Any) -> str:
     ciphers = values.string(value, "an OpenSSL cipher list string")
     if not ciphers.strip():
         raise ValueError("must not be empty")
+    import ssl  # only for configs that set ciphers
+
     try:
         ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).set_ciphers(ciphers)
     except ssl.SSLError:
