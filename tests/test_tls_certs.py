@@ -186,3 +186,15 @@ def test_example_config_documents_every_tls_key() -> None:
     missing = [key for key in sorted(keys) if not re.search(rf"^# {key} = ", text, re.M)]
     assert missing == []
     assert "# tls = \"auto\"" in text
+
+
+def test_a_replaced_file_is_checked_again(ca: TestCA) -> None:
+    leaf = ca.issue(["app.example.com"], "replaced")
+    other = ca.issue(["app.example.com"], "replacement")
+    check_pair(leaf.cert_path, leaf.key_path, ["app.example.com"])
+    # Replaced the way deployment tools do it: a new file renamed over the old one.
+    fresh = ca.directory / "replaced.key.new"
+    fresh.write_bytes(other.key_path.read_bytes())
+    fresh.replace(leaf.key_path)
+    with pytest.raises(CertificateError, match="does not match"):
+        check_pair(leaf.cert_path, leaf.key_path, ["app.example.com"])

@@ -23,6 +23,10 @@ from cryptography.x509.oid import NameOID
 _PEM_BLOCK = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----\r?\n.*?-----END \1-----", re.DOTALL)
 
 
+_PAIRS_KEPT = 4096
+_pairs: dict[tuple[Path, Path], tuple[object, CertificateInfo]] = {}
+
+
 class CertificateError(ValueError):
     """A certificate or key file that cannot be served; the message names the file."""
 
@@ -69,11 +73,8 @@ def check_pair(
     (default: the current time), or one whose names miss one of `domains` (the catch-all "*"
     needs no name).
     """
-    cert_file, key_file = Path(cert_path), Path(key_path)
-    chain = _read_chain(cert_file)
-    _check_key(key_file)
-    _check_match(cert_file, key_file)
-    info = CertificateInfo.of(chain[0])
+    info = _checked_pair(Path(cert_path), Path(key_path))
+    cert_file = Path(cert_path)
     now = now or datetime.datetime.now(datetime.UTC)
     if info.not_after < now:
         raise CertificateError(f"{_shown(cert_file)} expired on {_when(info.not_after)}")
@@ -88,6 +89,32 @@ def check_pair(
             f"{_shown(cert_file)} does not cover {', '.join(missing)} (its names: {listed})"
         )
     return info
+
+
+def _checked_pair(cert_file: Path, key_file: Path) -> CertificateInfo:
+    """The leaf's info once the files are read and the key proven to match; remembered while
+    neither file changes, so a config naming one wildcard pair for many hosts (and every
+    reload) checks it once."""
+    signature = (_signature(cert_file), _signature(key_file))
+    cached = _pairs.get((cert_file, key_file))
+    if cached is not None and cached[0] == signature:
+        return cached[1]
+    chain = _read_chain(cert_file)
+    _check_key(key_file)
+    _check_match(cert_file, key_file)
+    info = CertificateInfo.of(chain[0])
+    if len(_pairs) >= _PAIRS_KEPT:
+        _pairs.clear()
+    _pairs[(cert_file, key_file)] = (signature, info)
+    return info
+
+
+def _signature(path: Path) -> tuple[int, int, int, int]:
+    try:
+        st = path.stat()
+    except OSError as err:
+        raise CertificateError(f"cannot read {_shown(path)}: {err.strerror or err}") from None
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 def read_ca_bundle(path: str | Path) -> int:
