@@ -122,15 +122,20 @@ def certificate_files(table: Table, key: str, domains: Sequence[str]) -> Certifi
     for name in ("cert", "key"):
         if name not in raw:
             raise table.error(key, f"missing '{name}' (expected {_FILES_FORM})")
-    try:
-        cert = table.resolve(_file_name(raw["cert"], "a file path"))
-        private = table.resolve(_file_name(raw["key"], "a file path"))
-        if table.source.check_files:
-            from charon.tls import certs  # cryptography: only for configs with certificates
+    files = []
+    for name in ("cert", "key"):
+        try:
+            files.append(table.resolve(_file_name(raw[name], "a file path")))
+        except ValueError as err:
+            raise table.error(key, f"{name}: {err}") from None
+    cert, private = files
+    if table.source.check_files:
+        from charon.tls import certs  # cryptography: only for configs with certificates
 
+        try:
             certs.check_pair(cert, private, domains)
-    except ValueError as err:  # CertificateError is one
-        raise table.error(key, str(err)) from None
+        except certs.CertificateError as err:
+            raise table.error(key, str(err)) from None
     line = table.source.lines.line_of((*table.path, key))
     return CertificateFiles(str(cert), str(private), line)
 
