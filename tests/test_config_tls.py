@@ -443,3 +443,14 @@ def test_check_lists_certificates(certs: Certs, tmp_path: Path) -> None:
         f"(issuer Charon Test CA, expires {other.not_after:%Y-%m-%d})",
     ]
     assert result.stdout.splitlines() == expected
+
+
+def test_check_without_tls_prints_only_ok(tmp_path: Path) -> None:
+    path = write(tmp_path, host(""))
+    result = subprocess.run(
+        [sys.executable, "-m", "charon", "check", path],
+        cwd=REPO, capture_output=True, text=True, timeout=30,
+    )
+    assert (result.returncode, result.stdout, result.stderr) == (
+        0, f"{path}: ok (1 proxy hosts)\n", ""
+    )
