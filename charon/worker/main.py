@@ -45,6 +45,7 @@ from charon.worker.orphan import (
 )
 from charon.worker.swap import apply_config
 from charon.worker.telemetry import Telemetry
+from charon.worker.tlsserver import take_ticket_secret, tls_listen_fds
 
 log = logging.getLogger("charon.worker")
 
@@ -92,7 +93,10 @@ class Worker:
             loop.add_signal_handler(signal.SIGUSR1, access_log.reopen)
         ctx = WorkerContext(loop, self.config, Telemetry(publisher, access_log, events))
         ctx.engine.on_arrivals = partial(door.arrived, ctx)
-        listeners = Listeners(ctx.engine.engine, self.listen_fds, self.table)
+        tls_fds = tls_listen_fds(self.listen_fds, self.config)
+        if tls_fds:
+            ctx.serve_tls(take_ticket_secret())
+        listeners = Listeners(ctx.engine.engine, self.listen_fds, self.table, tls_fds)
         listeners.start()
         ctx.listeners = listeners
         loop.add_signal_handler(signal.SIGTERM, self._request_stop, STOP)
