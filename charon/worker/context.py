@@ -74,6 +74,8 @@ class WorkerContext:
             pool.close_expired(now)
 
     def report_metrics(self) -> None:
+        if self.tls_rotation is not None:
+            self.telemetry.tls_counts(self.engine.engine.take_tls_counts())
         in_flight = sum(1 for conn in self.connections if conn.exchanges)
         self.telemetry.flush_metrics(in_flight, len(self.connections), len(self.tunnels))
 
