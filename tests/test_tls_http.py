@@ -9,7 +9,9 @@ certificates come from a throwaway CA (tests/tlsca.py); clients are raw sockets 
 from __future__ import annotations
 
 import os
+import ssl
 import struct
+import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,13 +43,14 @@ class Setup:
     tls_port: int
     state_dir: Path
     backend_port: int
+    ca: Path
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
     tmp = tmp_path_factory.mktemp("tls_http")
     ca = TestCA(tmp / "ca")
-    force = ca.issue(["force.test"])
+    site = ca.issue(["force.test", "secure.test", "ws.test", "verified.test"], "site")
     backend_leaf = ca.issue(["127.0.0.1"], "backend")
     other_leaf = ca.issue(["other.internal"], "other")
     state_dir = tmp / "state"
@@ -65,14 +68,20 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
         "ws_backend.py", "--cert", str(backend_leaf.cert_path), "--key", str(backend_leaf.key_path)
     )
     tls_port = free_port()
+    site_tls = f'tls = {{ cert = "{site.cert_path}", key = "{site.key_path}" }}'
     https = f"https://127.0.0.1:{secure.port}"
     hosts = f"""
         [[hosts]]
         domains = ["force.test"]
         upstream = "{plain.url}"
-        tls = {{ cert = "{force.cert_path}", key = "{force.key_path}" }}
+        {site_tls}
         force_https = true
         hsts = "max-age=600"
+
+        [[hosts]]
+        domains = ["secure.test"]
+        upstream = "{plain.url}"
+        {site_tls}
 
         [[hosts]]
         domains = ["plain.test"]
@@ -88,6 +97,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
         domains = ["verified.test"]
         upstream = "{https}"
         tls_ca = "{ca.cert_path}"
+        {site_tls}
 
         [[hosts]]
         domains = ["system.test"]
@@ -107,6 +117,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
         domains = ["ws.test"]
         upstream = "https://127.0.0.1:{secure_ws.port}"
         tls_ca = "{ca.cert_path}"
+        {site_tls}
 
         [[hosts]]
         domains = ["plainport.test"]
@@ -119,12 +130,13 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
         extra_toml=f"""
             [tls]
             state_dir = "{state_dir}"
+            default_certificate = {{ cert = "{site.cert_path}", key = "{site.key_path}" }}
             acme_directory = "https://127.0.0.1:9/directory"
         """,
     )
     try:
         charon.start()
-        yield Setup(charon, tls_port, state_dir, plain.port)
+        yield Setup(charon, tls_port, state_dir, plain.port, ca.cert_path)
     finally:
         charon.stop()
         for backend in (plain, secure, misnamed, secure_ws):
@@ -308,6 +320,90 @@ def test_https_backend_closing_a_tunnel_reaches_the_client(setup: Setup) -> None
         assert frame.opcode == 0x8 and frame.close_code == 4001
         ws.send(client_frame(0x8, struct.pack("!H", 4001)))
         ws.read_to_end()
+
+
+# -- over TLS (the engine terminates it; real TLS clients) -----------------------------------------
+
+
+def tls_context(setup: Setup, check_name: bool = True) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=str(setup.ca))
+    context.check_hostname = check_name
+    return context
+
+
+def tls_client(setup: Setup, sni: str | None) -> Client:
+    """A Client whose socket speaks TLS, sending `sni` (None: no SNI, verified all the same)."""
+    client = Client(setup.tls_port)
+    client.sock = tls_context(setup, sni is not None).wrap_socket(
+        client.sock, server_hostname=sni
+    )
+    return client
+
+
+def tls_ws(setup: Setup, sni: str) -> RawWs:
+    ws = RawWs(setup.tls_port)
+    ws.sock = tls_context(setup).wrap_socket(ws.sock, server_hostname=sni)
+    return ws
+
+
+def test_over_tls_requests_say_https_and_get_hsts(setup: Setup) -> None:
+    with tls_client(setup, "force.test") as client:
+        resp = exchange(client, "GET /echo HTTP/1.1\r\nHost: force.test\r\n\r\n")
+        assert resp.status == 200  # force_https redirects plain requests only
+        assert resp.all("Strict-Transport-Security") == ["max-age=600"]
+        headers = {k.lower(): v for k, v in resp.json()["headers"]}
+        assert headers["x-forwarded-proto"] == "https"
+        resp = exchange(client, "GET /sts HTTP/1.1\r\nHost: force.test\r\n\r\n")
+        assert resp.all("Strict-Transport-Security") == ["max-age=1"]  # the backend's own
+    with tls_client(setup, "secure.test") as client:
+        resp = exchange(client, "GET /echo HTTP/1.1\r\nHost: secure.test\r\n\r\n")
+        assert resp.status == 200 and not resp.has("Strict-Transport-Security")
+
+
+def test_curl_sees_hsts_over_https(setup: Setup) -> None:
+    port = setup.tls_port
+    out = subprocess.run(
+        ["curl", "-sS", "-i", "--max-time", "10", "--cacert", str(setup.ca),
+         "--resolve", f"force.test:{port}:127.0.0.1", f"https://force.test:{port}/echo"],
+        capture_output=True, timeout=20, check=True,
+    ).stdout.decode("latin-1").lower()
+    assert out.startswith("http/1.1 200")
+    assert "\r\nstrict-transport-security: max-age=600\r\n" in out
+
+
+def test_421_when_host_is_another_proxy_host_than_sni(setup: Setup) -> None:
+    with tls_client(setup, "force.test") as client:
+        resp = exchange(client, "GET /echo HTTP/1.1\r\nHost: secure.test\r\n\r\n")
+        assert resp.status == 421
+        assert resp.body.startswith(b"421 Misdirected Request")
+        resp = exchange(client, "GET /echo HTTP/1.1\r\nHost: nobody.test\r\n\r\n")
+        assert resp.status == 421  # the SNI name's host is not "no host"
+        resp = exchange(client, "GET /echo HTTP/1.1\r\nHost: force.test:443\r\n\r\n")
+        assert resp.status == 200  # the connection goes on
+    with tls_client(setup, None) as client:  # no SNI (the default certificate): no 421
+        resp = exchange(client, "GET /echo HTTP/1.1\r\nHost: secure.test\r\n\r\n")
+        assert resp.status == 200
+    with tls_ws(setup, "force.test") as ws:  # a handshake the front door plans
+        ws.send(WS_HEAD.format(host="ws.test").encode())
+        head, body = ws.read_response()
+        assert head.status == 421 and body.startswith(b"421 ")
+
+
+def test_https_request_to_an_https_backend(setup: Setup) -> None:
+    with tls_client(setup, "verified.test") as client:
+        resp = exchange(client, "GET /echo HTTP/1.1\r\nHost: verified.test\r\n\r\n")
+        assert resp.status == 200 and resp.json()["backend"] == "secure"
+
+
+def test_wss_to_an_https_backend(setup: Setup) -> None:
+    with tls_ws(setup, "ws.test") as ws:
+        ws.upgrade("/echo", "ws.test")
+        payload = os.urandom(200_000)
+        ws.send(client_frame(0x2, payload))
+        frame = ws.read_frame()
+        assert frame.opcode == 0x2 and frame.payload == payload
+        ws.send(client_frame(0x8, struct.pack("!H", 1000)))
+        assert ws.read_frame().close_code == 1000
 
 
 # -- the plan's decisions for TLS connections (plan_request itself) ------------------------------

@@ -13,6 +13,7 @@ Routes (any method unless noted):
   /sleep/<seconds>   sleeps, then answers "slept"
   /status/<code>     answers with that status (no body for 1xx/204/304)
   /headers           a response carrying hop-by-hop headers (and end-to-end ones)
+  /sts               "sts" with its own Strict-Transport-Security: max-age=1
   anything else      as /echo
 
 Bodies are never decompressed or altered (auto_decompress off, streamed reads).
@@ -137,8 +138,13 @@ def _make_app(name: str) -> web.Application:
     app.router.add_route("*", "/sleep/{seconds}", sleep)
     app.router.add_route("*", "/status/{code:[0-9]+}", status)
     app.router.add_route("*", "/headers", headers)
+    app.router.add_route("*", "/sts", sts)
     app.router.add_route("*", "/{tail:.*}", echo)  # any other path: echo too
     return app
+
+
+async def sts(_request: web.Request) -> web.Response:
+    return web.Response(text="sts", headers={"Strict-Transport-Security": "max-age=1"})
 
 
 async def _main(port: int, name: str, tls: ssl.SSLContext | None = None) -> None:
