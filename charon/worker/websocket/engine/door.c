@@ -12,6 +12,8 @@
 
 #include <arpa/inet.h>
 #include <errno.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <openssl/err.h>
 #include <string.h>
 #include <unistd.h>
@@ -219,6 +221,10 @@ accept_ready(EngineObject *e, int listen_fd, int tls)
         }
         e->accepted++;
         if (tls) {
+            /* As uvloop does for plain connections: a response cut in two records must not
+             * wait for the client's delayed ACK. */
+            int one = 1;
+            setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
             SSL *ssl = tls_new_session(e, fd);
             if (ssl == NULL || wait_first_read(e, fd, &peer, ssl) < 0) {
                 tls_close(ssl, 1);
