@@ -52,7 +52,7 @@ def alpn_certificate(domain: str, key_authorization: str) -> tuple[bytes, bytes]
     key = ec.generate_private_key(ec.SECP256R1())
     digest = hashlib.sha256(key_authorization.encode("ascii")).digest()
     extension = b"\x04\x20" + digest  # DER OCTET STRING of 32 bytes
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "charon ACME challenge")])
     cert = (
         x509.CertificateBuilder()

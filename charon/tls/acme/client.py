@@ -110,7 +110,9 @@ class AcmeClient:
         try:
             regr = client.new_account(registration)
         except errors.ConflictError as conflict:
-            regr = messages.RegistrationResource(uri=conflict.location, body=messages.Registration())
+            regr = messages.RegistrationResource(
+                uri=conflict.location, body=messages.Registration()
+            )
             net.account = regr
         folder = account_dir(self.settings.state_dir, self.settings.directory)
         store.write_atomic(
@@ -175,8 +177,8 @@ class AcmeClient:
             raise AcmeError(f"validation failed: {_validation_reason(exc)}") from exc
         finally:
             challenges.remove_all(written)
-        meta = {"directory": self.settings.directory, "challenge": challenge,
-                "obtained_at": datetime.datetime.now(datetime.timezone.utc).isoformat()}
+        meta: dict[str, object] = {"directory": self.settings.directory, "challenge": challenge,
+                "obtained_at": datetime.datetime.now(datetime.UTC).isoformat()}
         info = store.save(
             self.settings.state_dir, host, order.fullchain_pem.encode("ascii"), key_pem, meta
         )
@@ -187,10 +189,10 @@ class AcmeClient:
     async def renewal_time(self, host: str) -> float | None:
         """ARI's suggested renewal time (RFC 9773) for the host's certificate, Unix time; None
         when the server offers no renewal information or asking it failed."""
-        client = self._client
-        if client is None or not self.has_renewal_info():
-            return None
         try:
+            client = await self._run(self._connect)
+            if not self.has_renewal_info():
+                return None
             pem = (certificate_dir(self.settings.state_dir, host) / store.CERT_FILE).read_bytes()
             when, _ = await self._run(client.renewal_time, pem)
         except Exception as exc:  # ARI is advice: without it the 2/3 rule applies

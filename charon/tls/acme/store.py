@@ -101,4 +101,4 @@ def save(
 
 
 def _iso(when: float) -> str:
-    return datetime.datetime.fromtimestamp(when, datetime.timezone.utc).isoformat()
+    return datetime.datetime.fromtimestamp(when, datetime.UTC).isoformat()
