@@ -1,4 +1,4 @@
-"""The C part of Charon: the WebSocket tunnel engine (plain CPython C API, no dependency).
+"""The C part of Charon: the WebSocket tunnel engine (plain CPython C API and OpenSSL).
 
 Everything else about the package is in pyproject.toml; setuptools builds this extension with
 `pip install -e .` or `pip install .`, which need a C compiler and the Python headers.
@@ -12,8 +12,12 @@ setup(
             "charon.worker.websocket._engine",
             sources=[
                 f"charon/worker/websocket/engine/{name}.c"
-                for name in ("sockets", "walk", "door", "head", "dial", "engine_type", "tunnel_type")
+                for name in (
+                    "sockets", "walk", "door", "head", "dial", "tls", "engine_type", "tunnel_type"
+                )
             ],
+            # The engine terminates TLS itself (tls.c): OpenSSL, as Python's ssl module uses.
+            libraries=["ssl", "crypto"],
             depends=["charon/worker/websocket/engine/engine.h"],
             extra_compile_args=["-O2", "-Wall", "-Wextra", "-fvisibility=hidden"],
         )

@@ -48,7 +48,7 @@ class TestCA:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.key = _key("ec")
-        now = datetime.datetime.now(datetime.timezone.utc)
+        now = datetime.datetime.now(datetime.UTC)
         subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
         self.certificate = (
             x509.CertificateBuilder()
@@ -87,7 +87,7 @@ class TestCA:
         `not_before_days` to `days` from now (negative `days`: already expired).
         `key_path_from`: write another leaf's key as this one's (a mismatched pair)."""
         key = _key(key_type)
-        now = datetime.datetime.now(datetime.timezone.utc)
+        now = datetime.datetime.now(datetime.UTC)
         alt: list[x509.GeneralName] = []
         for name in names:
             try:

@@ -44,7 +44,7 @@ from charon.events.schema import (
     METRICS,
     WORKER_EXIT,
 )
-from charon.worker.telemetry import HTTP_BUCKETS, KNOWN_METHODS, WS_BUCKETS
+from charon.worker.telemetry import HTTP_BUCKETS, KNOWN_METHODS, TLS_RESULTS, WS_BUCKETS
 
 log = logging.getLogger("charon.admin")
 
@@ -139,6 +139,10 @@ COUNTERS: dict[str, tuple[str, tuple[str, ...]]] = {
     "charon_websocket_closes": (
         "WebSocket tunnels closed, by close code (3xxx/4xxx: application codes).",
         ("host", "code")),
+    "charon_tls_handshakes": (
+        "TLS handshakes on the TLS listeners by result: full, resumed (a session ticket), "
+        "failed, timeout ([tls] handshake_timeout), unknown_name (an SNI name with no "
+        "certificate and no default).", ("result",)),
 }
 
 
@@ -184,6 +188,8 @@ class MetricsSection:
         `_other`. Their per-host counters start at 0 so the first increase shows in rate()."""
         self.hosts = frozenset(hosts)
         self.version += 1
+        for result in TLS_RESULTS:
+            self.counters["charon_tls_handshakes"].setdefault((result,), 0)
         for host in self.hosts:
             for name, keys in (
                 ("charon_http_response_bytes", [(host,)]),
@@ -276,6 +282,8 @@ class MetricsSection:
         _add(c["charon_websocket_bytes"],
              ((host(h), d if d in DIRECTIONS else OTHER, n)
               for h, d, n in deltas.get("ws_bytes", ())))
+        _add(c["charon_tls_handshakes"],
+             ((r if r in TLS_RESULTS else OTHER, n) for r, n in deltas.get("tls_handshakes", ())))
         _add(c["charon_websocket_closes"],
              ((host(h), close_code_label(code), n) for h, code, n in deltas.get("ws_closes", ())))
         self._add_histograms(self.http_hist, len(HTTP_BUCKETS), deltas.get("http_durations", ()))

@@ -132,6 +132,11 @@ class ServerConfig:
     limits: Limits = field(default_factory=Limits)
     tls_listen: tuple[ListenAddress, ...] = ()  # TLS listeners (bound like listen)
 
+    @property
+    def all_listen(self) -> tuple[ListenAddress, ...]:
+        """Every listening address, plain then TLS: what the supervisor binds."""
+        return self.listen + self.tls_listen
+
 
 @dataclass(frozen=True)
 class AdminConfig:

@@ -96,7 +96,7 @@ class Arbiter:
             # before it binds a data port (SO_REUSEPORT would let it) or touches the PID file.
             await self._start_admin()
             inherited = inherited_listeners()
-            for address in self.config.server.listen:
+            for address in self.config.server.all_listen:
                 sock = take_inherited(inherited, address)
                 self.listeners[address] = sock if sock is not None else bind_listener(address)
             for (host, port), sock in inherited.items():
@@ -212,7 +212,7 @@ class Arbiter:
         version: int = 0,
     ) -> WorkerProcess:
         assert self.receiver is not None
-        fds = [self.listeners[address].fileno() for address in config.server.listen]
+        fds = [self.listeners[address].fileno() for address in config.server.all_listen]
         proc = WorkerProcess(
             worker_id, text, config.path, fds, self.receiver.endpoint, self.log_format,
             self.balance_fd, generation, max(size, worker_id + 1), version or self.config_version,

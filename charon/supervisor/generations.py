@@ -83,7 +83,7 @@ async def start_generation(arbiter: Arbiter, config: Config, text: str) -> None:
     new: list[WorkerProcess] = []
     generation = arbiter.generation + 1
     try:
-        for address in config.server.listen:
+        for address in config.server.all_listen:
             if address not in arbiter.listeners:
                 added[address] = bind_listener(address)
         arbiter.listeners.update(added)
@@ -107,7 +107,7 @@ async def start_generation(arbiter: Arbiter, config: Config, text: str) -> None:
         if slot.process is not None:
             arbiter._retire(slot.process)
     cut_oldest(arbiter.retiring, cap, config.server.shutdown_timeout)  # cap 0: the one retired
-    removed = [a for a in arbiter.listeners if a not in config.server.listen]
+    removed = [a for a in arbiter.listeners if a not in config.server.all_listen]
     for address in removed:
         arbiter.listeners.pop(address).close()  # the retiring workers' copies close as they go
     arbiter.slots = [Slot(i, proc) for i, proc in enumerate(new)]
@@ -116,6 +116,6 @@ async def start_generation(arbiter: Arbiter, config: Config, text: str) -> None:
     await take_config(arbiter, config, text)
     log.info(
         "reloaded: %d workers on %s; %d old workers draining",
-        len(new), ", ".join(str(a) for a in config.server.listen), len(arbiter.retiring),
+        len(new), ", ".join(str(a) for a in config.server.all_listen), len(arbiter.retiring),
     )
     arbiter._reload_done("success", "")

@@ -32,6 +32,7 @@ APPLY_TIMEOUT = 5.0  # a worker that has not answered by then is replaced
 def in_place_possible(old: Config, new: Config) -> bool:
     return (
         set(new.server.listen) == set(old.server.listen)
+        and set(new.server.tls_listen) == set(old.server.tls_listen)
         and new.server.access_log == old.server.access_log
         and new.admin.events == old.admin.events
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -12,6 +13,13 @@ import time
 from dataclasses import dataclass
 
 from charon.worker.control import MessageReader
+
+# Every worker of this supervisor seals TLS session tickets with keys derived from this secret
+# (charon/worker/tlsserver.py), so a ticket one worker issued resumes on any other, across
+# reloads too. It lives only in this process and its workers' environments (readable only by
+# the same user, who can read their memory anyway).
+TICKET_SECRET = secrets.token_bytes(32)
+TICKET_SECRET_ENV = "CHARON_TLS_TICKET_SECRET"
 
 
 class WorkerProcess:
@@ -77,6 +85,7 @@ class WorkerProcess:
                     *([balance_fd] if balance_fd >= 0 else []),
                 ),
                 close_fds=True,
+                env={**os.environ, TICKET_SECRET_ENV: TICKET_SECRET.hex()},
             )
         finally:
             os.close(write_fd)

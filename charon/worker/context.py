@@ -10,12 +10,14 @@ from charon.worker.http.headers import ForwardedPolicy
 from charon.worker.http.sendwatch import SendWatch
 from charon.worker.routing import Router
 from charon.worker.telemetry import Telemetry
+from charon.worker.tlsserver import TicketKeyRotation, build_server
 from charon.worker.upstreams.pool import UpstreamPool
 from charon.worker.websocket.tunnel import TunnelEngine
 
 if TYPE_CHECKING:
     from charon.worker.http.client import ClientConnection
     from charon.worker.listeners import Listeners
+    from charon.worker.tlspump import TlsPump
     from charon.worker.websocket.dialled import DialledTunnel
     from charon.worker.websocket.tunnel import Tunnel
 
@@ -42,6 +44,21 @@ class WorkerContext:
         self.closing_tunnels = False
         self.pools: dict[tuple[str, int], UpstreamPool] = {}
         self.router = Router(config.hosts, self.pool)
+        self.tls_pumps: set[TlsPump] = set()  # TLS connections the HTTP path serves
+        self.tls_rotation: TicketKeyRotation | None = None  # set when serving TLS
+
+    def serve_tls(self, ticket_secret: bytes) -> None:
+        """Serve TLS listeners: certificates and settings from the config (again on reload)."""
+        if self.tls_rotation is None:
+            self.tls_rotation = TicketKeyRotation(self.loop, ticket_secret)
+        self.apply_tls(self.config)
+
+    def apply_tls(self, config: Config) -> None:
+        if self.tls_rotation is None:
+            return
+        server = build_server(config, self.tls_rotation.secret)
+        self.engine.engine.set_tls(server)
+        self.tls_rotation.serve(server, config.tls.ticket_key_lifetime)
 
     def pool(self, upstream: Upstream) -> UpstreamPool:
         pool = self.pools.get(upstream.key)
@@ -58,6 +75,8 @@ class WorkerContext:
             pool.close_expired(now)
 
     def report_metrics(self) -> None:
+        if self.tls_rotation is not None:
+            self.telemetry.tls_counts(self.engine.engine.take_tls_counts())
         in_flight = sum(1 for conn in self.connections if conn.exchanges)
         self.telemetry.flush_metrics(in_flight, len(self.connections), len(self.tunnels))
 

@@ -20,11 +20,13 @@ from typing import TYPE_CHECKING
 from charon.worker.http.adopted import adopt_client
 from charon.worker.http.errors import HttpError
 from charon.worker.http.request import BODY_NONE, RequestPlan, plan_request
+from charon.worker.tlspump import serve_http
+from charon.worker.websocket._engine import CLIENT
 from charon.worker.websocket.dialled import DialledTunnel, Handshake
 
 if TYPE_CHECKING:
     from charon.worker.context import WorkerContext
-    from charon.worker.websocket._engine import Arrival, SplitHead
+    from charon.worker.websocket._engine import Arrival, SplitHead, TlsConn
 
 log = logging.getLogger("charon.worker")
 
@@ -51,25 +53,30 @@ def arrived(ctx: WorkerContext, arrivals: list[Arrival] | None, accepted: int) -
         ctx.listeners.opened(accepted)
     if arrivals is None:
         return
-    for fd, peer_ip, first_read, head in arrivals:
+    for fd, peer_ip, first_read, head, tls in arrivals:
         if head is not None and not ctx.draining:
             try:
-                plan = _plan(ctx, peer_ip, head)
+                plan = _plan(ctx, peer_ip, head, tls)
             except Exception:
                 log.exception("the front door could not plan a handshake; the HTTP path takes it")
                 plan = None
             if plan is not None:
-                _dial(ctx, fd, peer_ip, first_read, head, plan)
+                _dial(ctx, fd, peer_ip, first_read, head, plan, tls)
                 continue
         try:
-            adopt_client(ctx, fd, peer_ip, first_read)
+            if tls is not None:
+                serve_http(ctx, fd, peer_ip, first_read, tls)
+            else:
+                adopt_client(ctx, fd, peer_ip, first_read)
         except Exception:  # (its socket object, if made, closes the fd when dropped)
             log.exception("cannot hand an accepted connection to the HTTP path")
             if ctx.listeners is not None:
                 ctx.listeners.closed_one()
 
 
-def _plan(ctx: WorkerContext, peer_ip: str, head: SplitHead) -> RequestPlan | None:
+def _plan(
+    ctx: WorkerContext, peer_ip: str, head: SplitHead, tls: TlsConn | None
+) -> RequestPlan | None:
     """The plan of a handshake this path may dial as the HTTP path would forward it; None
     leaves the connection to the HTTP path, which answers the rest."""
     method, target, fields, head_len = head
@@ -82,7 +89,8 @@ def _plan(ctx: WorkerContext, peer_ip: str, head: SplitHead) -> RequestPlan | No
         return None
     try:
         plan = plan_request(
-            method, target, "1.1", fields, peer_ip, ctx.scheme, ctx.router, ctx.forwarded
+            method, target, "1.1", fields, peer_ip, b"https" if tls is not None else b"http",
+            ctx.router, ctx.forwarded
         )
     except HttpError:
         return None
@@ -95,11 +103,13 @@ def _plan(ctx: WorkerContext, peer_ip: str, head: SplitHead) -> RequestPlan | No
 
 def _dial(
     ctx: WorkerContext, fd: int, peer_ip: str, first_read: bytes, head: SplitHead,
-    plan: RequestPlan,
+    plan: RequestPlan, tls: TlsConn | None,
 ) -> None:
     tunnel = None
     try:
         tunnel = DialledTunnel(ctx, fd, Handshake(plan, head[1], peer_ip, first_read))
+        if tls is not None:
+            tunnel.attach_tls(CLIENT, tls)
         tunnel.begin(first_read[head[3]:])
     except Exception:
         # The tunnel owns the fd once made: dropping it closes the connection, unanswered.

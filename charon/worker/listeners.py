@@ -72,7 +72,11 @@ class Listeners:
     """The inherited listening fds, served by the engine's front door (door.c); pauses and
     resumes accepting by load."""
 
-    def __init__(self, engine: Engine, fds: list[int], table: LoadTable | None) -> None:
+    def __init__(
+        self, engine: Engine, fds: list[int], table: LoadTable | None,
+        tls_fds: frozenset[int] = frozenset(),
+    ) -> None:
+        self.tls_fds = tls_fds  # the TLS listeners among fds
         self.engine = engine
         self.fds = fds  # ours (the supervisor keeps its own): closed when this worker stops
         self.table = table
@@ -83,7 +87,7 @@ class Listeners:
     def start(self) -> None:
         for fd in self.fds:
             os.set_blocking(fd, False)  # the front door takes until the queue is empty
-            self.engine.listen(fd)
+            self.engine.listen(fd, tls=fd in self.tls_fds)
 
     def opened(self, count: int = 1) -> None:
         table = self.table

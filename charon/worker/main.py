@@ -45,6 +45,7 @@ from charon.worker.orphan import (
 )
 from charon.worker.swap import apply_config
 from charon.worker.telemetry import Telemetry
+from charon.worker.tlsserver import take_ticket_secret, tls_listen_fds
 
 log = logging.getLogger("charon.worker")
 
@@ -92,7 +93,10 @@ class Worker:
             loop.add_signal_handler(signal.SIGUSR1, access_log.reopen)
         ctx = WorkerContext(loop, self.config, Telemetry(publisher, access_log, events))
         ctx.engine.on_arrivals = partial(door.arrived, ctx)
-        listeners = Listeners(ctx.engine.engine, self.listen_fds, self.table)
+        tls_fds = tls_listen_fds(self.listen_fds, self.config)
+        if tls_fds:
+            ctx.serve_tls(take_ticket_secret())
+        listeners = Listeners(ctx.engine.engine, self.listen_fds, self.table, tls_fds)
         listeners.start()
         ctx.listeners = listeners
         loop.add_signal_handler(signal.SIGTERM, self._request_stop, STOP)
@@ -253,7 +257,11 @@ def main(argv: list[str] | None = None) -> None:
     # USR1 reopens the access log; a worker without one (or not serving yet) ignores it.
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     logsetup.setup(f"worker-{args.worker_id}", args.log_format)
-    config = load_config_text(sys.stdin.buffer.read().decode("utf-8"), args.config_path)
+    # The supervisor checked the certificate files; one replaced or expired since must not
+    # stop a respawned worker (it serves what it can read, tlsserver.py).
+    config = load_config_text(
+        sys.stdin.buffer.read().decode("utf-8"), args.config_path, check_files=False
+    )
     fds = [int(fd) for fd in args.listen_fds.split(",") if fd]
     os.set_blocking(args.heartbeat_fd, False)
     _raise_fd_limit()

@@ -45,6 +45,9 @@ def apply_config(ctx: WorkerContext, config: Config) -> int:
     ctx.forwarded = ForwardedPolicy(server.trusted_proxies, server.underscores_in_headers)
     ctx.limits = server.limits
     ctx.timeouts = config.timeouts
+    # Certificates are read again (changed files, ACME's new ones): new handshakes use them,
+    # open TLS connections keep the sessions they have.
+    ctx.apply_tls(config)
     drain_at = ctx.loop.time() + server.drain_timeout
     return sum(not retarget(ctx, tunnel, drain_at) for tunnel in list(ctx.tunnels))
 

@@ -13,6 +13,7 @@ import socket
 from typing import TYPE_CHECKING, Any
 
 from charon.worker.http.client import ClientConnection
+from charon.worker.tlsinfo import TlsInfo
 from charon.worker.upstreams.connecting import Connecting
 
 if TYPE_CHECKING:
@@ -49,8 +50,14 @@ def adopt_client(
     peer_ip: str,
     first_read: bytes,
     handover: Handover | None = None,
+    tls: TlsInfo | None = None,
 ) -> None:
-    family = socket.AF_INET6 if ":" in peer_ip else socket.AF_INET
+    """Serve `fd` as an HTTP client connection. `tls`: it is a TLS connection's plaintext
+    socketpair end (tlspump.py), so its peer address is `peer_ip`, not the socket's."""
+    if tls is not None:
+        family = socket.AF_UNIX
+    else:
+        family = socket.AF_INET6 if ":" in peer_ip else socket.AF_INET
     try:
         sock = socket.socket(family, socket.SOCK_STREAM, 0, fd)
     except OSError:
@@ -63,6 +70,9 @@ def adopt_client(
     conn = ClientConnection(ctx)
     conn.first_read = first_read
     conn.handover = handover
+    if tls is not None:
+        conn.tls = tls
+        conn.peer_ip = peer_ip
     # connect_accepted_socket only waits for connection_made: stepped without a Task.
     coro = ctx.loop.connect_accepted_socket(lambda: conn, sock)
     Connecting(ctx.loop, coro, _adopted).start()

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from charon.config.model import Limits
     from charon.worker.context import WorkerContext
     from charon.worker.http.adopted import Handover
+    from charon.worker.tlsinfo import TlsInfo
 
 log = logging.getLogger("charon.worker")
 
@@ -44,7 +45,7 @@ class ClientConnection(SlicedFeed):
         "ctx", "transport", "parser", "peer_ip", "exchanges", "deadline", "deadline_kind",
         "closing", "_paused", "write_paused", "_url", "_url_size", "_headers", "_header_size",
         "_in_head", "_held", "_max_header_bytes", "_max_header_count", "first_read", "handover",
-        "lines", "_head_read", "_max_head_read", "_limits",
+        "lines", "_head_read", "_max_head_read", "_limits", "tls",
     )
 
     def __init__(self, ctx: WorkerContext) -> None:
@@ -71,14 +72,16 @@ class ClientConnection(SlicedFeed):
         # From the front door (http/adopted.py): bytes it read, and what it did with them.
         self.first_read = b""
         self.handover: Handover | None = None
+        self.tls: TlsInfo | None = None  # what a TLS connection negotiated (None: plain)
         self.lines = RequestLines()  # where each request line is, to refuse extra spaces
 
     # -- asyncio.Protocol ------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
-        peer = transport.get_extra_info("peername")
-        self.peer_ip = peer[0] if peer else ""
+        if self.tls is None:  # (a TLS connection's socket is a socketpair: adopt_client says)
+            peer = transport.get_extra_info("peername")
+            self.peer_ip = peer[0] if peer else ""
         self.ctx.connections.add(self)  # (counted for accept back-off by the front door)
         self.set_deadline(HEADER, self.ctx.timeouts.header)
         if self.first_read:

@@ -21,7 +21,8 @@ import httptools
 from charon.events.schema import ERR_TIMEOUT
 from charon.worker.deadlines import CONNECT, FIRST_BYTE, NONE
 from charon.worker.http.adopted import Handover, adopt_client
-from charon.worker.websocket._engine import HANDED_BACK, SWITCHING
+from charon.worker.tlspump import serve_http
+from charon.worker.websocket._engine import CLIENT, HANDED_BACK, SWITCHING
 from charon.worker.websocket.handshake import switching_response
 from charon.worker.websocket.tunnel import Tunnel, TunnelInfo
 
@@ -145,6 +146,10 @@ class DialledTunnel(Tunnel):
         handover = None
         if failure is not None or backend_fd >= 0:
             handover = Handover(backend_fd, answered, failure)
+        session = self.take_tls(CLIENT)
+        if session is not None:
+            serve_http(ctx, client_fd, handshake.peer_ip, handshake.first_read, session, handover)
+            return
         adopt_client(ctx, client_fd, handshake.peer_ip, handshake.first_read, handover)
 
 

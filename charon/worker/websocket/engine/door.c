@@ -12,6 +12,7 @@
 
 #include <arpa/inet.h>
 #include <errno.h>
+#include <openssl/err.h>
 #include <string.h>
 #include <unistd.h>
 
@@ -35,6 +36,7 @@ read_first(EngineObject *e, int fd, const struct sockaddr_storage *peer)
     Arrival *a = &e->arrivals[e->arrivals_len];
     a->fd = fd;
     a->peer = *peer;
+    a->ssl = NULL;
     a->len = (uint32_t)got;  /* 0: the client closed without a word; uvloop sees the EOF */
     a->data = NULL;
     if (a->len) {
@@ -67,7 +69,7 @@ waiting_remove(EngineObject *e, int index)
 /* A connection that sent nothing yet waits in the epoll set (a client's request usually
  * follows its connect within microseconds), for WAIT_LIMIT at most; -1 if it cannot. */
 static int
-wait_first_read(EngineObject *e, int fd, const struct sockaddr_storage *peer)
+wait_first_read(EngineObject *e, int fd, const struct sockaddr_storage *peer, SSL *ssl)
 {
     if (fd >= e->waiting_at_cap) {
         int cap = e->waiting_at_cap ? e->waiting_at_cap : 1024;
@@ -97,24 +99,106 @@ wait_first_read(EngineObject *e, int fd, const struct sockaddr_storage *peer)
     w->fd = fd;
     w->since = e->now;
     w->peer = *peer;
+    w->ssl = ssl;
+    w->handshaking = ssl != NULL;
+    w->interest = ev.events;
     e->waiting_at[fd] = e->waiting_len;
     return 0;
 }
 
-/* A connection goes to Python with nothing read: its first read comes to uvloop. */
+/* A connection goes to Python with nothing read: its first read comes to uvloop (or, TLS,
+ * to the pump Python puts between the session and uvloop). */
 static void
-arrive_unread(EngineObject *e, int fd, const struct sockaddr_storage *peer)
+arrive_unread(EngineObject *e, int fd, const struct sockaddr_storage *peer, SSL *ssl)
 {
     Arrival *a = &e->arrivals[e->arrivals_len++];
     a->fd = fd;
     a->peer = *peer;
     a->data = NULL;
     a->len = 0;
+    a->ssl = ssl;
+}
+
+/* -- TLS: the handshake, then the first read of plaintext -------------------------------------- */
+
+static void
+set_interest(EngineObject *e, Waiting *w, uint32_t events)
+{
+    events |= EPOLLRDHUP;
+    if (w->interest == events)
+        return;
+    struct epoll_event ev;
+    ev.events = events;
+    ev.data.u64 = ((uint64_t)w->fd << 2) | WAITING_TAG;
+    if (epoll_ctl(e->epfd, EPOLL_CTL_MOD, w->fd, &ev) == 0)
+        w->interest = events;
+}
+
+/* A TLS connection that ends before its first request: nobody to answer. */
+static void
+drop_waiting(EngineObject *e, int index, int counted)
+{
+    Waiting w = e->waiting[index];
+    waiting_remove(e, index);
+    tls_close(w.ssl, 1);
+    close(w.fd);
+    e->accepted--;
+    if (counted >= 0)
+        e->tls_counts[counted]++;
+}
+
+/* Go on with a TLS connection's handshake, then read its first plaintext; a whole first read
+ * makes it an arrival like a plain connection's. */
+static void
+tls_step(EngineObject *e, int index)
+{
+    Waiting *w = &e->waiting[index];
+    if (w->handshaking) {
+        int r = SSL_do_handshake(w->ssl);
+        if (r != 1) {
+            int err = SSL_get_error(w->ssl, r);
+            ERR_clear_error();
+            if (err == SSL_ERROR_WANT_READ || err == SSL_ERROR_WANT_WRITE)
+                set_interest(e, w, err == SSL_ERROR_WANT_WRITE ? EPOLLOUT : EPOLLIN);
+            else
+                drop_waiting(e, index, TLS_FAILED);
+            return;
+        }
+        w->handshaking = 0;
+        w->since = e->now;  /* from here, WAIT_LIMIT for the first request, as plain */
+        e->tls_counts[SSL_session_reused(w->ssl) ? TLS_RESUMED : TLS_FULL]++;
+    }
+    int drained;
+    ssize_t got = tls_recv(w->ssl, e->buf, FIRST_READ, &drained);
+    if (got == -2) {
+        set_interest(e, w, drained == 2 ? EPOLLOUT : EPOLLIN);
+        return;
+    }
+    if (got <= 0) {
+        drop_waiting(e, index, -1);
+        return;
+    }
+    Waiting done = *w;
+    waiting_remove(e, index);
+    Arrival *a = &e->arrivals[e->arrivals_len];
+    a->data = PyMem_Malloc((size_t)got);
+    if (a->data == NULL) {
+        tls_close(done.ssl, 1);
+        close(done.fd);
+        e->accepted--;
+        return;
+    }
+    memcpy(a->data, e->buf, (size_t)got);
+    a->len = (uint32_t)got;
+    a->fd = done.fd;
+    a->peer = done.peer;
+    a->ssl = done.ssl;
+    e->arrivals_len++;
 }
 
 /* Take new connections from a listening socket that epoll says is readable. */
 void
-accept_ready(EngineObject *e, int listen_fd)
+accept_ready(EngineObject *e, int listen_fd, int tls)
 {
     for (int i = 0; i < ACCEPTS_PER_EVENT && e->arrivals_len < MAX_ARRIVALS; i++) {
         struct sockaddr_storage peer;
@@ -134,10 +218,21 @@ accept_ready(EngineObject *e, int listen_fd)
             return;  /* EAGAIN: the queue is empty (another worker may have taken it) */
         }
         e->accepted++;
+        if (tls) {
+            SSL *ssl = tls_new_session(e, fd);
+            if (ssl == NULL || wait_first_read(e, fd, &peer, ssl) < 0) {
+                tls_close(ssl, 1);
+                close(fd);
+                e->accepted--;
+                continue;
+            }
+            tls_step(e, e->waiting_len - 1);  /* the ClientHello is usually there already */
+            continue;
+        }
         /* Most clients send their request with the connect: one read now spares uvloop a
          * wake-up, and tells a WebSocket handshake from anything else. */
-        if (read_first(e, fd, &peer) && wait_first_read(e, fd, &peer) < 0)
-            arrive_unread(e, fd, &peer);
+        if (read_first(e, fd, &peer) && wait_first_read(e, fd, &peer, NULL) < 0)
+            arrive_unread(e, fd, &peer, NULL);
     }
 }
 
@@ -148,31 +243,46 @@ first_read_ready(EngineObject *e, int fd)
     if (fd >= e->waiting_at_cap || e->waiting_at[fd] == 0 || e->arrivals_len == MAX_ARRIVALS)
         return;  /* (full: level-triggered, it comes again in the next run) */
     int index = e->waiting_at[fd] - 1;
+    if (e->waiting[index].ssl != NULL) {
+        tls_step(e, index);
+        return;
+    }
     struct sockaddr_storage peer = e->waiting[index].peer;
     waiting_remove(e, index);
     if (read_first(e, fd, &peer))
-        arrive_unread(e, fd, &peer);  /* a wake-up with nothing to read: Python takes it */
+        arrive_unread(e, fd, &peer, NULL);  /* a wake-up with nothing to read: Python takes it */
 }
 
-/* Connections silent for WAIT_LIMIT go to Python (its header timeout takes over). */
+/* Connections silent for WAIT_LIMIT go to Python (its header timeout takes over); a TLS
+ * handshake not over within [tls] handshake_timeout is cut. */
 void
 expire_waiting(EngineObject *e, double now)
 {
-    for (int i = e->waiting_len - 1; i >= 0 && e->arrivals_len < MAX_ARRIVALS; i--)
-        if (e->waiting[i].since + WAIT_LIMIT <= now) {
-            int fd = e->waiting[i].fd;
-            struct sockaddr_storage peer = e->waiting[i].peer;
-            waiting_remove(e, i);
-            arrive_unread(e, fd, &peer);
+    double handshake_limit = tls_handshake_timeout(e->tls);
+    for (int i = e->waiting_len - 1; i >= 0 && e->arrivals_len < MAX_ARRIVALS; i--) {
+        Waiting *w = &e->waiting[i];
+        if (w->handshaking) {
+            if (w->since + handshake_limit <= now)
+                drop_waiting(e, i, TLS_TIMEOUT);
         }
+        else if (w->since + WAIT_LIMIT <= now) {
+            int fd = w->fd;
+            struct sockaddr_storage peer = w->peer;
+            SSL *ssl = w->ssl;
+            waiting_remove(e, i);
+            arrive_unread(e, fd, &peer, ssl);
+        }
+    }
 }
 
 /* (at the engine's end: no count is kept any more) */
 void
 free_waiting(EngineObject *e)
 {
-    for (int i = 0; i < e->waiting_len; i++)
+    for (int i = 0; i < e->waiting_len; i++) {
+        tls_close(e->waiting[i].ssl, 1);
         close(e->waiting[i].fd);
+    }
     e->waiting_len = 0;
     PyMem_Free(e->waiting);
     PyMem_Free(e->waiting_at);
@@ -191,8 +301,9 @@ peer_ip(const struct sockaddr_storage *ss)
     return PyUnicode_FromString(text);
 }
 
-/* The arrivals as a list of (fd, peer IP, first read, split head or None); the fds are
- * Python's from here on. On an error, NULL, and those not listed are closed. */
+/* The arrivals as a list of (fd, peer IP, first read, split head or None, TlsConn or None);
+ * the fds (and sessions) are Python's from here on. On an error, NULL, and those not listed
+ * are closed. */
 PyObject *
 take_arrivals(EngineObject *e)
 {
@@ -206,15 +317,22 @@ take_arrivals(EngineObject *e)
             SplitHead h;  /* split here, once: Python objects may be made from here on */
             PyObject *head = a->len && split_head(a->data, a->len, &h)
                 ? head_tuple(a->data, &h) : Py_NewRef(Py_None);
-            if (head != NULL)
-                item = Py_BuildValue("(iNy#N)", a->fd, peer_ip(&a->peer),
+            PyObject *tls = a->ssl != NULL ? tls_conn_new(a->ssl) : Py_NewRef(Py_None);
+            if (tls != NULL && tls != Py_None)
+                a->ssl = NULL;  /* the TlsConn's */
+            if (head != NULL && tls != NULL)
+                item = Py_BuildValue("(iNy#OO)", a->fd, peer_ip(&a->peer),
                                      a->data ? (const char *)a->data : "", (Py_ssize_t)a->len,
-                                     head);
+                                     head, tls);
+            Py_XDECREF(head);
+            Py_XDECREF(tls);
             if (item == NULL || PyList_Append(list, item) < 0)
                 Py_CLEAR(list);
             Py_XDECREF(item);
         }
         if (list == NULL) {
+            tls_close(a->ssl, 1);
+            a->ssl = NULL;
             close(a->fd);
             e->accepted--;
         }
@@ -229,6 +347,8 @@ void
 free_arrivals(EngineObject *e)
 {
     for (int i = 0; i < e->arrivals_len; i++) {
+        tls_close(e->arrivals[i].ssl, 1);
+        e->arrivals[i].ssl = NULL;
         close(e->arrivals[i].fd);
         PyMem_Free(e->arrivals[i].data);
         e->arrivals[i].data = NULL;

@@ -34,6 +34,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
+#include <openssl/ssl.h>
 #include <stdint.h>
 #include <sys/epoll.h>
 #include <sys/socket.h>
@@ -61,10 +62,11 @@
 #define EV_HANDED_BACK 16 /* a dial ended without a tunnel: Python takes the sockets back */
 
 /* Epoll data tags: a tunnel's address | side (objects are 8-aligned), 0 for the wake-up,
- * a listening socket's fd << 2 | LISTEN_TAG, a new connection that had sent nothing yet
- * fd << 2 | WAITING_TAG. */
+ * a listening socket's fd << 3 | LISTEN_TAG (| TLS_TAG for a TLS listener), a new connection
+ * that had sent nothing yet (or is in its TLS handshake) fd << 2 | WAITING_TAG. */
 #define LISTEN_TAG 2
 #define WAITING_TAG 3
+#define TLS_TAG 4
 #define WAIT_LIMIT 0.5        /* seconds a silent new connection waits before going to Python */
 
 #define FIRST_READ 16384      /* the front door's one read of a new connection */
@@ -78,14 +80,24 @@ typedef struct {
     struct sockaddr_storage peer;
     uint8_t *data;           /* the first read (PyMem), len bytes */
     uint32_t len;
+    SSL *ssl;                /* a TLS connection's session (handshake done), else NULL */
 } Arrival;
 
-/* A new connection whose first read found nothing yet (door.c). */
+/* A new connection whose first read found nothing yet, or whose TLS handshake is under way
+ * (door.c). */
 typedef struct {
     int fd;
-    double since;
+    double since;            /* accepted (or, TLS, handshake done: waiting for data) */
     struct sockaddr_storage peer;
+    SSL *ssl;                /* TLS: the session being set up, else NULL */
+    uint8_t handshaking;     /* TLS: the handshake is not over */
+    uint32_t interest;       /* the epoll events asked for */
 } Waiting;
+
+/* TLS handshake results counted by the front door (Engine.take_tls_counts). */
+enum { TLS_FULL, TLS_RESUMED, TLS_FAILED, TLS_TIMEOUT, TLS_UNKNOWN_NAME, TLS_COUNTS };
+
+typedef struct TlsServerObject TlsServerObject;
 
 /* A request head as split by head.c: offsets into the first read. */
 typedef struct {
@@ -153,6 +165,8 @@ typedef struct TunnelObject {
     uint8_t finishing, started, lost_any, notified, flushing, queued;
     uint8_t handed_back;     /* the sockets went back to Python: nothing to close here */
     uint8_t adopted;         /* the fds are no copies: closing them leaves the epoll set */
+    uint8_t raw;             /* no frames: bytes copied as they are (a TLS connection's pump) */
+    SSL *ssl[2];             /* a side that is TLS: its reads and sends go through OpenSSL */
     uint8_t events;          /* EV_* waiting for run() to report */
     uint16_t refused_code;
     int8_t first_close;      /* side whose Close passed first, -1: none yet */
@@ -192,11 +206,15 @@ struct EngineObject {
     int waiting_len, waiting_cap;
     int *waiting_at;         /* by fd: index in waiting + 1, 0 if not waiting */
     int waiting_at_cap;
+    TlsServerObject *tls;    /* certificates and settings of the TLS listeners (a reference) */
+    uint64_t tls_counts[TLS_COUNTS];
     struct epoll_event events[MAX_EVENTS];
 };
 
 extern PyTypeObject EngineType;
 extern PyTypeObject TunnelType;
+extern PyTypeObject TlsServerType;
+extern PyTypeObject TlsConnType;
 
 static inline double
 monotonic(void)
@@ -222,8 +240,18 @@ int register_sides(TunnelObject *t);
 void queue_again(TunnelObject *t);
 void finish_progress(TunnelObject *t);
 
+/* tls.c */
+SSL *tls_new_session(EngineObject *e, int fd);
+double tls_handshake_timeout(const TlsServerObject *srv);
+ssize_t tls_recv(SSL *ssl, uint8_t *buf, size_t cap, int *drained);
+ssize_t tls_send(SSL *ssl, const uint8_t *p, size_t n);
+void tls_close(SSL *ssl, int quiet);
+PyObject *tls_conn_new(SSL *ssl);
+int tls_module_init(void);
+SSL *tls_conn_take(PyObject *conn);
+
 /* door.c */
-void accept_ready(EngineObject *e, int listen_fd);
+void accept_ready(EngineObject *e, int listen_fd, int tls);
 void first_read_ready(EngineObject *e, int fd);
 void expire_waiting(EngineObject *e, double now);
 void free_waiting(EngineObject *e);

@@ -3,6 +3,7 @@
 #include "engine.h"  /* first: Python.h before the system headers */
 
 #include <errno.h>
+#include <string.h>
 #include <sys/eventfd.h>
 #include <unistd.h>
 
@@ -97,6 +98,7 @@ Engine_dealloc(EngineObject *e)
         close(e->epfd);
     PyMem_Free(e->buf);
     PyMem_Free(e->release);
+    Py_CLEAR(e->tls);
     Py_TYPE(e)->tp_free((PyObject *)e);
 }
 
@@ -178,7 +180,7 @@ Engine_run(EngineObject *e, PyObject *Py_UNUSED(ignored))
         if ((data & 3) == WAITING_TAG)
             first_read_ready(e, (int)(data >> 2));
         else if (data & LISTEN_TAG)
-            accept_ready(e, (int)(data >> 2));
+            accept_ready(e, (int)(data >> 3), (data & TLS_TAG) != 0);
         else if (data != 0) {
             TunnelObject *t = (TunnelObject *)(uintptr_t)(data & ~(uint64_t)1);
             handle_event(t, (int)(data & 1), e->events[i].events);
@@ -231,14 +233,19 @@ listen_arg(EngineObject *e, PyObject *arg, int *fd)
 }
 
 static PyObject *
-Engine_listen(EngineObject *e, PyObject *arg)
+Engine_listen(EngineObject *e, PyObject *args, PyObject *kwds)
 {
+    static char *kwlist[] = {"fd", "tls", NULL};
+    PyObject *arg;
+    int tls = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|p:listen", kwlist, &arg, &tls))
+        return NULL;
     int fd;
     if (!listen_arg(e, arg, &fd))
         return NULL;
     struct epoll_event ev;
     ev.events = EPOLLIN;  /* level-triggered: accept_ready() takes a bounded number a turn */
-    ev.data.u64 = ((uint64_t)fd << 2) | LISTEN_TAG;
+    ev.data.u64 = ((uint64_t)fd << 3) | (tls ? TLS_TAG : 0) | LISTEN_TAG;
     if (epoll_ctl(e->epfd, EPOLL_CTL_ADD, fd, &ev) < 0 && errno != EEXIST)
         return PyErr_SetFromErrno(PyExc_OSError);
     Py_RETURN_NONE;
@@ -250,6 +257,7 @@ Engine_unlisten(EngineObject *e, PyObject *arg)
     int fd;
     if (!listen_arg(e, arg, &fd))
         return NULL;
+    /* (the epoll data, TLS or not, does not matter to a delete) */
     struct epoll_event dummy = {0};
     if (epoll_ctl(e->epfd, EPOLL_CTL_DEL, fd, &dummy) < 0 && errno != ENOENT)
         return PyErr_SetFromErrno(PyExc_OSError);
@@ -296,6 +304,33 @@ Engine_expire(EngineObject *e, PyObject *Py_UNUSED(ignored))
 }
 
 static PyObject *
+Engine_set_tls(EngineObject *e, PyObject *arg)
+{
+    if (arg != Py_None && !PyObject_TypeCheck(arg, &TlsServerType)) {
+        PyErr_SetString(PyExc_TypeError, "expected a TlsServer or None");
+        return NULL;
+    }
+    /* Handshakes under way keep their contexts (each session holds references). */
+    Py_XSETREF(e->tls, arg == Py_None ? NULL : (TlsServerObject *)Py_NewRef(arg));
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+Engine_take_tls_counts(EngineObject *e, PyObject *Py_UNUSED(ignored))
+{
+    uint64_t *c = e->tls_counts;
+    /* A name with no certificate fails the handshake too: counted once, as unknown_name. */
+    uint64_t failed = c[TLS_FAILED] > c[TLS_UNKNOWN_NAME] ? c[TLS_FAILED] - c[TLS_UNKNOWN_NAME] : 0;
+    PyObject *r = Py_BuildValue("(KKKKK)", (unsigned long long)c[TLS_FULL],
+                                (unsigned long long)c[TLS_RESUMED], (unsigned long long)failed,
+                                (unsigned long long)c[TLS_TIMEOUT],
+                                (unsigned long long)c[TLS_UNKNOWN_NAME]);
+    if (r != NULL)
+        memset(e->tls_counts, 0, sizeof(e->tls_counts));
+    return r;
+}
+
+static PyObject *
 Engine_get_flushing(EngineObject *e, void *Py_UNUSED(closure))
 {
     return PyLong_FromSsize_t(e->flushing_count);
@@ -314,8 +349,13 @@ static PyMethodDef Engine_methods[] = {
      "or a list of (tunnel, flags, refused code); arrivals None or a list of (fd, peer IP, "
      "first read, None or the split WebSocket head (method, target, fields, head length)); "
      "accepted: connections taken in minus those the front door closed itself."},
-    {"listen", (PyCFunction)Engine_listen, METH_O,
-     "Accept on this listening fd from run() (the caller keeps it open)."},
+    {"listen", (PyCFunction)(void (*)(void))Engine_listen, METH_VARARGS | METH_KEYWORDS,
+     "listen(fd, tls=False): accept on this listening fd from run() (the caller keeps it "
+     "open); tls: its connections are TLS, served with the TlsServer of set_tls()."},
+    {"set_tls", (PyCFunction)Engine_set_tls, METH_O,
+     "The TlsServer for new TLS connections (None: they are closed)."},
+    {"take_tls_counts", (PyCFunction)Engine_take_tls_counts, METH_NOARGS,
+     "TLS handshakes since the last call: (full, resumed, failed, timeout, unknown_name)."},
     {"unlisten", (PyCFunction)Engine_unlisten, METH_O, "Stop accepting on this fd."},
     {"take_accept_error", (PyCFunction)Engine_take_accept_error, METH_NOARGS,
      "errno of an accept that ran out of fds or memory (its listening fd left the set), or 0."},
@@ -365,13 +405,20 @@ static struct PyModuleDef engine_module = {
 PyMODINIT_FUNC
 PyInit__engine(void)
 {
-    if (PyType_Ready(&EngineType) < 0 || PyType_Ready(&TunnelType) < 0)
+    if (PyType_Ready(&EngineType) < 0 || PyType_Ready(&TunnelType) < 0
+        || PyType_Ready(&TlsServerType) < 0 || PyType_Ready(&TlsConnType) < 0)
         return NULL;
+    if (tls_module_init() < 0) {
+        PyErr_SetString(PyExc_RuntimeError, "OpenSSL: no ex_data index");
+        return NULL;
+    }
     PyObject *m = PyModule_Create(&engine_module);
     if (m == NULL)
         return NULL;
     if (PyModule_AddObjectRef(m, "Engine", (PyObject *)&EngineType) < 0
         || PyModule_AddObjectRef(m, "Tunnel", (PyObject *)&TunnelType) < 0
+        || PyModule_AddObjectRef(m, "TlsServer", (PyObject *)&TlsServerType) < 0
+        || PyModule_AddObjectRef(m, "TlsConn", (PyObject *)&TlsConnType) < 0
         || PyModule_AddIntConstant(m, "CLIENT", CLIENT) < 0
         || PyModule_AddIntConstant(m, "BACKEND", BACKEND) < 0
         || PyModule_AddIntConstant(m, "CLIENT_LOST", EV_CLIENT_LOST) < 0

@@ -122,6 +122,11 @@ close_side(TunnelObject *t, int side, int reset)
         struct linger lg = {1, 0};
         setsockopt(fd, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg));
     }
+    if (t->ssl[side] != NULL) {
+        /* A close_notify when the peer may still read it (not on a reset or a lost peer). */
+        tls_close(t->ssl[side], reset || t->rd_end[side]);
+        t->ssl[side] = NULL;
+    }
     close(fd);  /* not retried on EINTR: Linux has released the fd either way */
     t->fd[side] = -1;
     t->rd_ready[side] = t->wr_ready[side] = 0;
@@ -145,8 +150,11 @@ side_lost(TunnelObject *t, int side)
 
 /* Send without blocking: the number of bytes the socket took, or -1 if the peer is gone. */
 static ssize_t
-send_some(int fd, const uint8_t *p, size_t n)
+send_some(TunnelObject *t, int dst, const uint8_t *p, size_t n)
 {
+    if (t->ssl[dst] != NULL)
+        return tls_send(t->ssl[dst], p, n);
+    int fd = t->fd[dst];
     size_t sent = 0;
     while (sent < n) {
         ssize_t r = send(fd, p + sent, n - sent, MSG_NOSIGNAL | MSG_DONTWAIT);
@@ -173,7 +181,7 @@ emit(TunnelObject *t, int dst, const uint8_t *p, size_t n)
     if (n == 0)
         return 0;
     if (o->len == 0 && t->wr_ready[dst]) {
-        ssize_t sent = send_some(t->fd[dst], p, n);
+        ssize_t sent = send_some(t, dst, p, n);
         if (sent < 0) {
             side_lost(t, dst);
             return -1;
@@ -198,7 +206,7 @@ flush_out(TunnelObject *t, int dst)
     OutBuf *o = &t->out[1 - dst];
     if (o->len == 0 || t->fd[dst] < 0)
         return 0;
-    ssize_t sent = send_some(t->fd[dst], o->data + o->off, o->len);
+    ssize_t sent = send_some(t, dst, o->data + o->off, o->len);
     if (sent < 0) {
         side_lost(t, dst);
         return -1;

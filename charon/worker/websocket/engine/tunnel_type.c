@@ -22,13 +22,14 @@ Tunnel_new(PyTypeObject *type, PyObject *Py_UNUSED(args), PyObject *Py_UNUSED(kw
 static int
 Tunnel_init(TunnelObject *t, PyObject *args, PyObject *kwds)
 {
-    static char *kwlist[] = {"engine", "client_fd", "backend_fd", "max_frame_size", "adopt", NULL};
+    static char *kwlist[] = {"engine", "client_fd", "backend_fd", "max_frame_size", "adopt",
+                             "raw", NULL};
     PyObject *engine;
     int fds[2];
     unsigned long long max_size;
-    int adopt = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!iiK|p:Tunnel", kwlist, &EngineType, &engine,
-                                     &fds[0], &fds[1], &max_size, &adopt))
+    int adopt = 0, raw = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!iiK|pp:Tunnel", kwlist, &EngineType, &engine,
+                                     &fds[0], &fds[1], &max_size, &adopt, &raw))
         return -1;
     if (t->engine != NULL) {
         PyErr_SetString(PyExc_RuntimeError, "Tunnel already initialised");
@@ -41,6 +42,7 @@ Tunnel_init(TunnelObject *t, PyObject *args, PyObject *kwds)
     for (int s = 0; s < 2 && adopt; s++)
         t->fd[s] = fds[s];
     t->adopted = (uint8_t)adopt;
+    t->raw = (uint8_t)raw;
     for (int s = 0; s < 2 && !adopt; s++) {
         int fd = fcntl(fds[s], F_DUPFD_CLOEXEC, 0);
         if (fd < 0) {
@@ -83,6 +85,8 @@ Tunnel_dealloc(TunnelObject *t)
     for (int s = 0; s < 2; s++) {
         out_free(&t->out[s]);
         PyMem_Free(t->inject[s]);
+        tls_close(t->ssl[s], 1);  /* (handed back and never taken) */
+        t->ssl[s] = NULL;
     }
     PyMem_Free(t->pong);
     dial_free(t);
@@ -211,9 +215,49 @@ Tunnel_expect_pong(TunnelObject *t, PyObject *arg)
 }
 
 static PyObject *
-Tunnel_finish(TunnelObject *t, PyObject *Py_UNUSED(ignored))
+Tunnel_attach_tls(TunnelObject *t, PyObject *args)
 {
-    if (!tunnel_ready(t))
+    int side;
+    PyObject *side_obj, *conn;
+    if (!tunnel_ready(t) || !PyArg_ParseTuple(args, "OO:attach_tls", &side_obj, &conn)
+        || !side_arg(side_obj, &side))
+        return NULL;
+    if (t->ssl[side] != NULL || t->fd[side] < 0 || t->started || t->registered[side]) {
+        PyErr_SetString(PyExc_RuntimeError,
+                        "attach_tls: only a new tunnel's open side without a session");
+        return NULL;
+    }
+    SSL *ssl = tls_conn_take(conn);
+    if (ssl == NULL)
+        return NULL;
+    t->ssl[side] = ssl;
+    Py_RETURN_NONE;
+}
+
+/* A handed-back tunnel's session, for the pump that serves its connection as HTTP. */
+static PyObject *
+Tunnel_take_tls(TunnelObject *t, PyObject *arg)
+{
+    int side;
+    if (!tunnel_ready(t) || !side_arg(arg, &side))
+        return NULL;
+    if (t->ssl[side] == NULL)
+        Py_RETURN_NONE;
+    if (t->fd[side] >= 0) {
+        PyErr_SetString(PyExc_RuntimeError, "take_tls: the side is still the tunnel's");
+        return NULL;
+    }
+    PyObject *conn = tls_conn_new(t->ssl[side]);
+    if (conn != NULL)
+        t->ssl[side] = NULL;
+    return conn;
+}
+
+static PyObject *
+Tunnel_finish(TunnelObject *t, PyObject *args)
+{
+    double limit = -1;
+    if (!tunnel_ready(t) || !PyArg_ParseTuple(args, "|d:finish", &limit))
         return NULL;
     if (t->finishing)
         Py_RETURN_NONE;
@@ -236,7 +280,7 @@ Tunnel_finish(TunnelObject *t, PyObject *Py_UNUSED(ignored))
         EngineObject *e = t->engine;
         Py_INCREF(t);
         t->flushing = 1;
-        t->flush_deadline = monotonic() + e->flush_limit;
+        t->flush_deadline = monotonic() + (limit >= 0 ? limit : e->flush_limit);
         t->prev_flush = NULL;
         t->next_flush = e->flushing;
         if (e->flushing)
@@ -349,8 +393,14 @@ static PyMethodDef Tunnel_methods[] = {
      "inject(side, frame): send a frame of the proxy's to side at its next frame boundary."},
     {"expect_pong", (PyCFunction)Tunnel_expect_pong, METH_O,
      "The next masked client Pong carrying this payload is consumed, not forwarded."},
-    {"finish", (PyCFunction)Tunnel_finish, METH_NOARGS,
-     "Stop reading; close each socket once what waits for it is sent (bounded)."},
+    {"finish", (PyCFunction)Tunnel_finish, METH_VARARGS,
+     "finish(limit=flush_limit): stop reading; close each socket once what waits for it is "
+     "sent, or after limit seconds."},
+    {"attach_tls", (PyCFunction)Tunnel_attach_tls, METH_VARARGS,
+     "attach_tls(side, conn): side's bytes go through conn's TLS session from now on (a new "
+     "tunnel, before dial or start)."},
+    {"take_tls", (PyCFunction)Tunnel_take_tls, METH_O,
+     "take_tls(side): a handed-back side's TLS session as a TlsConn, or None."},
     {"at_boundary", (PyCFunction)Tunnel_at_boundary, METH_O,
      "True when a frame may be written to side now."},
     {"injecting", (PyCFunction)Tunnel_injecting, METH_O,

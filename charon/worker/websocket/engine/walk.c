@@ -61,6 +61,8 @@ flush_inject(TunnelObject *t, int dst)
 int
 feed(TunnelObject *t, int src, const uint8_t *p, size_t n)
 {
+    if (t->raw)
+        return emit(t, 1 - src, p, n);
     Walker *w = &t->w[src];
     int dst = 1 - src;
     size_t pos = 0, seg = 0;  /* p[seg:pos] is walked and not yet sent */
@@ -208,26 +210,45 @@ pump(TunnelObject *t, int src)
     for (int i = 0; i < READS_PER_EVENT; i++) {
         if (!reading(t, src))
             return 0;
-        ssize_t r = recv(t->fd[src], e->buf, READ_SIZE, MSG_DONTWAIT);
-        if (r < 0) {
-            if (errno == EINTR) {
-                i--;
-                continue;
+        ssize_t r;
+        int more;
+        if (t->ssl[src] != NULL) {
+            int drained;
+            r = tls_recv(t->ssl[src], e->buf, READ_SIZE, &drained);
+            if (r == -2) {
+                /* Empty; or OpenSSL must write first: the next EPOLLOUT edge reads again. */
+                if (drained == 1)
+                    t->rd_ready[src] = 0;
+                return 0;
             }
-            if (errno == EAGAIN || errno == EWOULDBLOCK)
-                t->rd_ready[src] = 0;
-            else
+            if (r <= 0) {
                 side_lost(t, src);
-            return 0;
+                return 0;
+            }
+            more = !drained;
         }
-        if (r == 0) {
-            side_lost(t, src);
-            return 0;
+        else {
+            r = recv(t->fd[src], e->buf, READ_SIZE, MSG_DONTWAIT);
+            if (r < 0) {
+                if (errno == EINTR) {
+                    i--;
+                    continue;
+                }
+                if (errno == EAGAIN || errno == EWOULDBLOCK)
+                    t->rd_ready[src] = 0;
+                else
+                    side_lost(t, src);
+                return 0;
+            }
+            if (r == 0) {
+                side_lost(t, src);
+                return 0;
+            }
+            /* A short read emptied the socket (bytes arriving later raise a new edge), unless
+             * the FIN or an error came with the last edge: that is read next, no edge follows. */
+            more = r == READ_SIZE || t->rd_end[src];
         }
         t->last_traffic = e->now;
-        /* A short read emptied the socket (bytes arriving later raise a new edge), unless
-         * the FIN or an error came with the last edge: that is read next, no edge follows. */
-        int more = r == READ_SIZE || t->rd_end[src];
         if (!more)
             t->rd_ready[src] = 0;
         if (feed(t, src, e->buf, (size_t)r) < 0 || !more)
