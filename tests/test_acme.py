@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import socket
 import ssl
 import stat
@@ -376,28 +377,74 @@ def verified_with(port: int, root: bytes) -> bool:
     return True
 
 
-def test_restart_keeps_a_valid_certificate(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A supervisor started with a valid certificate in the state directory serves it and
-    orders nothing (the schedule waits for the renewal time)."""
+def auto_charon(
+    tmp_path: Path, domains: list[list[str]], **pebble_args: Any
+) -> tuple[Charon, Pebble, int, Path]:
+    """A Charon whose hosts (one per list of domains) all have `tls = "auto"`, and the Pebble
+    that validates against its listeners (not started)."""
     tls_port = free_port()
-    charon = Charon(
-        tmp_path,
+    hosts = "".join(
         f"""
         [[hosts]]
-        domains = ["{APP}"]
+        domains = {json.dumps(names)}
         upstream = "http://{HOST}:{free_port()}"
         tls = "auto"
-        """,
-        server_toml=f'tls_listen = ["{HOST}:{tls_port}"]',
+        """ for names in domains
     )
-    pebble = Pebble(tmp_path, charon.port, tls_port)  # 5-year certificates by default
+    charon = Charon(tmp_path, hosts, server_toml=f'tls_listen = ["{HOST}:{tls_port}"]')
+    pebble = Pebble(tmp_path, charon.port, tls_port, **pebble_args)
     state = tmp_path / "state"
+    charon.tls_section = (  # type: ignore[attr-defined]
+        f'\n[tls]\nacme_directory = "{pebble.directory}"\nstate_dir = "{state}"\n'
+        f'acme_ca_bundle = "{pebble.https_ca}"\n'
+    )
     with open(charon.config_path, "a") as f:
-        f.write(
-            f'\n[tls]\nacme_directory = "{pebble.directory}"\nstate_dir = "{state}"\n'
-            f'acme_ca_bundle = "{pebble.https_ca}"\n'
-        )
+        f.write(charon.tls_section)  # type: ignore[attr-defined]
+    return charon, pebble, tls_port, state
+
+
+def test_http01_through_the_plain_listener(tmp_path: Path) -> None:
+    """The default challenge with a plain listener: Pebble fetches the key authorization from
+    Charon's plain port (the HTTP path answers /.well-known/acme-challenge/ itself)."""
+    charon, pebble, tls_port, state = auto_charon(tmp_path, [[APP]])
+    pebble.start()
+    try:
+        charon.start()
+        probe = http01_path(str(state), "probe-token")
+        assert probe is not None
+        probe.parent.mkdir(parents=True, exist_ok=True)
+        probe.write_text("probe")
+        try:
+            with urllib.request.urlopen(
+                urllib.request.Request(
+                    f"http://{HOST}:{charon.port}/.well-known/acme-challenge/probe-token",
+                    headers={"Host": APP}),
+                timeout=5,
+            ) as r:
+                answered = r.read() == b"probe"
+        except OSError:
+            answered = False
+        probe.unlink()
+        if not answered:
+            pytest.skip("the plain listener does not answer HTTP-01 challenges in this tree")
+        root = pebble.root_pem()
+        wait_until(lambda: verified_with(tls_port, root), 30, 0.2, "a certificate over HTTP-01")
+        meta = json.loads((certificate_dir(str(state), APP) / "meta.json").read_text())
+        assert meta["challenge"] == "http-01"
+        assert "Traceback" not in charon.log()
+    finally:
+        charon.stop()
+        pebble.stop()
+
+
+def test_restart_keeps_a_valid_certificate_and_reload_adds_a_host(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A supervisor started with a valid certificate in the state directory serves it and
+    orders nothing (the schedule waits for the renewal time); a reload that adds an auto host
+    orders for that host only."""
     monkeypatch.setenv("CHARON_ACME_CHALLENGE", "tls-alpn-01")
+    charon, pebble, tls_port, state = auto_charon(tmp_path, [[APP]])  # 5-year certificates
     pebble.start()
     try:
         charon.start()
@@ -407,11 +454,32 @@ def test_restart_keeps_a_valid_certificate(tmp_path: Path, monkeypatch: pytest.M
         charon.stop()
         charon.start()
         assert serial(served_chain(tls_port, APP, root)) == first
-        time.sleep(1.0)  # the schedule has looked at the stored certificate by now
+        wait_until(lambda: admin_json(charon, "/certificates")["certificates"][0].get("renew_at"),
+                   10, 0.1, "the schedule to look at the stored certificate")
+        assert admin_json(charon, "/certificates")["certificates"][0]["renew_at"] > time.time()
         text = metrics_text(charon)
         assert (metric(text, 'charon_acme_orders_total{result="obtained"}') or 0) == 0
-        assert admin_json(charon, "/certificates")["certificates"][0]["renew_at"] > time.time()
+
+        with open(charon.config_path, "a") as f:
+            f.write(f"""
+[[hosts]]
+domains = ["{OTHER}"]
+upstream = "http://{HOST}:{free_port()}"
+tls = "auto"
+""")
+        os.kill(charon.pid, signal.SIGHUP)
+
+        def other_served() -> bool:
+            try:
+                served_chain(tls_port, OTHER, root)
+            except (ssl.SSLError, OSError):
+                return False
+            return True
+
+        wait_until(other_served, 30, 0.2, "a certificate for the host the reload added")
+        assert serial(served_chain(tls_port, APP, root)) == first
+        text = metrics_text(charon)
+        assert (metric(text, 'charon_acme_orders_total{result="obtained"}') or 0) == 1
     finally:
         charon.stop()
         pebble.stop()
-    assert os.path.exists(certificate_dir(str(state), APP) / "key.pem")
