@@ -1,4 +1,4 @@
-"""The supervisor's ACME schedule: started once the first workers serve (HTTP-01 and
+"""The supervisor's ACME schedule: started once workers serve (HTTP-01 and
 TLS-ALPN-01 need a listener that answers), started anew when a reload changes the `tls =
 "auto"` hosts or the ACME settings, stopped at shutdown. Its `publish()` pushes the current
 config to every worker in place (inplace.push_tls_state), which makes them load the challenge
@@ -62,9 +62,10 @@ class CertificateManager:
         return self.scheduler.status if self.scheduler is not None else {}
 
     def tick(self) -> None:
-        """Each turn of the supervisor's loop: start once every worker serves."""
+        """Each turn of the supervisor's loop: start once a worker serves (one that keeps
+        failing to start must not hold the certificates back)."""
         arbiter = self.arbiter
-        if self._started or arbiter.stopping or arbiter.ready_workers() < len(arbiter.slots):
+        if self._started or arbiter.stopping or arbiter.ready_workers() == 0:
             return
         self._started = True
         self._start(arbiter.config)

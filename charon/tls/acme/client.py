@@ -12,6 +12,7 @@ import asyncio
 import datetime
 import json
 import logging
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -32,6 +33,8 @@ log = logging.getLogger("charon.acme")
 
 NETWORK_TIMEOUT = 10  # seconds, each request to the ACME server
 ORDER_DEADLINE = 90.0  # seconds from answering the challenges to holding the certificate
+POLL_INTERVAL = 0.5  # seconds between two looks at a pending authorization
+POLL_STEP = 3  # seconds the library polls a finalizing order before the loop looks again
 USER_AGENT = f"charon/{charon.__version__}"
 
 Publish = Callable[[], Awaitable[None]]
@@ -170,11 +173,9 @@ class AcmeClient:
                 await publish()
             for body, response in answers:
                 await self._run(client.answer_challenge, body, response)
-            deadline = datetime.datetime.now() + datetime.timedelta(seconds=ORDER_DEADLINE)
-            order = await self._run(client.poll_authorizations, order, deadline)
-            order = await self._run(client.finalize_order, order, deadline)
-        except errors.ValidationError as exc:
-            raise AcmeError(f"validation failed: {_validation_reason(exc)}") from exc
+            deadline = time.monotonic() + ORDER_DEADLINE
+            order = await self._authorized(client, order, deadline)
+            order = await self._finalized(client, order, deadline)
         finally:
             challenges.remove_all(written)
         meta: dict[str, object] = {"directory": self.settings.directory, "challenge": challenge,
@@ -185,6 +186,36 @@ class AcmeClient:
         if written:
             await publish()  # the workers drop the challenge certificates they loaded
         return info
+
+    # The library's own polling loops sleep in the thread until their deadline; these poll
+    # one request at a time and wait on the loop, so stopping the schedule ends them at once.
+
+    async def _authorized(
+        self, client: acme_client.ClientV2, order: messages.OrderResource, deadline: float
+    ) -> messages.OrderResource:
+        done = []
+        for authz in order.authorizations:
+            while authz.body.status == messages.STATUS_PENDING:
+                if time.monotonic() > deadline:
+                    raise AcmeError(f"no validation within {ORDER_DEADLINE:.0f}s")
+                await asyncio.sleep(POLL_INTERVAL)
+                authz, _ = await self._run(client.poll, authz)
+            if authz.body.status != messages.STATUS_VALID:
+                raise AcmeError(f"validation failed: {_validation_reason(authz)}")
+            done.append(authz)
+        return order.update(authorizations=done)
+
+    async def _finalized(
+        self, client: acme_client.ClientV2, order: messages.OrderResource, deadline: float
+    ) -> messages.OrderResource:
+        order = await self._run(client.begin_finalization, order)
+        while True:
+            step = datetime.datetime.now() + datetime.timedelta(seconds=POLL_STEP)
+            try:
+                return await self._run(client.poll_finalization, order, step)
+            except errors.TimeoutError:
+                if time.monotonic() > deadline:
+                    raise AcmeError(f"no certificate within {ORDER_DEADLINE:.0f}s") from None
 
     async def renewal_time(self, host: str) -> float | None:
         """ARI's suggested renewal time (RFC 9773) for the host's certificate, Unix time; None
@@ -216,11 +247,9 @@ def _pick(authz: messages.AuthorizationResource, kind: str) -> messages.Challeng
     )
 
 
-def _validation_reason(exc: errors.ValidationError) -> str:
-    reasons = []
-    for authz in exc.failed_authzrs:
-        for body in authz.body.challenges:
-            if body.error is not None:
-                detail = body.error.detail or body.error.typ
-                reasons.append(f"{authz.body.identifier.value}: {detail}")
-    return "; ".join(reasons) or "no reason given"
+def _validation_reason(authz: messages.AuthorizationResource) -> str:
+    name = authz.body.identifier.value
+    for body in authz.body.challenges:
+        if body.error is not None:
+            return f"{name}: {body.error.detail or body.error.typ}"
+    return f"{name}: {authz.body.status}"
