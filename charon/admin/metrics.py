@@ -173,7 +173,10 @@ class MetricsSection:
         self.config_versions: dict[int, int] = {}  # worker id -> config version it applied
         self._next_expiry = 0.0
         self.version = 0  # bumped on every change: a scrape with nothing new reuses the text
-        self._rendered: tuple[tuple[int, int], asyncio.Future[bytes]] | None = None
+        self._rendered: tuple[tuple[Any, ...], asyncio.Future[bytes]] | None = None
+        # Other modules' metrics (admin/certificates.py): each call gives a collector of the
+        # state now, with a `key` that changes when its text would.
+        self.extra: list[Callable[[], Any]] = []
         self._handlers: dict[str, Callable[[int, list[Any]], None]] = {
             METRICS: self._on_metrics,
             WORKER_EXIT: self._on_worker_exit,
@@ -352,11 +355,13 @@ class MetricsSection:
             events_dropped=self.events_dropped,
         )
 
-    def render(self, snapshot: Snapshot | None = None) -> bytes:
+    def render(self, snapshot: Snapshot | None = None, extra: Iterable[Collector] = ()) -> bytes:
         """The Prometheus text format of `snapshot` (a fresh one if None). Touches nothing but
         the snapshot: it may run in a thread."""
         registry = CollectorRegistry(auto_describe=False)
         registry.register(SnapshotCollector(snapshot or self.snapshot()))
+        for collector in extra:
+            registry.register(collector)
         return generate_latest(registry)
 
     # -- the admin section ---------------------------------------------------------------------
@@ -373,12 +378,15 @@ class MetricsSection:
         state). Scrapes that find nothing changed since the last one, or arrive while it is
         being formatted, share its text."""
         self._expire()
-        key = (self.version, self.ready_workers())
+        extra = [make() for make in self.extra]
+        key = (self.version, self.ready_workers(), *(c.key for c in extra))
         rendered = self._rendered
         if rendered is None or rendered[0] != key or (
             rendered[1].done() and rendered[1].exception() is not None
         ):
-            future = asyncio.get_running_loop().run_in_executor(None, self.render, self.snapshot())
+            future = asyncio.get_running_loop().run_in_executor(
+                None, self.render, self.snapshot(), extra
+            )
             rendered = self._rendered = (key, future)
         return await asyncio.shield(rendered[1])
 
