@@ -16,6 +16,7 @@ from charon import cli_logs, cli_reload, logsetup
 from charon.config import Config, ConfigError, load_config_text
 from charon.supervisor.arbiter import Arbiter
 from charon.supervisor.sockets import ListenError
+from charon.tls.listing import certificate_lines
 
 DEMO_BACKEND_PORT = 8081
 
@@ -83,6 +84,8 @@ def _check(path: str) -> int:
         print(exc, file=sys.stderr)
         return 1
     print(f"{path}: ok ({len(config.hosts)} proxy hosts)")
+    for line in certificate_lines(config):
+        print(f"  {line}")
     return 0
 
 

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Everything the test suite needs, installed by the project itself (root or sudo):
-# Charon with its test extras in ./.venv, and the real peers the tests start (nginx and
-# Prometheus with promtool from Debian, the Autobahn suite from ../shared/autobahn when that
-# folder exists), and systemd's tools for tests/test_systemd.py (systemd-analyze,
+# Charon with its test extras in ./.venv, and the real peers the tests start (nginx,
+# Prometheus with promtool and Pebble, the ACME test server, from Debian, the Autobahn suite
+# from ../shared/autobahn when that folder exists), and systemd's tools for tests/test_systemd.py (systemd-analyze,
 # systemd-socket-activate; the package installs no running systemd here).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,6 +15,7 @@ need=()
 # clang with the libFuzzer and sanitizer runtimes for the engine's fuzz targets
 # (tests/test_engine_fuzz.py), objcopy for their socket model (binutils, already with gcc).
 for cmd_pkg in nginx:nginx-light wrk:wrk curl:curl promtool:prometheus systemd-analyze:systemd \
+        pebble:pebble \
         clang:clang objcopy:binutils; do
     command -v "${cmd_pkg%%:*}" >/dev/null 2>&1 || need+=("${cmd_pkg#*:}")
 done

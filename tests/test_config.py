@@ -700,8 +700,11 @@ for bad in INVALID_DOMAINS:
     )
 
 UPSTREAM_ERRORS = [
-    ("https://127.0.0.1:3000", "https upstreams are not supported yet"),
-    ("ftp://127.0.0.1:3000", "unsupported scheme 'ftp' (only http:// is supported)"),
+    ("ftp://127.0.0.1:3000", "unsupported scheme 'ftp' (only http:// and https:// are supported)"),
+    (
+        "https://127.0.0.1:3000/api",
+        "upstream must not have a path: Charon forwards the request path unchanged",
+    ),
     (
         "http://127.0.0.1:3000/api",
         "upstream must not have a path: Charon forwards the request path unchanged",

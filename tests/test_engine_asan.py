@@ -60,7 +60,7 @@ def build_copy(tmp: Path) -> Path:
         ["gcc", "-shared", "-fPIC", "-g", "-O1", "-fno-omit-frame-pointer",
          "-fsanitize=address,undefined",
          "-Wall", f"-I{sysconfig.get_paths()['include']}", *map(str, sorted(ENGINE.glob("*.c"))),
-         "-o", str(so)],
+         "-lssl", "-lcrypto", "-o", str(so)],
         check=True, capture_output=True, timeout=300)
     return tmp
 

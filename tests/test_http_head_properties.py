@@ -149,7 +149,7 @@ def test_plan_request_raises_only_http_errors_and_writes_a_clean_head(raw: bytes
         return  # llhttp's 400: plan_request never sees it
     try:
         plan = plan_request(parsed.method, parsed.target, parsed.version, parsed.headers, PEER,
-                            b"http", ROUTER, POLICY)
+                            None, ROUTER, POLICY)
     except HttpError as error:
         event(f"HttpError {error.status}")
         assert 400 <= error.status <= 505

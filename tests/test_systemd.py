@@ -23,6 +23,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import textwrap
 import threading
 import time
 import urllib.request
@@ -30,7 +31,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from harness import HOST, REPO, Backend, Charon, child_pids, wait_until
+from harness import HOST, REPO, Backend, Charon, child_pids, free_port, wait_until
 
 SERVICE = REPO / "deploy" / "charon.service"
 SOCKET_UNIT = REPO / "deploy" / "charon.socket"
@@ -565,3 +566,45 @@ def test_a_failed_second_start_keeps_the_running_supervisors_pidfile(
     assert pidfile.exists(), "the failed second supervisor removed the running one's PID file"
     assert pidfile.read_text().strip() == str(charon.pid)
     assert get(charon.port) == 200
+
+
+def test_socket_activation_passes_a_tls_listener(tmp_path: Path, backend: Backend) -> None:
+    """A `tls_listen` address passed by systemd is served over TLS (told by its address), the
+    plain one beside it stays plain."""
+    activate = shutil.which("systemd-socket-activate")
+    if activate is None:
+        pytest.skip("systemd-socket-activate is not installed (Debian's systemd package has it)")
+    import ssl
+
+    from tlsca import TestCA
+
+    ca = TestCA(tmp_path / "ca")
+    leaf = ca.issue(["tls.test"])
+    tls_port = free_port()
+    charon = Charon(
+        tmp_path, hosts_toml(backend) + textwrap.dedent(f"""
+            [[hosts]]
+            domains = ["tls.test"]
+            upstream = "{backend.url}"
+            tls = {{ cert = "{leaf.cert_path}", key = "{leaf.key_path}" }}
+            """),
+        workers=2, server_toml=f'tls_listen = ["{HOST}:{tls_port}"]',
+    )
+    popen_charon(charon, [activate, "-l", f"{HOST}:{charon.port}", "-l", f"{HOST}:{tls_port}",
+                          *run_argv(charon)])
+    try:
+        wait_until(lambda: listening_inodes(tls_port), 10, what="systemd-socket-activate")
+        (passed,) = listening_inodes(tls_port)
+        assert get(charon.port, timeout=30) == 200
+        charon.wait_ready()
+        context = ssl.create_default_context(cafile=str(ca.cert_path))
+        with socket.create_connection((HOST, tls_port), timeout=10) as raw, \
+                context.wrap_socket(raw, server_hostname="tls.test") as tls:
+            tls.sendall(b"GET /ok HTTP/1.1\r\nHost: tls.test\r\nConnection: close\r\n\r\n")
+            answer = b""
+            while chunk := tls.recv(65536):
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
+        assert listening_inodes(tls_port) == {passed}, "Charon bound a TLS socket of its own"
+    finally:
+        assert charon.stop() == 0

@@ -7,10 +7,10 @@ exits, config reloads; not METRICS) becomes a record, a JSON object:
      "status": 200, "duration": 0.0042, "response_bytes": 512, "client_ip": "10.0.0.7",
      "path": "/api/items?page=2", "worker": 0}
 
-`kind` is one of request, ws_open, ws_close, upstream_error, worker_exit, reload (see
+`kind` is one of request, ws_open, ws_close, upstream_error, worker_exit, reload, certificate (see
 `charon/events/schema.py` for each kind's fields); `worker` is the worker id that sent it, -1 for
 the supervisor's own events. An upstream_error's own error kind (connect, timeout, bad_response,
-closed) is in `error`. Where records are missing, a `dropped` record says how many (`count`),
+closed, tls) is in `error`. Where records are missing, a `dropped` record says how many (`count`),
 who lost them (`by`) and when (`since` to `time`): a worker the supervisor did not read in time
 ("by": "worker", with its `worker` and `pid`, see admin/drops.py), or this subscriber's own queue
 when it did not take what it asked for ("by": "stream"). Notices pass every filter.
@@ -45,6 +45,7 @@ from aiohttp import WSCloseCode, web
 from charon.admin.drops import BY_STREAM, DropNotices
 from charon.config.model import AdminConfig
 from charon.events.schema import (
+    CERTIFICATE,
     CONFIG_RELOAD,
     DROPPED,
     REQUEST,
@@ -72,6 +73,7 @@ LOGGED: dict[str, str] = {
     UPSTREAM_ERROR: "upstream_error",
     WORKER_EXIT: "worker_exit",
     CONFIG_RELOAD: "reload",
+    CERTIFICATE: "certificate",
     DROPPED: "dropped",
 }
 KINDS = tuple(LOGGED.values())

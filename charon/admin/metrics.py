@@ -40,11 +40,12 @@ from charon.events.schema import (
     ERR_CLOSED,
     ERR_CONNECT,
     ERR_TIMEOUT,
+    ERR_TLS,
     FIELDS,
     METRICS,
     WORKER_EXIT,
 )
-from charon.worker.telemetry import HTTP_BUCKETS, KNOWN_METHODS, WS_BUCKETS
+from charon.worker.telemetry import HTTP_BUCKETS, KNOWN_METHODS, TLS_RESULTS, WS_BUCKETS
 
 log = logging.getLogger("charon.admin")
 
@@ -52,7 +53,7 @@ OTHER_HOST = "_other"  # the host label of anything that is not a configured pro
 OTHER = "other"  # the label value of anything else out of a bounded set
 GAUGE_TTL = 5.0  # a process that has not reported for this long has its gauges dropped
 EXITED_MEMORY = 60.0  # how long an exited pid's events_dropped count is remembered
-ERROR_KINDS = (ERR_CONNECT, ERR_TIMEOUT, ERR_BAD_RESPONSE, ERR_CLOSED)
+ERROR_KINDS = (ERR_CONNECT, ERR_TIMEOUT, ERR_BAD_RESPONSE, ERR_CLOSED, ERR_TLS)
 DIRECTIONS = ("in", "out")
 RELOAD_RESULTS = ("success", "error")
 METHODS = KNOWN_METHODS | {"OTHER"}
@@ -139,6 +140,10 @@ COUNTERS: dict[str, tuple[str, tuple[str, ...]]] = {
     "charon_websocket_closes": (
         "WebSocket tunnels closed, by close code (3xxx/4xxx: application codes).",
         ("host", "code")),
+    "charon_tls_handshakes": (
+        "TLS handshakes on the TLS listeners by result: full, resumed (a session ticket), "
+        "failed, timeout ([tls] handshake_timeout), unknown_name (an SNI name with no "
+        "certificate and no default).", ("result",)),
 }
 
 
@@ -168,7 +173,10 @@ class MetricsSection:
         self.config_versions: dict[int, int] = {}  # worker id -> config version it applied
         self._next_expiry = 0.0
         self.version = 0  # bumped on every change: a scrape with nothing new reuses the text
-        self._rendered: tuple[tuple[int, int], asyncio.Future[bytes]] | None = None
+        self._rendered: tuple[tuple[Any, ...], asyncio.Future[bytes]] | None = None
+        # Other modules' metrics (admin/certificates.py): each call gives a collector of the
+        # state now, with a `key` that changes when its text would.
+        self.extra: list[Callable[[], Any]] = []
         self._handlers: dict[str, Callable[[int, list[Any]], None]] = {
             METRICS: self._on_metrics,
             WORKER_EXIT: self._on_worker_exit,
@@ -181,6 +189,8 @@ class MetricsSection:
         `_other`. Their per-host counters start at 0 so the first increase shows in rate()."""
         self.hosts = frozenset(hosts)
         self.version += 1
+        for result in TLS_RESULTS:
+            self.counters["charon_tls_handshakes"].setdefault((result,), 0)
         for host in self.hosts:
             for name, keys in (
                 ("charon_http_response_bytes", [(host,)]),
@@ -273,6 +283,8 @@ class MetricsSection:
         _add(c["charon_websocket_bytes"],
              ((host(h), d if d in DIRECTIONS else OTHER, n)
               for h, d, n in deltas.get("ws_bytes", ())))
+        _add(c["charon_tls_handshakes"],
+             ((r if r in TLS_RESULTS else OTHER, n) for r, n in deltas.get("tls_handshakes", ())))
         _add(c["charon_websocket_closes"],
              ((host(h), close_code_label(code), n) for h, code, n in deltas.get("ws_closes", ())))
         self._add_histograms(self.http_hist, len(HTTP_BUCKETS), deltas.get("http_durations", ()))
@@ -343,11 +355,13 @@ class MetricsSection:
             events_dropped=self.events_dropped,
         )
 
-    def render(self, snapshot: Snapshot | None = None) -> bytes:
+    def render(self, snapshot: Snapshot | None = None, extra: Iterable[Collector] = ()) -> bytes:
         """The Prometheus text format of `snapshot` (a fresh one if None). Touches nothing but
         the snapshot: it may run in a thread."""
         registry = CollectorRegistry(auto_describe=False)
         registry.register(SnapshotCollector(snapshot or self.snapshot()))
+        for collector in extra:
+            registry.register(collector)
         return generate_latest(registry)
 
     # -- the admin section ---------------------------------------------------------------------
@@ -364,12 +378,15 @@ class MetricsSection:
         state). Scrapes that find nothing changed since the last one, or arrive while it is
         being formatted, share its text."""
         self._expire()
-        key = (self.version, self.ready_workers())
+        extra = [make() for make in self.extra]
+        key = (self.version, self.ready_workers(), *(c.key for c in extra))
         rendered = self._rendered
         if rendered is None or rendered[0] != key or (
             rendered[1].done() and rendered[1].exception() is not None
         ):
-            future = asyncio.get_running_loop().run_in_executor(None, self.render, self.snapshot())
+            future = asyncio.get_running_loop().run_in_executor(
+                None, self.render, self.snapshot(), extra
+            )
             rendered = self._rendered = (key, future)
         return await asyncio.shield(rendered[1])
 

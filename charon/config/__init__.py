@@ -3,7 +3,9 @@
 from charon.config.loader import ConfigError, default_config, load_config, load_config_text
 from charon.config.model import (
     AdminConfig,
+    CertificateFiles,
     Config,
+    HostTls,
     IPNetwork,
     Limits,
     ListenAddress,
@@ -11,14 +13,17 @@ from charon.config.model import (
     ProxyHost,
     ServerConfig,
     Timeouts,
+    TlsConfig,
     Upstream,
     WebSocketSettings,
 )
 
 __all__ = [
     "AdminConfig",
+    "CertificateFiles",
     "Config",
     "ConfigError",
+    "HostTls",
     "IPNetwork",
     "Limits",
     "ListenAddress",
@@ -26,6 +31,7 @@ __all__ = [
     "ProxyHost",
     "ServerConfig",
     "Timeouts",
+    "TlsConfig",
     "Upstream",
     "WebSocketSettings",
     "default_config",

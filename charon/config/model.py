@@ -10,6 +10,7 @@ import socket
 from dataclasses import dataclass, field
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+UpstreamKey = tuple[str, int, bool, bool, str | None]
 
 
 @dataclass(frozen=True)
@@ -53,8 +54,10 @@ class Upstream:
     tls_ca: str | None = None  # a CA bundle (PEM path) to verify it with; None: the system's
 
     @property
-    def key(self) -> tuple[str, int]:
-        return (self.host, self.port)
+    def key(self) -> UpstreamKey:
+        """What its pool of connections is known by: the address, and how TLS is spoken to
+        it, so plain and TLS connections (or ones verified differently) are never mixed."""
+        return (self.host, self.port, self.tls, self.tls_verify, self.tls_ca)
 
 
 @dataclass(frozen=True)

@@ -235,16 +235,21 @@ def _is_ipv4(text: str) -> bool:
     return True
 
 
+_UPSTREAM_PORTS = {"http": 80, "https": 443}
+
+
 def upstream(value: Any) -> Upstream:
-    """ "http://HOST:PORT" or "http://HOST" (port 80); HOST an IP literal or a DNS name."""
+    """ "http://HOST:PORT" or "http://HOST" (port 80), "https://..." (port 443, TLS toward the
+    backend); HOST an IP literal or a DNS name."""
     url = string(value, 'an upstream URL like "http://127.0.0.1:3000"')
     scheme, sep, rest = url.partition("://")
     if not sep:
         raise ValueError(f'expected a URL like "http://127.0.0.1:3000", got {quote(url)}')
-    if scheme.lower() == "https":
-        raise ValueError(f"{quote(url)}: https upstreams are not supported yet")
-    if scheme.lower() != "http":
-        raise ValueError(f"{quote(url)}: unsupported scheme '{scheme}' (only http:// is supported)")
+    scheme = scheme.lower()
+    if scheme not in _UPSTREAM_PORTS:
+        raise ValueError(
+            f"{quote(url)}: unsupported scheme '{scheme}' (only http:// and https:// are supported)"
+        )
     for char, part in (("#", "a fragment"), ("?", "a query")):
         if char in rest:
             raise ValueError(f"{quote(url)}: an upstream must not have {part}")
@@ -257,8 +262,8 @@ def upstream(value: Any) -> Upstream:
     if "@" in authority:
         raise ValueError(f"{quote(url)}: an upstream must not contain user info")
     host, port_text = _split_host_port(authority, url, '"http://HOST:PORT"', '"http://[::1]:3000"')
-    port = 80 if port_text is None else _port(port_text, url)
-    return Upstream(url, _upstream_host(host, url), port)
+    port = _UPSTREAM_PORTS[scheme] if port_text is None else _port(port_text, url)
+    return Upstream(url, _upstream_host(host, url), port, tls=scheme == "https")
 
 
 def _upstream_host(host: str, url: str) -> str:

@@ -35,6 +35,7 @@ UPSTREAM_ERROR = "upstream_error"
 METRICS = "metrics"  # a worker's metric deltas and gauges, once a second
 CONFIG_RELOAD = "reload"  # from the supervisor itself
 WORKER_EXIT = "worker_exit"  # from the supervisor itself
+CERTIFICATE = "certificate"  # from the supervisor itself: an ACME order's outcome
 DROPPED = "dropped"  # made by the supervisor from a worker's METRICS (see admin/drops.py)
 
 FIELDS: dict[str, tuple[str, ...]] = {
@@ -52,6 +53,8 @@ FIELDS: dict[str, tuple[str, ...]] = {
     # version: the config version serving after it; workers: {worker id: version applied}
     CONFIG_RELOAD: ("time", "result", "path", "error", "version", "workers"),
     WORKER_EXIT: ("time", "worker_id", "pid", "status", "restart_in"),
+    # event: obtained, renewed or failed; not_after: Unix time (None before the first one)
+    CERTIFICATE: ("time", "event", "host", "issuer", "not_after", "error"),
     # `count` records lost by the worker `pid` between `since` and `time` (its last loss)
     DROPPED: ("time", "count", "since", "pid", "by"),
 }
@@ -61,6 +64,7 @@ ERR_CONNECT = "connect"
 ERR_TIMEOUT = "timeout"
 ERR_BAD_RESPONSE = "bad_response"
 ERR_CLOSED = "closed"
+ERR_TLS = "tls"  # the TLS handshake with an https:// backend failed (its certificate, mostly)
 
 
 # The columns of a batch's REQUEST records, in the order of FIELDS[REQUEST], with how each is

@@ -27,6 +27,7 @@ from charon.admin.server import AdminSection, AdminServer
 from charon.config import Config, ConfigError, ListenAddress, load_config_text
 from charon.events.receiver import EventHub, EventReceiver
 from charon.events.schema import CONFIG_RELOAD, WORKER_EXIT
+from charon.supervisor.certificates import CertificateManager
 from charon.supervisor.generations import start_generation
 from charon.supervisor.inplace import in_place_possible, reload_in_place
 from charon.supervisor.pidfile import PidFile
@@ -73,6 +74,8 @@ class Arbiter:
         self.sections: list[AdminSection] = [self.metrics, self.logs]
         for sink in (self.metrics, self.logs):
             self.hub.add_sink(sink)
+        self.certificates = CertificateManager(self)  # ACME; adds its admin section
+        self.apply_lock = asyncio.Lock()  # one config push to the workers at a time
         self.admin: AdminServer | None = None
         self.stopping = False
         self._announced_ready = False
@@ -124,6 +127,7 @@ class Arbiter:
                 self._kill_stuck()
                 self._spawn_missing()
                 self._announce()
+                self.certificates.tick()
         except StartupFailure as exc:
             log.error("%s", exc)
             await self._stop(graceful=False)
@@ -272,10 +276,11 @@ class Arbiter:
         log.info("reloading %s", path)
         try:
             config, text = _read(path, self.config_text)
-            if not restart and in_place_possible(self.config, config):
-                await reload_in_place(self, config, text)
-            else:
-                await start_generation(self, config, text)
+            async with self.apply_lock:
+                if not restart and in_place_possible(self.config, config):
+                    await reload_in_place(self, config, text)
+                else:
+                    await start_generation(self, config, text)
         except (ConfigError, ListenError, ReloadFailure) as exc:
             log.error("reload failed, still serving the previous config: %s", exc)
             self._reload_done("error", str(exc))
@@ -327,6 +332,7 @@ class Arbiter:
     async def _stop(self, graceful: bool) -> None:
         self.stopping = True
         self.notifier.stopping()
+        await self.certificates.stop()
         procs = [slot.process for slot in self.slots if slot.process is not None]
         procs += self.retiring
         log.info("stopping %d workers (%s)", len(procs), "graceful" if graceful else "fast")

@@ -118,6 +118,24 @@ async def reload_in_place(arbiter: Arbiter, config: Config, text: str) -> None:
         arbiter._reload_done("success", "")
 
 
+async def push_tls_state(arbiter: Arbiter) -> None:
+    """The current config again to every worker, which reloads the ACME certificate and
+    challenge files with it; returns once each answered (or APPLY_TIMEOUT passed). It counts
+    as a config version (seen in /healthz and charon_config_version): that is how a worker's
+    answer is told from an earlier one."""
+    async with arbiter.apply_lock:
+        version = arbiter.config_version + 1
+        procs = [s.process for s in arbiter.slots if s.process is not None]
+        failed = await apply_everywhere(procs, version, arbiter.config)
+        arbiter.config_version = version
+        arbiter._show_versions()
+    for proc, reason in failed:
+        log.warning(
+            "worker %d (pid %d) did not take the new certificate files: %s",
+            proc.worker_id, proc.pid, reason,
+        )
+
+
 async def take_config(arbiter: Arbiter, config: Config, text: str, version: int = 0) -> None:
     """What the supervisor itself keeps of an accepted config."""
     old_admin = arbiter.config.admin
@@ -126,6 +144,7 @@ async def take_config(arbiter: Arbiter, config: Config, text: str, version: int 
     arbiter.metrics.set_hosts(h.name for h in config.hosts)
     arbiter.logs.token = config.admin.token or None
     arbiter.logs.allowed_origins = frozenset(o.lower() for o in config.admin.allowed_origins)
+    await arbiter.certificates.config_changed(config)
     if config.admin.listen != old_admin.listen:
         if arbiter.admin is not None:
             await arbiter.admin.stop()

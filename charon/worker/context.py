@@ -5,10 +5,10 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING
 
-from charon.config.model import Config, Upstream
+from charon.config.model import Config, Upstream, UpstreamKey
 from charon.worker.http.headers import ForwardedPolicy
 from charon.worker.http.sendwatch import SendWatch
-from charon.worker.routing import Router
+from charon.worker.routing import config_router
 from charon.worker.telemetry import Telemetry
 from charon.worker.tlsserver import TicketKeyRotation, build_server
 from charon.worker.upstreams.pool import UpstreamPool
@@ -32,7 +32,6 @@ class WorkerContext:
         self.forwarded = ForwardedPolicy(server.trusted_proxies, server.underscores_in_headers)
         self.limits = config.server.limits
         self.timeouts = config.timeouts
-        self.scheme = b"http"
         self.connections: set[ClientConnection] = set()
         self.tunnels: set[Tunnel] = set()
         self.dialling: set[DialledTunnel] = set()  # handshakes the front door took, until 101
@@ -42,8 +41,8 @@ class WorkerContext:
         self.listeners: Listeners | None = None  # set once serving
         self.draining = False
         self.closing_tunnels = False
-        self.pools: dict[tuple[str, int], UpstreamPool] = {}
-        self.router = Router(config.hosts, self.pool)
+        self.pools: dict[UpstreamKey, UpstreamPool] = {}
+        self.router = config_router(config, self.pool)
         self.tls_pumps: set[TlsPump] = set()  # TLS connections the HTTP path serves
         self.tls_rotation: TicketKeyRotation | None = None  # set when serving TLS
 
@@ -75,6 +74,8 @@ class WorkerContext:
             pool.close_expired(now)
 
     def report_metrics(self) -> None:
+        if self.tls_rotation is not None:
+            self.telemetry.tls_counts(self.engine.engine.take_tls_counts())
         in_flight = sum(1 for conn in self.connections if conn.exchanges)
         self.telemetry.flush_metrics(in_flight, len(self.connections), len(self.tunnels))
 

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 from charon.worker.http.adopted import adopt_client
 from charon.worker.http.errors import HttpError
 from charon.worker.http.request import BODY_NONE, RequestPlan, plan_request
+from charon.worker.tlsinfo import TlsInfo
 from charon.worker.tlspump import serve_http
 from charon.worker.websocket._engine import CLIENT
 from charon.worker.websocket.dialled import DialledTunnel, Handshake
@@ -78,7 +79,8 @@ def _plan(
     ctx: WorkerContext, peer_ip: str, head: SplitHead, tls: TlsConn | None
 ) -> RequestPlan | None:
     """The plan of a handshake this path may dial as the HTTP path would forward it; None
-    leaves the connection to the HTTP path, which answers the rest."""
+    leaves the connection to the HTTP path, which answers the rest (a force_https 308, a 421,
+    a backend over TLS, which the engine does not dial)."""
     method, target, fields, head_len = head
     limits = ctx.limits
     if (
@@ -87,16 +89,17 @@ def _plan(
         or len(target) > limits.max_request_target
     ):
         return None
+    info = TlsInfo(*tls.info()) if tls is not None else None  # (421 compares its SNI name)
     try:
         plan = plan_request(
-            method, target, "1.1", fields, peer_ip, b"https" if tls is not None else b"http",
-            ctx.router, ctx.forwarded
+            method, target, "1.1", fields, peer_ip, info, ctx.router, ctx.forwarded
         )
     except HttpError:
         return None
     if plan.websocket_key is None or plan.body != BODY_NONE:
         return None
-    if not _is_ip(plan.route.upstream.host):
+    upstream = plan.route.upstream
+    if upstream.tls or not _is_ip(upstream.host):
         return None
     return plan
 

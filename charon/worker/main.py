@@ -257,7 +257,11 @@ def main(argv: list[str] | None = None) -> None:
     # USR1 reopens the access log; a worker without one (or not serving yet) ignores it.
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     logsetup.setup(f"worker-{args.worker_id}", args.log_format)
-    config = load_config_text(sys.stdin.buffer.read().decode("utf-8"), args.config_path)
+    # The supervisor checked the certificate files; one replaced or expired since must not
+    # stop a respawned worker (it serves what it can read, tlsserver.py).
+    config = load_config_text(
+        sys.stdin.buffer.read().decode("utf-8"), args.config_path, check_files=False
+    )
     fds = [int(fd) for fd in args.listen_fds.split(",") if fd]
     os.set_blocking(args.heartbeat_fd, False)
     _raise_fd_limit()

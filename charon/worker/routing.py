@@ -6,7 +6,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from charon.config.model import ProxyHost, Timeouts, Upstream, WebSocketSettings
+from charon.config.model import (
+    Config,
+    ProxyHost,
+    Timeouts,
+    Upstream,
+    UpstreamKey,
+    WebSocketSettings,
+)
 
 if TYPE_CHECKING:
     from charon.worker.upstreams.pool import UpstreamPool
@@ -23,6 +30,7 @@ class Route:
     pool: UpstreamPool  # the worker's connections to `upstream`, found once, not per request
     host_name: str  # host.name, the label of logs and metrics
     generation: int  # the router's (see Router.generation)
+    hsts: bytes | None = None  # host.hsts, ready for the response head (sent over TLS only)
 
 
 # A proxy host's routes: (location prefix, route) longest first, and the host's own route.
@@ -38,10 +46,16 @@ class Router:
         hosts: tuple[ProxyHost, ...],
         pool_for: Callable[[Upstream], UpstreamPool],
         generation: int = 0,
+        https_port: int = 443,
+        acme_state_dir: str | None = None,
     ) -> None:
         # +1 per config applied in place: a tunnel whose route is older was planned before
         # the reload and is matched against this router when it opens (tunnel.py).
         self.generation = generation
+        # Where force_https redirects to: ":port" after the host, empty for 443.
+        self.https_port = b"" if https_port == 443 else b":%d" % https_port
+        # Where HTTP-01 challenge answers are (http/acme_challenge.py); None: no ACME host.
+        self.acme_state_dir = acme_state_dir
         self._pool_for = pool_for
         self._exact: dict[bytes, HostRoutes] = {}  # filled from _exact_hosts as names are asked
         self._exact_hosts: dict[bytes, ProxyHost] = {}
@@ -93,6 +107,16 @@ class Router:
             self._catch_all = self._routes(self._catch_all_host)
         return self._catch_all
 
+    def host_for(self, name: bytes) -> ProxyHost | None:
+        """The proxy host that `name` (lowercased, without port) routes to, the catch-all
+        included: what a TLS connection's SNI name is compared with (decision 7)."""
+        routes = self._exact.get(name)
+        if routes is None:
+            routes = self._lookup(name)
+            if routes is None:
+                return None
+        return routes[1].host
+
     def route(self, name: bytes, path: bytes) -> Route | None:
         """Where a request for host `name` (lowercased, without port) and `path` goes."""
         routes = self._exact.get(name)
@@ -106,7 +130,7 @@ class Router:
                 return route
         return own
 
-    def find(self, host_name: str, path: bytes, upstream: tuple[str, int]) -> Route | None:
+    def find(self, host_name: str, path: bytes, upstream: UpstreamKey) -> Route | None:
         """After a reload, the route of an open tunnel of host `host_name` to `upstream`: the
         one its path takes if it still goes there, else any of the host's that does; None if
         the host or that backend address is gone."""
@@ -127,11 +151,31 @@ class Router:
         return None
 
 
+def config_router(
+    config: Config, pool_for: Callable[[Upstream], UpstreamPool], generation: int = 0
+) -> Router:
+    """The router of `config`, with its TLS settings: the port force_https redirects to (the
+    first TLS listener's) and the ACME state directory when a host gets certificates over ACME."""
+    tls_listen = config.server.tls_listen
+    auto = any(host.tls is not None and host.tls.auto for host in config.hosts)
+    return Router(
+        config.hosts,
+        pool_for,
+        generation,
+        https_port=tls_listen[0].port if tls_listen else 443,
+        acme_state_dir=config.tls.state_dir if auto else None,
+    )
+
+
 def _host_routes(
     host: ProxyHost, pool_for: Callable[[Upstream], UpstreamPool], generation: int
 ) -> HostRoutes:
+    hsts = host.hsts.encode("latin-1") if host.hsts else None
+
     def route(upstream: Upstream, timeouts: Timeouts, websocket: WebSocketSettings) -> Route:
-        return Route(host, upstream, timeouts, websocket, pool_for(upstream), host.name, generation)
+        return Route(
+            host, upstream, timeouts, websocket, pool_for(upstream), host.name, generation, hsts
+        )
 
     locations = tuple(
         (loc.path.encode("latin-1"), route(loc.upstream, loc.timeouts, loc.websocket))

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from charon.config.model import Config, Upstream
 from charon.worker.http.headers import ForwardedPolicy
-from charon.worker.routing import Router
+from charon.worker.routing import config_router
 
 if TYPE_CHECKING:
     from charon.worker.context import WorkerContext
@@ -38,7 +38,7 @@ def apply_config(ctx: WorkerContext, config: Config) -> int:
             pools[key] = pool
     for pool in old_pools.values():
         pool.retire()  # in-flight exchanges still hold it: they close, not release
-    router = Router(config.hosts, ctx.pool, ctx.router.generation + 1)
+    router = config_router(config, ctx.pool, ctx.router.generation + 1)
     server = config.server
     ctx.config = config
     ctx.router = router

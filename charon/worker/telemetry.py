@@ -35,6 +35,9 @@ PATH_LIMIT = 512  # characters of a path kept in a record
 _METHOD_NAMES = {name.encode(): name for name in KNOWN_METHODS}
 
 
+# Engine.take_tls_counts() order; the `result` label of charon_tls_handshakes_total.
+TLS_RESULTS = ("full", "resumed", "failed", "timeout", "unknown_name")
+
 class HostTotals:
     """One host label's sums since the last METRICS, and its open tunnels (a gauge).
 
@@ -74,7 +77,14 @@ class Telemetry:
         self.requests: Counter[tuple[str, str, int]] = Counter()
         self.upstream_errors: Counter[tuple[str, str]] = Counter()
         self.ws_closes: Counter[tuple[str, int]] = Counter()
+        self.tls_handshakes: Counter[str] = Counter()  # by result (TLS_RESULTS)
         self.hosts: dict[str, HostTotals] = {}
+
+    def tls_counts(self, counts: tuple[int, ...]) -> None:
+        """The engine's handshake counts since the last call, in TLS_RESULTS order."""
+        for result, count in zip(TLS_RESULTS, counts, strict=True):
+            if count:
+                self.tls_handshakes[result] += count
 
     def _totals(self, host: str) -> HostTotals:
         totals = self.hosts.get(host)
@@ -184,6 +194,7 @@ class Telemetry:
                 for entry in ([h, "in", t.bytes_in], [h, "out", t.bytes_out])
             ],
             "ws_closes": [[h, c, n] for (h, c), n in self.ws_closes.items()],
+            "tls_handshakes": [[r, n] for r, n in self.tls_handshakes.items()],
             "http_durations": [[h, t.http_buckets, t.http_seconds] for h, t in hosts if t.requests],
             "ws_durations": [[h, t.ws_buckets, t.ws_seconds] for h, t in hosts if t.ws_closed],
         }
@@ -203,7 +214,7 @@ class Telemetry:
         if not publisher.send_now((METRICS, deltas, gauges)):
             return
         publisher.dropped_first = 0.0
-        for counter in (self.requests, self.upstream_errors, self.ws_closes):
+        for counter in (self.requests, self.upstream_errors, self.ws_closes, self.tls_handshakes):
             counter.clear()
         for totals in self.hosts.values():
             totals.clear()

@@ -1,6 +1,8 @@
 """An aiohttp backend for the HTTP data-path tests; binds 127.0.0.1 only, exits on SIGTERM.
 
-    python tests/backends/http_backend.py --port PORT [--name NAME]
+    python tests/backends/http_backend.py --port PORT [--name NAME] [--cert PEM --key KEY]
+
+With --cert and --key it serves HTTPS (the chain and key as PEM files).
 
 Routes (any method unless noted):
   /echo, /echo/...   JSON: backend name, method, raw path, version, the request headers as
@@ -11,6 +13,7 @@ Routes (any method unless noted):
   /sleep/<seconds>   sleeps, then answers "slept"
   /status/<code>     answers with that status (no body for 1xx/204/304)
   /headers           a response carrying hop-by-hop headers (and end-to-end ones)
+  /sts               "sts" with its own Strict-Transport-Security: max-age=1
   anything else      as /echo
 
 Bodies are never decompressed or altered (auto_decompress off, streamed reads).
@@ -22,6 +25,7 @@ import argparse
 import asyncio
 import hashlib
 import signal
+import ssl
 
 from aiohttp import web
 
@@ -134,16 +138,21 @@ def _make_app(name: str) -> web.Application:
     app.router.add_route("*", "/sleep/{seconds}", sleep)
     app.router.add_route("*", "/status/{code:[0-9]+}", status)
     app.router.add_route("*", "/headers", headers)
+    app.router.add_route("*", "/sts", sts)
     app.router.add_route("*", "/{tail:.*}", echo)  # any other path: echo too
     return app
 
 
-async def _main(port: int, name: str) -> None:
+async def sts(_request: web.Request) -> web.Response:
+    return web.Response(text="sts", headers={"Strict-Transport-Security": "max-age=1"})
+
+
+async def _main(port: int, name: str, tls: ssl.SSLContext | None = None) -> None:
     runner = web.AppRunner(
         _make_app(name), access_log=None, auto_decompress=False, shutdown_timeout=0.5
     )
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", port)
+    site = web.TCPSite(runner, "127.0.0.1", port, ssl_context=tls)
     await site.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -157,8 +166,14 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--name", default="http")
+    parser.add_argument("--cert")
+    parser.add_argument("--key")
     args = parser.parse_args()
-    asyncio.run(_main(args.port, args.name))
+    tls = None
+    if args.cert:
+        tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        tls.load_cert_chain(args.cert, args.key)
+    asyncio.run(_main(args.port, args.name, tls))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
 """A well-behaved WebSocket backend (aiohttp); binds 127.0.0.1 only, exits on SIGTERM.
 
-    python tests/backends/ws_backend.py --port PORT
+    python tests/backends/ws_backend.py --port PORT [--cert PEM --key KEY]
+
+With --cert and --key it serves over TLS (wss:// and https://).
 
 WebSocket paths (any query is ignored, except `id`, see /last-close):
   /echo            echoes text and binary messages (up to 64 MiB); subprotocols "v2.chat" and
@@ -28,6 +30,7 @@ import asyncio
 import json
 import signal
 import socket
+import ssl
 import struct
 
 from aiohttp import WSMsgType, web
@@ -172,7 +175,7 @@ async def seen(request: web.Request) -> web.StreamResponse:
     return web.json_response(_seen)
 
 
-async def main(port: int) -> None:
+async def main(port: int, tls: ssl.SSLContext | None = None) -> None:
     app = web.Application(middlewares=[record])
     app.router.add_get("/echo", echo)
     app.router.add_get("/headers", headers)
@@ -187,7 +190,7 @@ async def main(port: int) -> None:
     app.router.add_get("/seen", seen)
     runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=0.5)
     await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
+    await web.TCPSite(runner, "127.0.0.1", port, ssl_context=tls).start()
     stop = asyncio.get_running_loop().create_future()
     for sig in (signal.SIGTERM, signal.SIGINT):
         asyncio.get_running_loop().add_signal_handler(sig, stop.set_result, None)
@@ -198,4 +201,11 @@ async def main(port: int) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, required=True)
-    asyncio.run(main(parser.parse_args().port))
+    parser.add_argument("--cert")
+    parser.add_argument("--key")
+    args = parser.parse_args()
+    tls = None
+    if args.cert:
+        tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        tls.load_cert_chain(args.cert, args.key)
+    asyncio.run(main(args.port, tls))

@@ -32,6 +32,6 @@ for src in model driver; do
 done
 for target in fuzz_head fuzz_tunnel fuzz_dial fuzz_door; do
     $cc $cflags -fsanitize=fuzzer "$here/$target.c" "$out"/obj/*.o \
-        $pylink -lm -o "$out/$target"
+        $pylink -lssl -lcrypto -lm -o "$out/$target"
 done
 echo "built in $out"

@@ -65,7 +65,7 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
                     break;
                 }
             e->in_run = 1;
-            accept_ready(e, lfd);
+            accept_ready(e, lfd, 0);
             e->in_run = 0;
             model_accept_left = 0;
             break;

@@ -2,7 +2,9 @@
 
 The bytes the front door read are fed to the new `ClientConnection` before any other. A
 connection whose WebSocket handshake the engine dialled comes with a `Handover`: the backend's
-answer so far (with its socket, the request already sent) or the failure to answer with.
+answer so far (with its socket, the request already sent) or the failure to answer with. A TLS
+connection comes as one end of a socketpair that the engine pumps plaintext through, with what
+its handshake negotiated (`TlsInfo`).
 """
 
 from __future__ import annotations

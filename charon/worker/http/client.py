@@ -272,7 +272,7 @@ class ClientConnection(SlicedFeed):
                 version,
                 self._headers,
                 self.peer_ip,
-                self.ctx.scheme,
+                self.tls,
                 self.ctx.router,
                 self.ctx.forwarded,
             )
@@ -280,7 +280,7 @@ class ClientConnection(SlicedFeed):
             if error.close:
                 raise
             if parser.should_upgrade():
-                raise HttpError(error.status, error.detail) from None
+                raise error.closing() from None
             exchange = Exchange(
                 self, None, version == "1.1", keep_alive, error, method, target
             )
@@ -379,7 +379,7 @@ class ClientConnection(SlicedFeed):
             return
         # A response to HEAD has no body (RFC 9110 9.3.2); the method is known once a target was.
         method = self.parser.get_method() if self._url else b"-"
-        exchange = Exchange(self, None, True, False, HttpError(error.status, error.detail), method)
+        exchange = Exchange(self, None, True, False, error.closing(), method)
         exchange.request_done = True
         self._enqueue(exchange)
 

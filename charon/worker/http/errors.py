@@ -10,13 +10,31 @@ CLIENT_CLOSED = 499
 
 
 class HttpError(Exception):
-    """A request the proxy answers itself with `status`; `close`: end the connection after it."""
+    """A request the proxy answers itself with `status`; `close`: end the connection after it.
 
-    def __init__(self, status: int, detail: str = "", close: bool = True) -> None:
+    `fields` (whole header lines) and `body` replace the usual plain-text answer's extras and
+    body: a redirect's Location, an ACME challenge's key authorization."""
+
+    def __init__(
+        self,
+        status: int,
+        detail: str = "",
+        close: bool = True,
+        fields: bytes = b"",
+        body: bytes | None = None,
+    ) -> None:
         super().__init__(f"{status} {detail}")
         self.status = status
         self.detail = detail
         self.close = close
+        self.fields = fields
+        self.body = body
+
+    def closing(self) -> HttpError:
+        """The same answer, ending the connection."""
+        if self.close:
+            return self
+        return HttpError(self.status, self.detail, True, self.fields, self.body)
 
 
 _cache: dict[tuple[int, str, bool, bool], bytes] = {}
@@ -50,3 +68,28 @@ def error_response(
     if len(_cache) < 256:
         _cache[key] = response
     return response
+
+
+def local_response(
+    error: HttpError, close: bool, head_only: bool = False, extra: bytes = b""
+) -> bytes:
+    """The answer to `error`: error_response's, or one with its own fields and body; `extra`:
+    more header lines (Strict-Transport-Security)."""
+    if not error.fields and error.body is None:
+        response = error_response(error.status, error.detail, close, head_only)
+        if extra:
+            cut = response.index(b"\r\n\r\n") + 2
+            response = response[:cut] + extra + response[cut:]
+        return response
+    body = error.body or b""
+    head = b"".join((
+        b"HTTP/1.1 %d %s\r\n" % (error.status, HTTPStatus(error.status).phrase.encode()),
+        b"Content-Type: text/plain\r\n" if body else b"",
+        b"Content-Length: %d\r\n" % len(body),
+        b"Cache-Control: no-store\r\n",
+        b"Connection: close\r\n" if close else b"Connection: keep-alive\r\n",
+        error.fields,
+        extra,
+        b"\r\n",
+    ))
+    return head if head_only else head + body

@@ -9,12 +9,13 @@ and written once.
 from __future__ import annotations
 
 import logging
+import ssl
 import time
 from typing import TYPE_CHECKING
 
 import httptools
 
-from charon.events.schema import ERR_BAD_RESPONSE, ERR_CLOSED, ERR_CONNECT, ERR_TIMEOUT
+from charon.events.schema import ERR_BAD_RESPONSE, ERR_CLOSED, ERR_CONNECT, ERR_TIMEOUT, ERR_TLS
 from charon.worker.deadlines import (
     BODY_IDLE,
     CONNECT,
@@ -22,7 +23,7 @@ from charon.worker.deadlines import (
     RESPONSE_IDLE,
 )
 from charon.worker.http.bodyrate import body_wait
-from charon.worker.http.errors import CLIENT_CLOSED, HttpError, error_response
+from charon.worker.http.errors import CLIENT_CLOSED, HttpError, local_response
 from charon.worker.http.request import BODY_CHUNKED, BODY_NONE, IDEMPOTENT, RequestPlan
 from charon.worker.http.response import (
     OUT_CHUNKED,
@@ -228,6 +229,11 @@ class Exchange:
             return
         if self.finished:
             return
+        if isinstance(exc, ssl.SSLError):
+            assert self.plan is not None
+            log.warning("TLS with the backend %s failed: %s", self.plan.route.upstream.url, exc)
+            self._fail(502, "TLS with the backend failed", ERR_TLS)
+            return
         if not isinstance(exc, OSError):
             log.error("connecting to the backend failed", exc_info=exc)
         self._fail(502, "cannot connect to the backend", ERR_CONNECT)
@@ -399,7 +405,7 @@ class Exchange:
         no_body = has_no_body(status, self.plan.method)
         keep_alive = self.keep_alive and not self.client.ctx.draining
         head, self.framing, self.keep_alive, self.delimited = final_head(
-            status, self.reason, self.headers, no_body, self.http11, keep_alive
+            status, self.reason, self.headers, no_body, self.http11, keep_alive, self.plan.hsts
         )
         self.out.append(head)
         self.response_started = True
@@ -483,7 +489,9 @@ class Exchange:
         keep_alive = self.keep_alive and not error.close and not self.client.ctx.draining
         transport = self.client.transport
         if transport is not None and not transport.is_closing():
-            transport.write(error_response(error.status, error.detail, not keep_alive, head_only))
+            hsts = self.plan.hsts if self.plan is not None else None
+            extra = b"Strict-Transport-Security: " + hsts + b"\r\n" if hsts else b""
+            transport.write(local_response(error, not keep_alive, head_only, extra))
         self.response_started = True
         self.response_done = True
         self.finished = True

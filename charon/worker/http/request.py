@@ -1,13 +1,18 @@
 """From a parsed client request head to what goes to the backend (decisions 3, 5-8).
 
 `plan_request` validates the head, routes it and writes the upstream request head in one pass
-over the headers. It raises HttpError for anything the proxy must answer itself.
+over the headers. It raises HttpError for anything the proxy must answer itself: errors, and
+the TLS answers (421 for a Host that is not the SNI name's host, force_https's 308, ACME HTTP-01
+challenges).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
+from charon.worker.http.acme_challenge import PREFIX as ACME_PREFIX
+from charon.worker.http.acme_challenge import challenge_answer
 from charon.worker.http.errors import HttpError
 from charon.worker.http.headers import (
     CACHE_LIMIT,
@@ -24,6 +29,9 @@ from charon.worker.websocket.handshake import (
     is_websocket_upgrade,
 )
 
+if TYPE_CHECKING:
+    from charon.worker.tlsinfo import TlsInfo
+
 BODY_NONE = 0
 BODY_LENGTH = 1
 BODY_CHUNKED = 2
@@ -32,6 +40,7 @@ _NO_BODY = (BODY_NONE, 0)
 _NOTHING: frozenset[bytes] = frozenset()
 
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
+_ACME_LEN = len(ACME_PREFIX)
 
 # What each request header is (by lowercased name): _PLAIN ones are forwarded as is, underscored
 # ones only if allowed, _CLIENT_IP ones from a trusted proxy only; the rest are treated
@@ -98,6 +107,7 @@ class RequestPlan:
     client_ip: str
     path: bytes
     websocket_key: bytes | None  # set for a valid WebSocket handshake
+    hsts: bytes | None = None  # Strict-Transport-Security for the response (over TLS only)
 
 
 def plan_request(
@@ -106,10 +116,11 @@ def plan_request(
     version: str,
     headers: list[Header],
     peer_ip: str,
-    scheme: bytes,
+    tls: TlsInfo | None,
     router: Router,
     policy: ForwardedPolicy,
 ) -> RequestPlan:
+    """`tls`: what the client's TLS connection negotiated; None on a plain listener."""
     if version[0] != "1":
         raise HttpError(505, "only HTTP/1.x is supported")
     if method == b"CONNECT":
@@ -188,7 +199,20 @@ def plan_request(
     else:
         host_value, route_name, path = _authority_and_path(target, method, host_values)
     check_target(path)
+    if (
+        router.acme_state_dir is not None  # (most configs: no ACME host, nothing to look at)
+        and path[:_ACME_LEN] == ACME_PREFIX
+        and (method == b"GET" or method == b"HEAD")
+    ):
+        answer = challenge_answer(router.acme_state_dir, path)
+        if answer is not None:
+            raise answer
     route = router.route(route_name, path)
+    if tls is not None and tls.server_name is not None:
+        # Decision 7: the connection is only authoritative for the SNI name's host.
+        sni_host = router.host_for(tls.server_name.encode("ascii", "replace"))
+        if sni_host is not (route.host if route is not None else None):
+            raise HttpError(421, "this connection is not for that host", close=False)
     if route is None:
         raise HttpError(404, "no proxy host for this name", close=False)
 
@@ -206,6 +230,14 @@ def plan_request(
             check_request(method, version, ws_key, ws_version)
     if upgrade is not None and not websocket and version == "1.1":
         check_upgrade_alone(upgrade)
+    if tls is None:
+        if route.host.force_https and path[:_ACME_LEN] != ACME_PREFIX:
+            raise _to_https(route_name, router.https_port, path if path[:1] == b"/" else b"/")
+        scheme = b"http"
+        hsts = None
+    else:
+        scheme = b"https"
+        hsts = route.hsts  # (RFC 6797 7.2: never over plain http)
     out[0] = b"".join((method, b" ", target, b" HTTP/1.1\r\nHost: ", host_value, b"\r\n"))
 
     if max_forwards is not None:
@@ -227,7 +259,8 @@ def plan_request(
         )
         if forwarded:
             node = b'"[' + peer + b']"' if b":" in peer else peer
-            out += (b"Forwarded: ", b", ".join(forwarded), b", for=", node, b"\r\n")
+            proto = b";proto=https" if tls is not None else b""
+            out += (b"Forwarded: ", b", ".join(forwarded), b", for=", node, proto, b"\r\n")
     else:
         out += (
             b"X-Forwarded-For: ", peer, b"\r\nX-Forwarded-Proto: ", scheme,
@@ -248,8 +281,15 @@ def plan_request(
 
     return RequestPlan(
         route, method, b"".join(out), body, body_length, client_ip, path,
-        ws_key.strip() if websocket and ws_key else None,
+        ws_key.strip() if websocket and ws_key else None, hsts,
     )
+
+
+def _to_https(name: bytes, port: bytes, path: bytes) -> HttpError:
+    """force_https's answer: the same host (its port replaced) and target, over https. The
+    name and path passed the Host and target checks: no byte of them can end a field."""
+    location = b"".join((b"Location: https://", name, port, path, b"\r\n"))
+    return HttpError(308, close=False, fields=location)
 
 
 def _ordinary(

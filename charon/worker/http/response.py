@@ -53,11 +53,13 @@ def final_head(
     no_body: bool,
     client_http11: bool,
     keep_alive: bool,
+    hsts: bytes | None = None,
 ) -> tuple[bytes, int, bool, bool]:
     """(response head, OUT_* framing, keep the client connection open?, body self-delimited?)
 
     Self-delimited: the body's end is marked (Content-Length, or a last coding `chunked`)
-    rather than by the backend closing the connection (RFC 9112 6.3).
+    rather than by the backend closing the connection (RFC 9112 6.3). `hsts`: a
+    Strict-Transport-Security value added unless the backend sent its own.
     """
     out = [status_line(status, reason)]
     length: bytes | None = None
@@ -82,6 +84,8 @@ def final_head(
             if name.lower() != b"content-length"
             for part in (name, b": ", value, b"\r\n")
         ]
+    if hsts is not None and not any(n.lower() == b"strict-transport-security" for n, _ in headers):
+        out += (b"Strict-Transport-Security: ", hsts, b"\r\n")
     delimited = no_body or length is not None or (
         bool(codings) and codings[-1].lower() == b"chunked"
     )

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 from charon.config.model import Upstream
 from charon.worker.upstreams.connecting import Connecting
 from charon.worker.upstreams.connection import UpstreamConnection
+from charon.worker.upstreams.tls import client_context
 
 if TYPE_CHECKING:
     from charon.worker.http.exchange import Exchange
@@ -28,16 +29,26 @@ class UpstreamPool:
     def connect(self, exchange: Exchange, fd: int = -1) -> Connecting:
         """A connection for `exchange`, to `start`: it hears of it in `connection_made` (via
         `upstream_connected`) and when the connect is complete (`connect_done`). `fd`: one
-        already connected (the front door's dial), taken over instead of a new connect.
-        uvloop sets TCP_NODELAY on every TCP transport itself."""
+        already connected (the front door's dial, plain backends only), taken over instead of
+        a new connect. uvloop sets TCP_NODELAY on every TCP transport itself. An https://
+        backend's connection is made once its TLS handshake is done (within the connect
+        deadline)."""
         factory = partial(UpstreamConnection, self, exchange)
         upstream = self.upstream
-        if fd < 0:
-            coro = self.loop.create_connection(factory, upstream.host, upstream.port)
-        else:
+        if fd >= 0:
             family = socket.AF_INET6 if ":" in upstream.host else socket.AF_INET
             sock = socket.socket(family, socket.SOCK_STREAM, 0, fd)
             coro = self.loop.create_connection(factory, sock=sock)
+        elif upstream.tls:
+            coro = self.loop.create_connection(
+                factory,
+                upstream.host,
+                upstream.port,
+                ssl=client_context(upstream.tls_verify, upstream.tls_ca),
+                server_hostname=upstream.host,
+            )
+        else:
+            coro = self.loop.create_connection(factory, upstream.host, upstream.port)
         return Connecting(self.loop, coro, exchange.connect_done)
 
     def take_idle(self) -> UpstreamConnection | None:

@@ -28,6 +28,7 @@ from charon.worker.websocket.frames import (
     close_frame,
     ping_frame,
 )
+from charon.worker.websocket.tlsbridge import TlsBridge
 
 if TYPE_CHECKING:
     from charon.worker.context import WorkerContext
@@ -352,17 +353,28 @@ def _take_over(
     route: Route,
     info: TunnelInfo,
 ) -> None:
+    bridge = None
     try:
         client_fd = client.get_extra_info("socket").fileno()
-        backend_fd = backend.get_extra_info("socket").fileno()
+        if route.upstream.tls:  # the engine gets a plaintext socketpair end (tlsbridge.py)
+            bridge = TlsBridge(ctx.loop, backend)
+            backend_fd = bridge.engine_end.fileno()
+        else:
+            backend_fd = backend.get_extra_info("socket").fileno()
         tunnel = Tunnel(ctx, client_fd, backend_fd, route, info)
     except OSError as exc:  # e.g. out of fds for the duplicates
         log.warning("cannot open a WebSocket tunnel: %s", exc)
+        if bridge is not None:
+            bridge.discard()
         _abandon(ctx, client, backend)
         return
-    for transport in (client, backend):
-        transport.set_protocol(_DETACHED)
-        transport.close()  # stops reading now; the fd itself is closed on the next turn
+    client.set_protocol(_DETACHED)
+    client.close()  # stops reading now; the fd itself is closed on the next turn
+    if bridge is not None:
+        bridge.start()
+    else:
+        backend.set_protocol(_DETACHED)
+        backend.close()
     tunnel.open(head, client_tail, backend_tail)
 
 

@@ -12,6 +12,8 @@
 
 #include <arpa/inet.h>
 #include <errno.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <openssl/err.h>
 #include <string.h>
 #include <unistd.h>
@@ -56,6 +58,8 @@ static void
 waiting_remove(EngineObject *e, int index)
 {
     Waiting *w = &e->waiting[index];
+    /* (a TlsServer's dealloc runs no Python code: safe inside run()) */
+    Py_CLEAR(w->tls_server);
     e->waiting_at[w->fd] = 0;
     struct epoll_event dummy = {0};
     epoll_ctl(e->epfd, EPOLL_CTL_DEL, w->fd, &dummy);
@@ -100,6 +104,9 @@ wait_first_read(EngineObject *e, int fd, const struct sockaddr_storage *peer, SS
     w->since = e->now;
     w->peer = *peer;
     w->ssl = ssl;
+    /* A reload may replace the engine's TlsServer while this handshake goes on: its
+     * callbacks read this one's certificates and ticket keys. */
+    w->tls_server = ssl != NULL ? Py_NewRef((PyObject *)e->tls) : NULL;
     w->handshaking = ssl != NULL;
     w->interest = ev.events;
     e->waiting_at[fd] = e->waiting_len;
@@ -219,6 +226,10 @@ accept_ready(EngineObject *e, int listen_fd, int tls)
         }
         e->accepted++;
         if (tls) {
+            /* As uvloop does for plain connections: a response cut in two records must not
+             * wait for the client's delayed ACK. */
+            int one = 1;
+            setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
             SSL *ssl = tls_new_session(e, fd);
             if (ssl == NULL || wait_first_read(e, fd, &peer, ssl) < 0) {
                 tls_close(ssl, 1);
@@ -280,6 +291,7 @@ void
 free_waiting(EngineObject *e)
 {
     for (int i = 0; i < e->waiting_len; i++) {
+        Py_CLEAR(e->waiting[i].tls_server);
         tls_close(e->waiting[i].ssl, 1);
         close(e->waiting[i].fd);
     }

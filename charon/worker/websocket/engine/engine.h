@@ -90,6 +90,7 @@ typedef struct {
     double since;            /* accepted (or, TLS, handshake done: waiting for data) */
     struct sockaddr_storage peer;
     SSL *ssl;                /* TLS: the session being set up, else NULL */
+    PyObject *tls_server;    /* TLS: its TlsServer, kept while its callbacks may run */
     uint8_t handshaking;     /* TLS: the handshake is not over */
     uint32_t interest;       /* the epoll events asked for */
 } Waiting;
