@@ -33,6 +33,11 @@ SUBSET = [
     "tests/test_websocket_tunnel.py::test_pong_to_proxy_ping_not_forwarded",
     "tests/test_websocket_tunnel.py::test_ping_waits_for_a_frame_boundary",
     "tests/test_websocket_tunnel.py::test_many_concurrent_tunnels",
+    # TLS in the engine (tls.c): handshakes, SNI, tickets, deadlines, garbage; pumps; wss
+    "tests/test_tls_listener.py",
+    "tests/test_tls_deadline.py",
+    "tests/test_tls_websocket.py",
+    "--deselect", "tests/test_tls_websocket.py::test_autobahn_quick_over_wss_same_verdicts",
 ]
 
 

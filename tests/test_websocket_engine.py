@@ -295,7 +295,8 @@ def test_hand_over_waits_for_what_uvloop_holds() -> None:
         assert client_side.get_write_buffer_size() > 0, "the kernel took it all: no wait"
         info = TunnelInfo("test", HOST, "/", "")
         open_tunnel(ctx, client_side, backend_side, head, b"", backend_frame,  # type: ignore[arg-type]
-                    SimpleNamespace(websocket=WebSocketSettings()), info)
+                    SimpleNamespace(websocket=WebSocketSettings(),
+                                    upstream=SimpleNamespace(tls=False)), info)
         assert not ctx.tunnels, "handed over while uvloop still held bytes for the client"
         got = bytearray()
         want = len(pending) + len(head) + len(backend_frame)
