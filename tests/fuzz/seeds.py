@@ -4,6 +4,8 @@ door. libFuzzer mutates from these; without them the dial would rarely reach a v
 
 from __future__ import annotations
 
+import contextlib
+import ssl
 import struct
 import sys
 from pathlib import Path
@@ -79,8 +81,54 @@ def door_seeds() -> dict[str, bytes]:
     }
 
 
+def client_hello(name: str | None, alpn: list[str] | None, tls13: bool = True) -> bytes:
+    """The first flight of Python's ssl client (a ClientHello) for the raw mode of fuzz_tls."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    if not tls13:
+        ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+    if alpn:
+        ctx.set_alpn_protocols(alpn)
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    client = ctx.wrap_bio(incoming, outgoing, server_hostname=name)
+    with contextlib.suppress(ssl.SSLWantReadError):  # (it waits for the ServerHello)
+        client.do_handshake()
+    return outgoing.read()
+
+
+def tls_seeds() -> dict[str, bytes]:
+    """fuzz_tls: byte 0 = server (bits 0-1) | client mode (4); raw mode: piece size, the
+    server's socket room (x64), then the client's bytes; client mode: SNI (low 4 bits) and ALPN
+    (bits 4-6) choices, options (bit 0: TLS 1.2 only, 1: resume, 2: through a TlsConn, 4-6:
+    room), piece size, then steps (op, length, bytes)."""
+    http = ["http/1.1"]
+    seeds = {
+        "raw-a": b"\x00\x00\x00" + client_hello("a.test", http),
+        "raw-wild-cut": b"\x01\x05\x10" + client_hello("x.wild.test", None),
+        "raw-acme": b"\x00\x30\x00" + client_hello("acme.test", ["acme-tls/1"]),
+        "raw-12": b"\x02\x00\x00" + client_hello("b.test", http, tls13=False),
+        "raw-nosni": b"\x01\x00\x00" + client_hello(None, None) + bytes(40),
+    }
+    steps = (bytes([0, 5]) + b"GET /" + bytes([1 | 8, 3]) + b"200" + bytes([0x80 | 0x18, 1])
+             + b"x" + bytes([0x81 | 0x20, 2]) + b"ab" + bytes([2, 0, 3, 0, 5, 0]))
+    for name, server, sni, alpn, more, piece in [
+        ("a", 0, 1, 1, 0x04, 0), ("wild-12", 1, 2, 0, 0x01 | 0x70, 7),
+        ("resume", 1, 3, 1, 0x02 | 0x04, 0), ("unknown", 0, 4, 0, 0, 0),
+        ("acme", 0, 5, 2, 0, 0), ("star", 1, 4, 3, 0x82, 100), ("default-13", 2, 4, 1, 0x10, 3),
+        ("h2-only", 2, 1, 4, 0, 0), ("drop", 0, 6, 1, 0x0C, 0),
+    ]:
+        seeds[f"client-{name}"] = bytes([4 | server, sni | alpn << 4, more, piece]) + steps
+    seeds["client-named"] = bytes([4, 15 | 5 << 4, 0, 0, 6]) + b"Q.Wild" + b"\x09\x08http/1.1"
+    seeds["client-closes"] = (bytes([4, 1 | 1 << 4, 0x10, 0]) + bytes([1, 4]) + b"bye!"
+                              + bytes([4, 0]))
+    seeds["client-resume-12"] = bytes([5, 2 | 1 << 4, 0x03, 0]) + steps
+    return seeds
+
+
 def write(target: str, folder: Path) -> None:
     seeds = {"fuzz_tunnel": tunnel_seeds, "fuzz_dial": dial_seeds, "fuzz_door": door_seeds,
+             "fuzz_tls": tls_seeds,
              "fuzz_head": lambda: {"handshake": HANDSHAKE, "101": SWITCHING}}[target]()
     folder.mkdir(parents=True, exist_ok=True)
     for name, data in seeds.items():
