@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import http.client
 import json
+import os
 import socket
 import ssl
 import subprocess
@@ -135,6 +136,12 @@ def header(echo: dict[str, Any], name: str) -> list[str]:
     return [v for n, v in echo["headers"] if n.lower() == name.lower()]
 
 
+def _client_env() -> dict[str, str]:
+    """The environment for client programs: without the ASan run's LD_PRELOAD of libasan
+    (test_engine_asan.py), under which curl hangs before its first request."""
+    return {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+
+
 def curl(port: int, name: str, ca: TestCA, path: str = "/", *args: str,
          timeout: float = 15.0) -> subprocess.CompletedProcess[str]:
     """curl verifying against the test CA, `name` resolved to 127.0.0.1."""
@@ -142,7 +149,7 @@ def curl(port: int, name: str, ca: TestCA, path: str = "/", *args: str,
         ["curl", "-sS", "--max-time", "10", "--cacert", str(ca.cert_path),
          "--resolve", f"{name}:{port}:{HOST}", "--noproxy", "*", *args,
          f"https://{name}:{port}{path}"],
-        capture_output=True, text=True, timeout=timeout, check=False,
+        capture_output=True, text=True, timeout=timeout, check=False, env=_client_env(),
     )
 
 
@@ -155,7 +162,7 @@ def s_client(port: int, name: str | None, ca: TestCA, request: bytes = b"", *arg
         ["openssl", "s_client", "-connect", f"{HOST}:{port}", *sni, "-CAfile", str(ca.cert_path),
          "-verify_return_error", "-ign_eof", *args],
         input=request.decode("latin-1"), capture_output=True, text=True, timeout=timeout,
-        check=False,
+        check=False, env=_client_env(),
     )
 
 

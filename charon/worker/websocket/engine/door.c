@@ -58,8 +58,6 @@ static void
 waiting_remove(EngineObject *e, int index)
 {
     Waiting *w = &e->waiting[index];
-    /* (a TlsServer's dealloc runs no Python code: safe inside run()) */
-    Py_CLEAR(w->tls_server);
     e->waiting_at[w->fd] = 0;
     struct epoll_event dummy = {0};
     epoll_ctl(e->epfd, EPOLL_CTL_DEL, w->fd, &dummy);
@@ -104,9 +102,6 @@ wait_first_read(EngineObject *e, int fd, const struct sockaddr_storage *peer, SS
     w->since = e->now;
     w->peer = *peer;
     w->ssl = ssl;
-    /* A reload may replace the engine's TlsServer while this handshake goes on: its
-     * callbacks read this one's certificates and ticket keys. */
-    w->tls_server = ssl != NULL ? Py_NewRef((PyObject *)e->tls) : NULL;
     w->handshaking = ssl != NULL;
     w->interest = ev.events;
     e->waiting_at[fd] = e->waiting_len;
@@ -172,6 +167,7 @@ tls_step(EngineObject *e, int index)
             return;
         }
         w->handshaking = 0;
+        tls_release_server(w->ssl);  /* (a TlsServer's dealloc runs no Python code) */
         w->since = e->now;  /* from here, WAIT_LIMIT for the first request, as plain */
         e->tls_counts[SSL_session_reused(w->ssl) ? TLS_RESUMED : TLS_FULL]++;
     }
@@ -291,7 +287,6 @@ void
 free_waiting(EngineObject *e)
 {
     for (int i = 0; i < e->waiting_len; i++) {
-        Py_CLEAR(e->waiting[i].tls_server);
         tls_close(e->waiting[i].ssl, 1);
         close(e->waiting[i].fd);
     }

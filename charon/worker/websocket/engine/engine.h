@@ -90,7 +90,6 @@ typedef struct {
     double since;            /* accepted (or, TLS, handshake done: waiting for data) */
     struct sockaddr_storage peer;
     SSL *ssl;                /* TLS: the session being set up, else NULL */
-    PyObject *tls_server;    /* TLS: its TlsServer, kept while its callbacks may run */
     uint8_t handshaking;     /* TLS: the handshake is not over */
     uint32_t interest;       /* the epoll events asked for */
 } Waiting;
@@ -244,6 +243,7 @@ void finish_progress(TunnelObject *t);
 /* tls.c */
 SSL *tls_new_session(EngineObject *e, int fd);
 double tls_handshake_timeout(const TlsServerObject *srv);
+void tls_release_server(SSL *ssl);
 ssize_t tls_recv(SSL *ssl, uint8_t *buf, size_t cap, int *drained);
 ssize_t tls_send(SSL *ssl, const uint8_t *p, size_t n);
 void tls_close(SSL *ssl, int quiet);

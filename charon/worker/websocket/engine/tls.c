@@ -54,6 +54,18 @@ struct TlsServerObject {
 };
 
 static int server_index = -1;   /* SSL_CTX ex_data slot: the TlsServer of a context */
+/* SSL ex_data slot: the TlsServer a session started with, a reference of the session's own: a
+ * reload (set_tls) may drop the server while a handshake is under way, and the ClientHello and
+ * ticket callbacks still read it. */
+static int session_index = -1;
+
+static void
+drop_session_server(void *parent, void *ptr, CRYPTO_EX_DATA *ad, int idx, long argl,
+                    void *argp)
+{
+    (void)parent, (void)ad, (void)idx, (void)argl, (void)argp;
+    Py_XDECREF((PyObject *)ptr);  /* (every SSL_free is engine code: the GIL is held) */
+}
 
 static void
 clear_errors(void)
@@ -164,8 +176,13 @@ alpn_offers(const unsigned char *p, size_t len, const unsigned char *proto)
 static int
 client_hello(SSL *ssl, int *alert, void *arg)
 {
-    TlsServerObject *srv = arg;
+    (void)arg;  /* (the base context's server; the session's own is the one to use) */
+    TlsServerObject *srv = SSL_get_ex_data(ssl, session_index);
     EngineObject *e = SSL_get_app_data(ssl);
+    if (srv == NULL) {
+        *alert = SSL_AD_INTERNAL_ERROR;
+        return SSL_CLIENT_HELLO_ERROR;
+    }
     const unsigned char *p;
     size_t len;
     char name[MAX_NAME + 1];
@@ -222,9 +239,9 @@ static int
 ticket_key(SSL *ssl, unsigned char name[16], unsigned char *iv, EVP_CIPHER_CTX *cipher,
            EVP_MAC_CTX *mac, int enc)
 {
-    TlsServerObject *srv = SSL_CTX_get_ex_data(SSL_get_SSL_CTX(ssl), server_index);
+    TlsServerObject *srv = SSL_get_ex_data(ssl, session_index);
     if (srv == NULL || srv->key_count == 0)
-        return enc ? -1 : 0;
+        return 0;  /* no keys (set_ticket_keys([])): no ticket, not a failed handshake */
     const TicketKey *k = NULL;
     int index = 0;
     if (enc) {
@@ -569,14 +586,28 @@ tls_new_session(EngineObject *e, int fd)
     if (e->tls == NULL)
         return NULL;
     SSL *ssl = SSL_new(e->tls->base);
-    if (ssl == NULL || !SSL_set_fd(ssl, fd)) {
+    if (ssl == NULL || !SSL_set_fd(ssl, fd) || !SSL_set_ex_data(ssl, session_index, e->tls)) {
         SSL_free(ssl);
         clear_errors();
         return NULL;
     }
+    Py_INCREF(e->tls);  /* the session's: drop_session_server gives it back at SSL_free */
     SSL_set_app_data(ssl, e);
     SSL_set_accept_state(ssl);
     return ssl;
+}
+
+/* The handshake is over: the session's callbacks no longer run (no renegotiation, no tickets
+ * sent later), so it lets its TlsServer go; a long tunnel must not keep every certificate of
+ * an old config. */
+void
+tls_release_server(SSL *ssl)
+{
+    PyObject *srv = SSL_get_ex_data(ssl, session_index);
+    if (srv != NULL) {
+        SSL_set_ex_data(ssl, session_index, NULL);
+        Py_DECREF(srv);
+    }
 }
 
 double
@@ -700,8 +731,17 @@ TlsConn_info(TlsConnObject *c, PyObject *Py_UNUSED(ignored))
     SSL_get0_alpn_selected(c->ssl, &alpn, &alpn_len);
     PyObject *server_name = Py_NewRef(Py_None);
     if (name != NULL) {
+        /* As the certificate was chosen: lowercase, without an absolute name's dot. */
+        char lower[MAX_NAME + 1];
+        size_t n = strlen(name);
+        if (n > MAX_NAME)
+            n = MAX_NAME;
+        for (size_t i = 0; i < n; i++)
+            lower[i] = (char)(name[i] >= 'A' && name[i] <= 'Z' ? name[i] + 32 : name[i]);
+        if (n && lower[n - 1] == '.')
+            n--;
         Py_DECREF(server_name);
-        server_name = PyUnicode_DecodeLatin1(name, (Py_ssize_t)strlen(name), "replace");
+        server_name = PyUnicode_DecodeLatin1(lower, (Py_ssize_t)n, "replace");
         if (server_name == NULL)
             return NULL;
     }
@@ -739,5 +779,6 @@ int
 tls_module_init(void)
 {
     server_index = SSL_CTX_get_ex_new_index(0, NULL, NULL, NULL, NULL);
-    return server_index < 0 ? -1 : 0;
+    session_index = SSL_get_ex_new_index(0, NULL, NULL, NULL, drop_session_server);
+    return server_index < 0 || session_index < 0 ? -1 : 0;
 }
