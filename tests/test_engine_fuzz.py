@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 FUZZ = Path(__file__).parent / "fuzz"
-TARGETS = {"fuzz_head": 4, "fuzz_tunnel": 8, "fuzz_dial": 6, "fuzz_door": 5, "fuzz_tls": 6}  # s
+TARGETS = {"fuzz_head": 3, "fuzz_tunnel": 6, "fuzz_dial": 4, "fuzz_door": 4, "fuzz_tls": 4}  # s
 
 
 def fuzzer_runtime() -> str | None:

@@ -18,25 +18,29 @@ from typing import TYPE_CHECKING
 from charon.admin.certificates import CertificateSection
 from charon.config import Config
 from charon.supervisor.inplace import push_tls_state
-from charon.tls.acme.challenges import HTTP01, TLS_ALPN01
-from charon.tls.acme.client import AcmeSettings
-from charon.tls.acme.schedule import AutoHost, HostStatus, Scheduler
 
 if TYPE_CHECKING:
+    # (imported when a host asks for ACME: the acme library pulls in urllib3, which binds a
+    # probe socket to [::1]:0 when imported, before a config is even checked)
     from charon.supervisor.arbiter import Arbiter
+    from charon.tls.acme.client import AcmeSettings
+    from charon.tls.acme.schedule import AutoHost, HostStatus, Scheduler
+
+    Plan = tuple[AcmeSettings, tuple[AutoHost, ...], str]
 
 log = logging.getLogger("charon.supervisor")
-
-Plan = tuple[AcmeSettings, tuple[AutoHost, ...], str]
 
 
 def plan(config: Config) -> Plan | None:
     """What the schedule depends on; None when no host asks for ACME."""
-    hosts = tuple(
-        AutoHost(h.name, h.domains) for h in config.hosts if h.tls is not None and h.tls.auto
-    )
-    if not hosts:
+    auto = [h for h in config.hosts if h.tls is not None and h.tls.auto]
+    if not auto:
         return None
+    from charon.tls.acme.challenges import HTTP01, TLS_ALPN01
+    from charon.tls.acme.client import AcmeSettings
+    from charon.tls.acme.schedule import AutoHost
+
+    hosts = tuple(AutoHost(h.name, h.domains) for h in auto)
     tls = config.tls
     settings = AcmeSettings(tls.acme_directory, tls.state_dir, tls.email, tls.acme_ca_bundle)
     forced = os.environ.get("CHARON_ACME_CHALLENGE", "")
@@ -75,6 +79,8 @@ class CertificateManager:
         if self._plan is None:
             return
         settings, hosts, challenge = self._plan
+        from charon.tls.acme.schedule import Scheduler
+
         self.scheduler = Scheduler(
             settings, hosts, challenge, self._publish, self.section.record
         )

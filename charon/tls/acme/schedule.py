@@ -17,10 +17,13 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from charon.tls.acme import store
-from charon.tls.acme.client import AcmeClient, AcmeSettings, Publish
 from charon.tls.acme.store import CertificateInfo
+
+if TYPE_CHECKING:  # (the client is imported when a schedule starts: see certificates.py)
+    from charon.tls.acme.client import AcmeSettings, Publish
 
 log = logging.getLogger("charon.acme")
 
@@ -80,6 +83,8 @@ class Scheduler:
         self.publish = publish
         self.on_event = on_event
         self.backoff = backoff if backoff is not None else backoff_base()
+        from charon.tls.acme.client import AcmeClient
+
         self.client = AcmeClient(settings)
         self.status = {host.name: HostStatus(host) for host in hosts}
         self._order_lock = asyncio.Lock()  # one order at a time: one account, one thread

@@ -36,10 +36,26 @@ def watch_sending(conn: ClientConnection) -> None:
     conn.ctx.send_watch.add(conn, plan.route.timeouts if plan else conn.ctx.timeouts)
 
 
+# Seconds a closed connection goes on reading (and dropping) what the client still sends.
+LINGER = 2.0
+
+
 def close_transport(conn: ClientConnection, transport: asyncio.Transport) -> None:
     """Close; with bytes still buffered the connection stays open until the client takes
-    them, so it is watched."""
-    transport.close()
+    them, so it is watched. A lingering close (nginx's lingering_close): the FIN goes after
+    the last response, and what the client still sends (pipelined requests behind a refused
+    one) is read and dropped for LINGER seconds, since closing with unread bytes sends an RST,
+    which can destroy the response before the client has read it."""
+    if not transport.is_closing() and transport.can_write_eof():
+        try:
+            transport.write_eof()
+            transport.resume_reading()  # (data_received drops it: conn.closing)
+        except (OSError, RuntimeError):
+            transport.close()
+        else:
+            conn.ctx.loop.call_later(LINGER, transport.close)
+    else:
+        transport.close()
     if transport.get_write_buffer_size():
         watch_sending(conn)
 
