@@ -21,7 +21,7 @@ from charon.worker.http.exchange import Exchange
 from charon.worker.http.feeding import MAX_QUEUED, SLICE, SlicedFeed
 from charon.worker.http.request import BODY_NONE, plan_request
 from charon.worker.http.requestline import RequestLines
-from charon.worker.http.sendwatch import close_transport, cut_off, watch_sending
+from charon.worker.http.sendwatch import LINGER_BYTES, close_transport, cut_off, watch_sending
 
 if TYPE_CHECKING:
     from charon.config.model import Limits
@@ -45,7 +45,7 @@ class ClientConnection(SlicedFeed):
         "ctx", "transport", "parser", "peer_ip", "exchanges", "deadline", "deadline_kind",
         "closing", "_paused", "write_paused", "_url", "_url_size", "_headers", "_header_size",
         "_in_head", "_held", "_max_header_bytes", "_max_header_count", "first_read", "handover",
-        "lines", "_head_read", "_max_head_read", "_limits", "tls",
+        "lines", "_head_read", "_max_head_read", "_limits", "tls", "dropped",
     )
 
     def __init__(self, ctx: WorkerContext) -> None:
@@ -72,6 +72,7 @@ class ClientConnection(SlicedFeed):
         # From the front door (http/adopted.py): bytes it read, and what it did with them.
         self.first_read = b""
         self.handover: Handover | None = None
+        self.dropped = 0  # bytes read and dropped while closing
         self.tls: TlsInfo | None = None  # what a TLS connection negotiated (None: plain)
         self.lines = RequestLines()  # where each request line is, to refuse extra spaces
 
@@ -93,6 +94,11 @@ class ClientConnection(SlicedFeed):
             self._hold(data)
             return
         if self.closing:
+            # Dropped (a lingering close reads on, sendwatch.py), up to LINGER_BYTES: a client
+            # that keeps sending is cut.
+            self.dropped += len(data)
+            if self.dropped > LINGER_BYTES and self.transport is not None:
+                self.transport.abort()
             return
         if self._rest:
             data = self.take_rest(data)

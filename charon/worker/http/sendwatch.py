@@ -38,6 +38,7 @@ def watch_sending(conn: ClientConnection) -> None:
 
 # Seconds a closed connection goes on reading (and dropping) what the client still sends.
 LINGER = 2.0
+LINGER_BYTES = 1 << 20  # ... and at most this many bytes: a client that floods on is cut
 
 
 def close_transport(conn: ClientConnection, transport: asyncio.Transport) -> None:
