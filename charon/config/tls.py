@@ -182,7 +182,7 @@ def _check_auto(table: Table, domains: Sequence[str]) -> None:
     for domain in domains:
         if domain == "*" or domain.startswith("*."):
             raise table.error("tls", f'"auto" cannot cover {values.quote(domain)}: {_DNS01}')
-        if _is_ip(domain):
+        if values.is_ip_address(domain):
             raise table.error("tls", f'"auto" cannot cover {values.quote(domain)}: {_IP_ACME}')
 
 
@@ -311,10 +311,3 @@ def _hsts(value: Any) -> str:
         )
     return hsts
 
-
-def _is_ip(text: str) -> bool:
-    try:
-        ipaddress.ip_address(text)
-    except ValueError:
-        return False
-    return True

@@ -10,6 +10,7 @@ import re
 from collections.abc import Iterable
 
 from charon.config.model import IPNetwork
+from charon.config.values import is_ip_address
 
 Header = tuple[bytes, bytes]
 
@@ -158,17 +159,10 @@ class ForwardedPolicy:
             candidate = hop.strip().decode("latin-1")
             if not candidate:
                 continue
-            if not _is_ip(candidate) or not self.is_trusted(candidate):
+            if not is_ip_address(candidate) or not self.is_trusted(candidate):
                 return candidate
         return peer_ip
 
-
-def _is_ip(text: str) -> bool:
-    try:
-        ipaddress.ip_address(text)
-    except ValueError:
-        return False
-    return True
 
 
 def _in_networks(ip: str, networks: tuple[IPNetwork, ...]) -> bool:

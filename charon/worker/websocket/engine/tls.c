@@ -53,7 +53,6 @@ struct TlsServerObject {
     double handshake_timeout;
 };
 
-static int server_index = -1;   /* SSL_CTX ex_data slot: the TlsServer of a context */
 /* SSL ex_data slot: the TlsServer a session started with, a reference of the session's own: a
  * reload (set_tls) may drop the server while a handshake is under way, and the ClientHello and
  * ticket callbacks still read it. */
@@ -176,7 +175,7 @@ alpn_offers(const unsigned char *p, size_t len, const unsigned char *proto)
 static int
 client_hello(SSL *ssl, int *alert, void *arg)
 {
-    (void)arg;  /* (the base context's server; the session's own is the one to use) */
+    (void)arg;  /* the session's server is in its ex_data (a reload may replace the engine's) */
     TlsServerObject *srv = SSL_get_ex_data(ssl, session_index);
     EngineObject *e = SSL_get_app_data(ssl);
     if (srv == NULL) {
@@ -280,7 +279,7 @@ typedef struct {
 } Settings;
 
 static SSL_CTX *
-new_context(TlsServerObject *srv, const Settings *s, const unsigned char *alpn)
+new_context(const Settings *s, const unsigned char *alpn)
 {
     SSL_CTX *ctx = SSL_CTX_new(TLS_server_method());
     if (ctx == NULL)
@@ -297,8 +296,7 @@ new_context(TlsServerObject *srv, const Settings *s, const unsigned char *alpn)
     if (!SSL_CTX_set_min_proto_version(ctx, s->min_version)
         || !SSL_CTX_set_cipher_list(ctx, s->ciphers)
         || !SSL_CTX_set_session_id_context(ctx, sid, sizeof(sid) - 1)
-        || !SSL_CTX_set_dh_auto(ctx, 1)
-        || !SSL_CTX_set_ex_data(ctx, server_index, srv)) {
+        || !SSL_CTX_set_dh_auto(ctx, 1)) {
         SSL_CTX_free(ctx);
         return NULL;
     }
@@ -310,10 +308,10 @@ new_context(TlsServerObject *srv, const Settings *s, const unsigned char *alpn)
 
 /* A context serving the PEM chain (leaf first) and key in `cert` and `key`. */
 static SSL_CTX *
-certificate_context(TlsServerObject *srv, const Settings *s, const unsigned char *alpn,
+certificate_context(const Settings *s, const unsigned char *alpn,
                     Py_buffer *cert, Py_buffer *key)
 {
-    SSL_CTX *ctx = new_context(srv, s, alpn);
+    SSL_CTX *ctx = new_context(s, alpn);
     BIO *bio = NULL;
     X509 *x = NULL;
     EVP_PKEY *pkey = NULL;
@@ -356,7 +354,7 @@ free_names(NamedContext *table, int count)
 
 /* `items`: a list of (names, cert PEM, key PEM); every name of an item maps to its context. */
 static int
-build_names(TlsServerObject *srv, const Settings *s, const unsigned char *alpn, PyObject *items,
+build_names(const Settings *s, const unsigned char *alpn, PyObject *items,
             NamedContext **table_out, int *count_out)
 {
     PyObject *seq = PySequence_Fast(items, "expected a list of (names, cert, key)");
@@ -370,7 +368,7 @@ build_names(TlsServerObject *srv, const Settings *s, const unsigned char *alpn, 
         Py_buffer cert, key;
         if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, i), "Oy*y*", &names, &cert, &key))
             goto fail;
-        SSL_CTX *ctx = certificate_context(srv, s, alpn, &cert, &key);
+        SSL_CTX *ctx = certificate_context(s, alpn, &cert, &key);
         PyBuffer_Release(&cert);
         PyBuffer_Release(&key);
         if (ctx == NULL) {
@@ -497,21 +495,21 @@ TlsServer_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     Settings s = {min_version, ciphers, PySequence_Check(keys) && PySequence_Size(keys) > 0};
     if (set_keys(srv, keys) < 0)
         goto fail;
-    srv->base = new_context(srv, &s, ALPN_HTTP);
+    srv->base = new_context(&s, ALPN_HTTP);
     if (srv->base == NULL) {
         set_openssl_error("cannot make a TLS context");
         goto fail;
     }
-    SSL_CTX_set_client_hello_cb(srv->base, client_hello, srv);
-    if (build_names(srv, &s, ALPN_HTTP, certs, &srv->names, &srv->name_count) < 0
-        || build_names(srv, &s, ALPN_ACME, challenges, &srv->challenges,
+    SSL_CTX_set_client_hello_cb(srv->base, client_hello, NULL);
+    if (build_names(&s, ALPN_HTTP, certs, &srv->names, &srv->name_count) < 0
+        || build_names(&s, ALPN_ACME, challenges, &srv->challenges,
                        &srv->challenge_count) < 0)
         goto fail;
     if (fallback != Py_None) {
         Py_buffer cert, key;
         if (!PyArg_ParseTuple(fallback, "y*y*", &cert, &key))
             goto fail;
-        srv->fallback = certificate_context(srv, &s, ALPN_HTTP, &cert, &key);
+        srv->fallback = certificate_context(&s, ALPN_HTTP, &cert, &key);
         PyBuffer_Release(&cert);
         PyBuffer_Release(&key);
         if (srv->fallback == NULL) {
@@ -778,7 +776,6 @@ PyTypeObject TlsConnType = {
 int
 tls_module_init(void)
 {
-    server_index = SSL_CTX_get_ex_new_index(0, NULL, NULL, NULL, NULL);
     session_index = SSL_get_ex_new_index(0, NULL, NULL, NULL, drop_session_server);
-    return server_index < 0 || session_index < 0 ? -1 : 0;
+    return session_index < 0 ? -1 : 0;
 }
