@@ -20,6 +20,7 @@ from charon.config import tls, values
 from charon.config.lines import KeyLines
 from charon.config.model import (
     AdminConfig,
+    Backends,
     Config,
     IPNetwork,
     Limits,
@@ -27,6 +28,7 @@ from charon.config.model import (
     Location,
     ProxyHost,
     ServerConfig,
+    Target,
     Timeouts,
     TlsConfig,
     WebSocketSettings,
@@ -276,12 +278,13 @@ def _host(
     upstream = tls.with_backend_tls(table.require("upstream", values.upstream), backend_tls)
     host_timeouts = _timeouts(table.table("timeouts"), timeouts)
     websocket = _websocket(table, WebSocketSettings())
-    locations = _locations(table, host_timeouts, websocket, backend_tls)
+    locations = _locations(table, domains[0], host_timeouts, websocket, backend_tls)
     tls.check_backend_tls_used(table, [upstream, *(loc.upstream for loc in locations)])
     # Last: reading and checking certificate files costs the most.
     host_tls = tls.host_tls(table, server, tls_config, domains)
     return ProxyHost(
-        domains, upstream, locations, host_timeouts, websocket, line=table.line,
+        domains, Backends(domains[0], (Target(upstream),)), locations, host_timeouts, websocket,
+        line=table.line,
         tls=host_tls.tls, force_https=host_tls.force_https, hsts=host_tls.hsts,
     )
 
@@ -302,7 +305,11 @@ def _domains(table: Table, seen: dict[str, int]) -> tuple[str, ...]:
 
 
 def _locations(
-    host: Table, timeouts: Timeouts, websocket: WebSocketSettings, backend_tls: tls.BackendTls
+    host: Table,
+    host_name: str,
+    timeouts: Timeouts,
+    websocket: WebSocketSettings,
+    backend_tls: tls.BackendTls,
 ) -> tuple[Location, ...]:
     locations: list[Location] = []
     seen: dict[str, int] = {}  # path -> line of its location
@@ -319,7 +326,9 @@ def _locations(
         tls.check_backend_tls_used(table, [upstream])
         location = Location(
             path=path,
-            upstream=tls.with_backend_tls(upstream, location_tls),
+            backends=Backends(
+                host_name + path, (Target(tls.with_backend_tls(upstream, location_tls)),)
+            ),
             timeouts=_timeouts(table.table("timeouts"), timeouts),
             websocket=_websocket(table, websocket),
         )

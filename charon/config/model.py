@@ -61,6 +61,58 @@ class Upstream:
 
 
 @dataclass(frozen=True)
+class Target:
+    """One backend of a proxy host or location (issue 13)."""
+
+    upstream: Upstream
+    weight: int = 1  # share of new requests and tunnels, relative to the other targets
+    backup: bool = False  # used only while every primary target is down
+    max_connections: int = 0  # per worker: in-flight requests + open tunnels (0: no cap)
+    drain: bool = False  # takes no new requests or tunnels; open tunnels stay (drain_timeout)
+
+
+@dataclass(frozen=True)
+class HealthCheck:
+    """An active health check, run by the supervisor once per target for all workers."""
+
+    path: str = "/"
+    interval: float = 10.0
+    timeout: float = 5.0
+    expect_status: tuple[int, ...] = ()  # () : any 2xx or 3xx
+    healthy_threshold: int = 2  # consecutive passes that bring a down target back
+    unhealthy_threshold: int = 3  # consecutive failures that mark a target down
+    websocket: bool = False  # complete a WebSocket handshake on `path` instead of a GET
+    host: str | None = None  # the Host header sent; None: the proxy host's first domain
+
+
+LB_POLICIES = ("round_robin", "least_conn", "random_two", "ip_hash", "header_hash", "cookie")
+
+
+@dataclass(frozen=True)
+class Backends:
+    """The targets of a proxy host or location and how one is chosen for each request."""
+
+    name: str  # "app.example.com" or "app.example.com/api/": health state and labels key on it
+    targets: tuple[Target, ...]  # in config order (consistent hashing depends on it)
+    policy: str = "round_robin"  # one of LB_POLICIES
+    hash_header: str | None = None  # header_hash: the request header hashed (lowercase)
+    cookie_name: str = "charon_target"  # cookie: the sticky cookie's name
+    max_fails: int = 1  # passive: failures within fail_timeout that mark a target down ...
+    fail_timeout: float = 10.0  # ... for this long (0 with max_fails: passive checks off)
+    fail_status: tuple[int, ...] = ()  # response statuses also counted as failures (5xx)
+    health_check: HealthCheck | None = None
+    slow_start: float = 0.0  # a recovered target's weight ramps up over this long
+    max_retries: int = 2  # other targets tried after a failure (decision 11)
+    retry_budget: float = 0.2  # retries at most this share of the group's recent requests
+    resolve_interval: float = 30.0  # names re-resolved this often (0: at each connect)
+
+    @property
+    def upstream(self) -> Upstream:
+        """The first target's address: for messages that name one backend."""
+        return self.targets[0].upstream
+
+
+@dataclass(frozen=True)
 class WebSocketSettings:
     max_frame_size: int = 16 * 1024 * 1024
     idle_timeout: float = 0.0  # off
@@ -70,9 +122,13 @@ class WebSocketSettings:
 @dataclass(frozen=True)
 class Location:
     path: str  # a path prefix, starting with "/"
-    upstream: Upstream
+    backends: Backends
     timeouts: Timeouts
     websocket: WebSocketSettings
+
+    @property
+    def upstream(self) -> Upstream:
+        return self.backends.upstream
 
 
 @dataclass(frozen=True)
@@ -95,7 +151,7 @@ class HostTls:
 @dataclass(frozen=True)
 class ProxyHost:
     domains: tuple[str, ...]  # lowercase; exact names or "*.suffix" wildcards
-    upstream: Upstream
+    backends: Backends
     locations: tuple[Location, ...]  # longest path first
     timeouts: Timeouts
     websocket: WebSocketSettings
@@ -108,6 +164,10 @@ class ProxyHost:
     def name(self) -> str:
         """The label used in logs and metrics: the first domain."""
         return self.domains[0]
+
+    @property
+    def upstream(self) -> Upstream:
+        return self.backends.upstream
 
 
 @dataclass(frozen=True)

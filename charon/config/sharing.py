@@ -11,22 +11,26 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import TypeVar
 
-from charon.config.model import Config, Location, ProxyHost
+from charon.config.model import Backends, Config, Location, ProxyHost
 
 T = TypeVar("T")
 
 
 def share_equal(config: Config) -> Config:
-    """`config` with equal timeouts, WebSocket settings and upstreams as one object each."""
+    """`config` with equal timeouts, WebSocket settings and backends as one object each."""
     seen: dict[object, object] = {}
 
     def one(value: T) -> T:
         return seen.setdefault(value, value)  # type: ignore[return-value]
 
+    def backends(b: Backends) -> Backends:
+        # (each has its own name; its targets and their addresses are what repeat)
+        return replace(b, targets=tuple(one(t) for t in b.targets))
+
     def location(loc: Location) -> Location:
         return replace(
             loc,
-            upstream=one(loc.upstream),
+            backends=backends(loc.backends),
             timeouts=one(loc.timeouts),
             websocket=one(loc.websocket),
         )
@@ -34,7 +38,7 @@ def share_equal(config: Config) -> Config:
     def host(h: ProxyHost) -> ProxyHost:
         return replace(
             h,
-            upstream=one(h.upstream),
+            backends=backends(h.backends),
             timeouts=one(h.timeouts),
             websocket=one(h.websocket),
             locations=tuple(location(loc) for loc in h.locations),
