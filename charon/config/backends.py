@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from charon.config import tls, values
-from charon.config.model import LB_POLICIES, Backends, HealthCheck, Target, Upstream
+from charon.config.model import LB_POLICIES, Backends, Config, HealthCheck, Target, Upstream
 from charon.config.table import Table, boolean
 
 # The keys besides upstream/upstreams that a location inherits from its host when it does not
@@ -288,3 +288,49 @@ def _share(value: Any) -> float:
     if not 0 <= value <= 1:
         raise ValueError(f"must be between 0 and 1, got {value!r}")
     return float(value)
+
+
+# -- `charon check` ----------------------------------------------------------------------------
+
+
+def listing_lines(config: Config) -> list[str]:
+    """For `charon check`: each host or location with more than one plain upstream, its
+    policy and health check, then one indented line per target."""
+    lines: list[str] = []
+    for host in config.hosts:
+        for group in (host.backends, *(loc.backends for loc in host.locations)):
+            if group == Backends(group.name, (Target(group.upstream),)):
+                continue  # one upstream and the defaults: nothing to tell
+            lines.append(f"{group.name}: {_summary(group)}")
+            lines.extend(f"  {_describe_target(target)}" for target in group.targets)
+    return lines
+
+
+def _summary(group: Backends) -> str:
+    count = len(group.targets)
+    policy = group.policy
+    if group.hash_header is not None:
+        policy += f" on {group.hash_header}"
+    elif policy == "cookie":
+        policy += f" {group.cookie_name}"
+    return f"{count} target{'s' if count > 1 else ''}, {policy}, {_describe_check(group)}"
+
+
+def _describe_check(group: Backends) -> str:
+    check = group.health_check
+    if check is None:
+        return "no active health check"
+    what = "WebSocket" if check.websocket else "GET"
+    expect = "101" if check.websocket else "/".join(map(str, check.expect_status)) or "2xx/3xx"
+    return (
+        f"health check {what} {check.path} every {check.interval:g}s "
+        f"(timeout {check.timeout:g}s, expect {expect})"
+    )
+
+
+def _describe_target(target: Target) -> str:
+    notes = [f"weight {target.weight}"] if target.weight != 1 else []
+    notes += ["backup"] if target.backup else []
+    notes += [f"max_connections {target.max_connections}"] if target.max_connections else []
+    notes += ["drain"] if target.drain else []
+    return target.upstream.url + (f" ({', '.join(notes)})" if notes else "")
