@@ -132,11 +132,15 @@ class _TargetTable(Table):
 
 
 def _target(table: Table, index: int, item: Any) -> Target:
+    where = (*table.path, "upstreams", index)
     if isinstance(item, str):
-        return Target(table.elements("upstreams", [item], values.upstream)[0])
+        try:
+            return Target(values.upstream(item))
+        except ValueError as err:
+            raise table.error_at(where, f"{table.label('upstreams')}: {err}") from None
     if not isinstance(item, dict):
         raise table.error_at(
-            (*table.path, "upstreams", index),
+            where,
             f"{table.label('upstreams')}: expected an upstream URL or a "
             f'{{ url = "...", ... }} table, got {values.describe(item)}',
         )
