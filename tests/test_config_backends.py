@@ -284,6 +284,11 @@ TARGET_ERRORS = [
     ),
     ("upstreams = []\n", 3, "[[hosts]] upstreams: must list at least one target"),
     (
+        'upstream = ["http://a:1", "http://b:1"]\n',
+        3,
+        "[[hosts]] upstream: is one URL: write several targets as upstreams = [...]",
+    ),
+    (
         'upstreams = "http://a:1"\n',
         3,
         '[[hosts]] upstreams: expected an array of upstream URLs or { url = "...", ... } tables, '

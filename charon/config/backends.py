@@ -53,7 +53,7 @@ def backends(
         inherited, name=name, targets=targets
     )
     policy = table.get("lb_policy", _policy, base.policy)
-    settings = dataclasses.replace(
+    return dataclasses.replace(
         base,
         policy=policy,
         hash_header=_hash_header(table, policy, base.hash_header),
@@ -69,7 +69,6 @@ def backends(
         retry_budget=table.get("retry_budget", _share, base.retry_budget),
         resolve_interval=table.get("resolve_interval", values.duration, base.resolve_interval),
     )
-    return settings
 
 
 def upstreams(*groups: Backends) -> list[Upstream]:
@@ -83,6 +82,8 @@ def upstreams(*groups: Backends) -> list[Upstream]:
 def _targets(table: Table, backend_tls: tls.BackendTls) -> tuple[Target, ...]:
     if "upstream" in table.data and "upstreams" in table.data:
         raise table.error("upstreams", "set either upstream (one target) or upstreams, not both")
+    if isinstance(table.data.get("upstream"), list):
+        raise table.error("upstream", "is one URL: write several targets as upstreams = [...]")
     if "upstreams" not in table.data:
         upstream = table.require("upstream", values.upstream)
         return (Target(tls.with_backend_tls(upstream, backend_tls)),)
@@ -298,8 +299,8 @@ def _share(value: Any) -> float:
 
 
 def listing_lines(config: Config) -> list[str]:
-    """For `charon check`: each host or location with more than one plain upstream, its
-    policy and health check, then one indented line per target."""
+    """For `charon check`: each host or location that is more than one upstream with the
+    defaults (several targets, a policy, a health check...), then one line per target."""
     lines: list[str] = []
     for host in config.hosts:
         for group in (host.backends, *(loc.backends for loc in host.locations)):
