@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
-from charon.worker.http.request import BODY_NONE, IDEMPOTENT, use_target
+from charon.worker.http.request import BODY_LENGTH, BODY_NONE, IDEMPOTENT, use_target
 
 if TYPE_CHECKING:
     from charon.worker.context import WorkerContext
@@ -26,12 +26,12 @@ log = logging.getLogger("charon.worker")
 
 def may_send_again(exchange: Exchange) -> bool:
     """Whether the request may go again whole after its backend closed before answering:
-    no body (nothing of it was streamed away), an idempotent method, and no interim response
-    relayed to the client yet."""
+    no body (nothing of it was streamed away; `Content-Length: 0` is none), an idempotent
+    method, and no interim response relayed to the client yet."""
     plan = exchange.plan
     return (
         plan is not None
-        and plan.body == BODY_NONE
+        and (plan.body == BODY_NONE or (plan.body == BODY_LENGTH and plan.length == 0))
         and plan.method in IDEMPOTENT
         and not exchange.informed
     )
