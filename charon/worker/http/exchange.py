@@ -125,9 +125,9 @@ class Exchange:
             self.client.handover = None
             self._resume_handover(handover)
             return
-        target = self.plan.target
+        target = self.chosen = self.plan.target
         assert target is not None  # (plan_request chose it: no handover)
-        self.count(target)
+        target.active += 1  # until _report (attempt_at is `started`)
         conn = target.pool.take_idle()
         if conn is not None:
             self._attach(conn, reused=True)

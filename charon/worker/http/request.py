@@ -300,13 +300,19 @@ def plan_request(
     single = plan.target
     if single is None or not single.health.checked_up:  # several targets, or one that is down
         group = route.group
+        key = None
         if group.key_ip:
-            plan.lb_key = client_ip.encode("latin-1")
+            key = plan.lb_key = client_ip.encode("latin-1")
         elif group.key_field is not None:
-            plan.lb_key = _lb_key(group, specials, headers)
-        plan.target = None
-        if choose:
-            choose_target(plan)
+            key = plan.lb_key = _lb_key(group, specials, headers)
+        if not choose:
+            plan.target = None
+            return plan
+        chosen = plan.target = group.choose(key)
+        if chosen is None:
+            raise _no_target(group)
+        if group.set_cookie and key != chosen.cookie:
+            plan.set_cookie = chosen.cookie_fields[tls is not None]
     return plan
 
 
@@ -315,24 +321,25 @@ def choose_target(plan: RequestPlan) -> TargetState:
     group = plan.route.group
     target = group.choose(plan.lb_key)
     if target is None:
-        raise HttpError(
-            503, "no backend available", close=False,
-            fields=b"Retry-After: %d\r\n" % group.retry_after(),
-            body=b"503 Service Unavailable: no backend available\n",
-        )
+        raise _no_target(group)
     use_target(plan, target)
     return target
+
+
+def _no_target(group: TargetGroup) -> HttpError:
+    return HttpError(
+        503, "no backend available", close=False,
+        fields=b"Retry-After: %d\r\n" % group.retry_after(),
+        body=b"503 Service Unavailable: no backend available\n",
+    )
 
 
 def use_target(plan: RequestPlan, target: TargetState) -> None:
     """`target` serves the plan (chosen, or another after a failure); the cookie policy's
     response names it unless the request's cookie did."""
     plan.target = target
-    group = plan.route.group
-    if group.set_cookie:
-        plan.set_cookie = None if plan.lb_key == target.cookie else group.cookie_field(
-            target, plan.tls
-        )
+    if plan.route.group.set_cookie:
+        plan.set_cookie = None if plan.lb_key == target.cookie else target.cookie_fields[plan.tls]
 
 
 def _lb_key(

@@ -16,7 +16,9 @@ import ipaddress
 import math
 import random
 import time
+from bisect import bisect_right
 from collections.abc import Callable, Sequence
+from itertools import accumulate
 from typing import TYPE_CHECKING
 
 from charon.worker.telemetry import TargetTotals
@@ -41,6 +43,7 @@ BUDGET_CAP = 100.0  # retry tokens a quiet group can save up
 RETRY_FLOOR = 3  # retries per second allowed whatever the budget says
 NO_TARGET_RETRY_AFTER = 10  # Retry-After when every target is drained
 RAMP_CHECK = 0.1  # seconds between looks for a target in its slow_start ramp
+TIE_STEPS = 16  # least_conn: cycle slots looked at for the next of the tied targets
 
 
 def is_ip_literal(host: str) -> bool:
@@ -56,7 +59,7 @@ class TargetState:
 
     __slots__ = (
         "target", "upstream", "url", "key", "pool", "health", "totals", "active", "weight",
-        "cap", "current", "seed", "cookie", "dialable",
+        "cap", "current", "seed", "cookie", "cookie_fields", "dialable",
     )
 
     def __init__(
@@ -81,6 +84,8 @@ class TargetState:
         self.current = 0.0  # smooth weighted round robin's running score
         self.seed = stable_hash(self.url.encode())  # rendezvous hashing
         self.cookie = cookie  # the sticky cookie's value naming it
+        # The Set-Cookie field naming it, [over plain http, over TLS] (the cookie policy's).
+        self.cookie_fields: tuple[tuple[bytes, bytes], ...] = ()
         self.dialable = not self.upstream.tls and is_ip_literal(self.upstream.host)
 
     def __repr__(self) -> str:
@@ -95,7 +100,7 @@ class TargetGroup:
         "key_field", "key_special", "cookie_name", "set_cookie", "by_url", "dialable",
         "requests", "_primaries", "_backups", "_cycle", "_cursor", "_clock", "_rng",
         "_ranks", "_by_cookie", "_hashed", "_tokens", "_seen", "_floor_at", "_floor_used",
-        "_ramp", "_ramp_checked",
+        "_ramp", "_ramp_checked", "_primary_sums", "_backup_sums",
     )
 
     def __init__(
@@ -119,6 +124,8 @@ class TargetGroup:
         self.passive = several and backends.max_fails > 0 and backends.fail_timeout > 0
         self.slow_start = backends.slow_start if several else 0.0
         self._cycle = tuple(self._primaries[i] for i in cycle([s.weight for s in self._primaries]))
+        self._primary_sums = list(accumulate(s.weight for s in self._primaries))  # random_two
+        self._backup_sums = list(accumulate(s.weight for s in self._backups))
         self._cursor = 0
         self._ramp = False
         self._ramp_checked = -RAMP_CHECK
@@ -127,6 +134,12 @@ class TargetGroup:
         self._ranks: dict[bytes, tuple[TargetState, ...]] = {}
         self.by_url = {s.url: s for s in states}
         self._by_cookie = {s.cookie: s for s in self._primaries + self._backups}
+        if backends.policy == "cookie":
+            for state in states:
+                state.cookie_fields = tuple(
+                    set_cookie_field(backends.cookie_name, state.cookie, secure)
+                    for secure in (False, True)
+                )
         self.dialable = all(s.dialable for s in states)  # the front door may dial any of them
         # What the policy needs from the request (request.py finds it in its one header pass).
         policy = backends.policy
@@ -197,14 +210,70 @@ class TargetGroup:
         self.requests += 1
         now = self._clock()
         slow = self.slow_start
-        return least_loaded(self._primaries, now, slow) or least_loaded(self._backups, now, slow)
+        if slow:  # ramped weights: the general pick
+            return least_loaded(self._primaries, now, slow) or least_loaded(
+                self._backups, now, slow
+            )
+        schedule = self._cycle
+        if schedule:  # round robin's next, if idle, is among the least loaded: the tie's pick
+            at = self._cursor
+            state = schedule[at]
+            health = state.health
+            if not state.active and health.checked_up and now >= health.down_until:
+                at += 1
+                self._cursor = at if at < len(schedule) else 0
+                return state
+        best = None
+        best_load = 0.0
+        tied = False
+        for state in self._primaries:
+            health = state.health
+            active = state.active
+            if (
+                not health.checked_up
+                or now < health.down_until
+                or (state.cap and active >= state.cap)
+            ):
+                continue
+            load = active / state.weight
+            if best is None or load < best_load:
+                best, best_load, tied = state, load, False
+            elif load == best_load:
+                tied = True
+        if best is None:
+            return least_loaded(self._backups, now, 0.0)
+        if not tied:
+            return best
+        # Ties: the next of them in round robin's weighted cycle (each of its slots taken in
+        # turn: shares by weight), looked for a few steps, else a full pick among them.
+        at = self._cursor
+        for _ in range(min(len(schedule), TIE_STEPS)):
+            state = schedule[at]
+            at += 1
+            if at == len(schedule):
+                at = 0
+            if state.active / state.weight == best_load and ready(state, now):
+                self._cursor = at
+                return state
+        return least_loaded(self._primaries, now, 0.0)
 
     def _random_two(self, key: bytes | None) -> TargetState | None:
         first = self._round_robin(key)
         if first is None:
             return None
-        tier = self._backups if first.target.backup else self._primaries
-        return second_choice(tier, first, self._clock(), self._rng)
+        if first.target.backup:
+            tier, sums = self._backups, self._backup_sums
+        else:
+            tier, sums = self._primaries, self._primary_sums
+        if len(tier) < 2:
+            return first
+        other = tier[bisect_right(sums, self._rng.random() * sums[-1])]
+        now = self._clock()
+        if other is first or not ready(other, now):  # drawn again among the others
+            return second_choice(tier, first, now, self._rng)
+        if other.active * first.weight < first.active * other.weight:
+            return other
+        return first
 
     def _hash(self, key: bytes | None) -> TargetState | None:
         if key is None:  # (header_hash without the header) spread like round robin
@@ -212,7 +281,12 @@ class TargetGroup:
         self.requests += 1
         now = self._clock()
         for state in self._ranks.get(key) or self._rank(key):
-            if ready(state, now):
+            health = state.health
+            if (
+                health.checked_up
+                and now >= health.down_until
+                and (not state.cap or state.active < state.cap)
+            ):
                 return state
         return None
 
@@ -233,9 +307,6 @@ class TargetGroup:
                 self.requests += 1
                 return state
         return self._round_robin(key)
-
-    def cookie_field(self, state: TargetState, secure: bool) -> tuple[bytes, bytes]:
-        return set_cookie_field(self.backends.cookie_name, state.cookie, secure)
 
     # -- retries ---------------------------------------------------------------------------
 

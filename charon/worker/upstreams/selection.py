@@ -99,7 +99,13 @@ def smooth_weighted(
     best = None
     total = 0.0
     for state in states:
-        if not ready(state, now) or (skip and state in skip):
+        health = state.health
+        if (
+            not health.checked_up
+            or now < health.down_until
+            or (state.cap and state.active >= state.cap)
+            or (skip and state in skip)
+        ):
             continue
         weight = state.weight * ramp(state, now, slow_start) if slow_start else state.weight
         state.current += weight
