@@ -235,3 +235,34 @@ def test_a_refused_websocket_handshake_goes_to_the_next_target(
     with running_charon(tmp_path, hosts) as charon:
         for _ in range(6):
             assert _handshake(charon.port, "ws.test").startswith(b"HTTP/1.1 101 ")
+
+
+def test_a_target_by_name_is_resolved_by_the_worker(tmp_path: Path, backend_factory) -> None:  # type: ignore[no-untyped-def]
+    """`localhost` resolved in the worker (resolve_interval): HTTP requests and handshakes the
+    front door dials by its address both reach it."""
+    ws = backend_factory("ws_backend.py")
+    web = backend_factory("http_backend.py", "--name", "web")
+    hosts = f"""
+    [[hosts]]
+    domains = ["named.test"]
+    upstreams = ["http://localhost:{ws.port}"]
+    resolve_interval = "1s"
+
+    [[hosts]]
+    domains = ["web.test"]
+    upstreams = ["http://localhost:{web.port}", "http://{HOST}:{web.port}"]
+    resolve_interval = "1s"
+    """
+    with running_charon(tmp_path, hosts) as charon:
+        conn = http.client.HTTPConnection(HOST, charon.port, timeout=10)
+        for _ in range(4):
+            status, _, body = _request(conn, "web.test")
+            assert status == 200 and _served_by(body) == "web"
+        conn.close()
+        assert _handshake(charon.port, "named.test").startswith(b"HTTP/1.1 101 ")
+        deadline = time.monotonic() + 10
+        while "localhost resolved to 127.0.0.1" not in charon.log():
+            assert time.monotonic() < deadline, charon.log()
+            time.sleep(0.05)
+        for _ in range(4):  # now dialled by address by the front door
+            assert _handshake(charon.port, "named.test").startswith(b"HTTP/1.1 101 ")

@@ -366,3 +366,35 @@ def test_target_state_has_its_totals() -> None:
     state.totals.request(502, 0.2)
     assert state.totals.codes == {200: 1, 502: 1}
     assert sum(state.totals.buckets) == 2
+
+
+def test_a_name_is_resolved_in_the_worker_and_its_addresses_taken_in_turn() -> None:
+    import asyncio
+
+    import uvloop
+
+    from charon.worker.upstreams.pool import UpstreamPool
+    from charon.worker.upstreams.resolver import Resolver
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        pool = UpstreamPool(loop, Upstream("http://localhost:9", "localhost", 9), 60.0)
+        resolver = Resolver(loop)
+        assert pool.next_host() == "localhost"  # not resolved yet: by name
+        resolver.watch(pool, 30.0)
+        for _ in range(200):
+            if pool.addresses:
+                break
+            await asyncio.sleep(0.01)
+        assert pool.addresses == ("127.0.0.1",)
+        assert pool.set_addresses(("10.0.0.2", "10.0.0.1")) is True
+        assert [pool.next_host() for _ in range(4)] == ["10.0.0.2", "10.0.0.1"] * 2
+        ip_pool = UpstreamPool(loop, Upstream("http://127.0.0.1:9", "127.0.0.1", 9), 60.0)
+        resolver.watch(ip_pool, 30.0)  # an address: nothing to resolve
+        assert ip_pool not in resolver._interval  # noqa: SLF001
+        pool.retire()
+        resolver.tick()
+        assert pool not in resolver._interval  # noqa: SLF001
+        resolver.close()
+
+    uvloop.run(asyncio.wait_for(scenario(), 10))

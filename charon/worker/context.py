@@ -17,6 +17,7 @@ from charon.worker.upstreams.cookie import cookie_key
 from charon.worker.upstreams.group import GroupMaker
 from charon.worker.upstreams.health import HealthBoard, TargetHealth
 from charon.worker.upstreams.pool import UpstreamPool
+from charon.worker.upstreams.resolver import Resolver
 from charon.worker.websocket.tunnel import TunnelEngine
 
 if TYPE_CHECKING:
@@ -57,12 +58,14 @@ class WorkerContext:
         self.health = HealthBoard(loop.time)
         # Told when this worker's passive checks mark a target down (the supervisor shares it).
         self.target_down: Callable[[TargetHealth], None] | None = None
+        self.resolver = Resolver(loop)  # targets given by name (resolve_interval)
         self.groups = GroupMaker(
             self.pool,
             self.health,
             telemetry.target_totals,
             cookie_key(secret or secrets.token_bytes(32)),
             loop.time,
+            self.resolver,
         )
         self.router = config_router(config, self.pool, groups=self.groups)
         self.tls_pumps: set[TlsPump] = set()  # TLS connections the HTTP path serves
@@ -91,9 +94,12 @@ class WorkerContext:
         return UpstreamPool(self.loop, upstream, idle_timeout)
 
     def close_expired_upstreams(self) -> None:
+        """The upstreams' upkeep (once a second): idle connections past their timeout, names
+        due to be resolved again."""
         now = self.loop.time()
         for pool in self.pools.values():
             pool.close_expired(now)
+        self.resolver.tick()
 
     def report_metrics(self) -> None:
         if self.tls_rotation is not None:

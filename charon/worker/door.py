@@ -81,12 +81,11 @@ def _plan(
         )
         # The target is chosen only for a handshake dialled here: the HTTP path would choose
         # again (a round robin would then skip one).
-        if (
-            plan.websocket_key is None
-            or plan.body != BODY_NONE
-            or not plan.route.group.dialable
-        ):
+        group = plan.route.group
+        if plan.websocket_key is None or plan.body != BODY_NONE or not group.dialable:
             return None
+        if group.named and not all(state.pool.addresses for state in group.named):
+            return None  # a name not resolved yet: uvloop resolves it on the HTTP path
         if plan.target is None:
             choose_target(plan)
     except HttpError:

@@ -37,6 +37,7 @@ from charon.worker.upstreams.selection import (
 if TYPE_CHECKING:
     from charon.config.model import Backends, Target, Upstream
     from charon.worker.upstreams.pool import UpstreamPool
+    from charon.worker.upstreams.resolver import Resolver
 
 RANK_CACHE = 4096  # keys whose rendezvous ranking is kept (ip_hash, header_hash)
 BUDGET_CAP = 100.0  # retry tokens a quiet group can save up
@@ -59,7 +60,7 @@ class TargetState:
 
     __slots__ = (
         "target", "upstream", "url", "key", "pool", "health", "totals", "active", "weight",
-        "cap", "current", "seed", "cookie", "cookie_fields", "dialable",
+        "cap", "current", "seed", "cookie", "cookie_fields", "named", "dialable",
     )
 
     def __init__(
@@ -70,7 +71,9 @@ class TargetState:
         health: TargetHealth,
         totals: TargetTotals,
         cookie: bytes,
+        resolved: bool = False,
     ) -> None:
+        """`resolved`: a name the worker resolves (resolver.py): dialled by its addresses."""
         self.target = target
         self.upstream = target.upstream
         self.url = target.upstream.url
@@ -86,7 +89,9 @@ class TargetState:
         self.cookie = cookie  # the sticky cookie's value naming it
         # The Set-Cookie field naming it, [over plain http, over TLS] (the cookie policy's).
         self.cookie_fields: tuple[tuple[bytes, bytes], ...] = ()
-        self.dialable = not self.upstream.tls and is_ip_literal(self.upstream.host)
+        self.named = not is_ip_literal(self.upstream.host)
+        # The front door dials plain backends by address (a name's once it resolved).
+        self.dialable = not self.upstream.tls and (resolved or not self.named)
 
     def __repr__(self) -> str:
         return f"<TargetState {self.key} active={self.active}>"
@@ -97,7 +102,7 @@ class TargetGroup:
 
     __slots__ = (
         "backends", "states", "single", "choose", "passive", "slow_start", "key_ip",
-        "key_field", "key_special", "cookie_name", "set_cookie", "by_url", "dialable",
+        "key_field", "key_special", "cookie_name", "set_cookie", "by_url", "dialable", "named",
         "requests", "_primaries", "_backups", "_cycle", "_cursor", "_clock", "_rng",
         "_ranks", "_by_cookie", "_hashed", "_tokens", "_seen", "_floor_at", "_floor_used",
         "_ramp", "_ramp_checked", "_primary_sums", "_backup_sums",
@@ -140,7 +145,9 @@ class TargetGroup:
                     set_cookie_field(backends.cookie_name, state.cookie, secure)
                     for secure in (False, True)
                 )
-        self.dialable = all(s.dialable for s in states)  # the front door may dial any of them
+        # The front door may dial any of them (once the names among them resolved).
+        self.dialable = all(s.dialable for s in states)
+        self.named = tuple(s for s in states if s.named)
         # What the policy needs from the request (request.py finds it in its one header pass).
         policy = backends.policy
         self.key_ip = policy == "ip_hash"
@@ -376,8 +383,10 @@ class GroupMaker:
         totals_for: Callable[[str, str], TargetTotals] | None = None,
         cookie_key: bytes = b"",
         clock: Callable[[], float] = time.monotonic,
+        resolver: Resolver | None = None,
     ) -> None:
         self.pool_for = pool_for
+        self.resolver = resolver
         self.board = board or HealthBoard(clock)
         self.totals_for = totals_for or (lambda host, url: TargetTotals())
         self.cookie_key = cookie_key
@@ -385,17 +394,22 @@ class GroupMaker:
 
     def group(self, backends: Backends, host_name: str) -> TargetGroup:
         states = []
+        resolver = self.resolver
+        resolved = resolver is not None and backends.resolve_interval > 0
         for target in backends.targets:
             url = target.upstream.url
             key = (backends.name, url)
-            states.append(
-                TargetState(
-                    target,
-                    key,
-                    self.pool_for(target.upstream),
-                    self.board.health(key),
-                    self.totals_for(host_name, url),
-                    cookie_value(self.cookie_key, backends.name, url),
-                )
+            pool = self.pool_for(target.upstream)
+            state = TargetState(
+                target,
+                key,
+                pool,
+                self.board.health(key),
+                self.totals_for(host_name, url),
+                cookie_value(self.cookie_key, backends.name, url),
+                resolved,
             )
+            if resolver is not None and state.named:
+                resolver.watch(pool, backends.resolve_interval)
+            states.append(state)
         return TargetGroup(backends, tuple(states), self.clock)

@@ -25,6 +25,10 @@ class UpstreamPool:
         self.idle_timeout = idle_timeout
         self._idle: list[UpstreamConnection] = []  # oldest first
         self.retired = False  # a reload removed its address: released connections close
+        # A backend given by name, as the worker last resolved it (resolver.py), sorted: new
+        # connections go to each in turn. Empty: connected by name (resolved at each connect).
+        self.addresses: tuple[str, ...] = ()
+        self._turn = 0
 
     def connect(self, exchange: Exchange, fd: int = -1) -> Connecting:
         """A connection for `exchange`, to `start`: it hears of it in `connection_made` (via
@@ -36,20 +40,37 @@ class UpstreamPool:
         factory = partial(UpstreamConnection, self, exchange)
         upstream = self.upstream
         if fd >= 0:
-            family = socket.AF_INET6 if ":" in upstream.host else socket.AF_INET
-            sock = socket.socket(family, socket.SOCK_STREAM, 0, fd)
+            sock = socket.socket(fileno=fd)  # (its family from the socket: a name's address)
             coro = self.loop.create_connection(factory, sock=sock)
         elif upstream.tls:
             coro = self.loop.create_connection(
                 factory,
-                upstream.host,
+                self.next_host(),
                 upstream.port,
                 ssl=client_context(upstream.tls_verify, upstream.tls_ca),
                 server_hostname=upstream.host,
             )
         else:
-            coro = self.loop.create_connection(factory, upstream.host, upstream.port)
+            coro = self.loop.create_connection(factory, self.next_host(), upstream.port)
         return Connecting(self.loop, coro, exchange.connect_done)
+
+    def next_host(self) -> str:
+        """Where the next connection goes: the next resolved address, or the configured host."""
+        addresses = self.addresses
+        if not addresses:
+            return self.upstream.host
+        turn = self._turn
+        self._turn = turn + 1
+        return addresses[turn % len(addresses)]
+
+    def set_addresses(self, addresses: tuple[str, ...]) -> bool:
+        """The name resolved to `addresses` (sorted); True if they changed (the idle
+        connections, maybe to an address gone, are closed)."""
+        if addresses == self.addresses:
+            return False
+        self.addresses = addresses
+        self.close_all()
+        return True
 
     def take_idle(self) -> UpstreamConnection | None:
         idle = self._idle

@@ -59,9 +59,11 @@ class DialledTunnel(Tunnel):
         assert self.handshake is not None
         ctx, plan = self.ctx, self.handshake.plan
         assert plan.websocket_key is not None and plan.target is not None
-        upstream = plan.target.upstream
+        target = plan.target
         self.count()  # an in-flight request on its target, then a tunnel
-        self.dial(upstream.host, upstream.port, plan.head, client_tail)
+        # Its address (a name's next resolved one: the door dials only resolved names).
+        host = target.pool.next_host() if target.named else target.upstream.host
+        self.dial(host, target.upstream.port, plan.head, client_tail)
         if self.dial_error:  # e.g. no fd left for the socket: the HTTP path tries again
             self._hand_back(None, refused=False)
             return
