@@ -12,6 +12,7 @@ import http.client
 import json
 import socket
 import time
+import urllib.request
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -204,12 +205,14 @@ def test_no_target_up_is_503_with_retry_after(tmp_path: Path) -> None:
             assert headers["connection"] == "keep-alive"
 
 
-def _handshake(port: int, host: str) -> bytes:
+def _handshake(port: int, host: str, path: str = "/echo", extra: str = "") -> bytes:
+    """A WebSocket handshake as a connection's first request (the front door's way): the
+    answer's head."""
     with socket.create_connection((HOST, port), timeout=10) as s:
         s.sendall(
-            f"GET /echo HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\n"
+            f"GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\n"
             "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-            "Sec-WebSocket-Version: 13\r\n\r\n".encode()
+            f"Sec-WebSocket-Version: 13\r\n{extra}\r\n".encode()
         )
         got = b""
         deadline = time.monotonic() + 10
@@ -266,3 +269,36 @@ def test_a_target_by_name_is_resolved_by_the_worker(tmp_path: Path, backend_fact
             time.sleep(0.05)
         for _ in range(4):  # now dialled by address by the front door
             assert _handshake(charon.port, "named.test").startswith(b"HTTP/1.1 101 ")
+
+
+def test_a_websocket_reconnect_with_the_cookie_lands_on_the_same_target(
+    tmp_path: Path, backend_factory
+) -> None:  # type: ignore[no-untyped-def]
+    """The 101 gives the sticky cookie (the front door's and the HTTP path's alike); the
+    handshakes that carry it go to the target it names."""
+    backends = [backend_factory("ws_backend.py") for _ in range(3)]
+    upstreams = ", ".join(f'"{b.url}"' for b in backends)
+    hosts = f"""
+    [[hosts]]
+    domains = ["chat.test"]
+    upstreams = [{upstreams}]
+    lb_policy = "cookie"
+    """
+
+    def seen(backend: Backend, marker: str) -> int:
+        with urllib.request.urlopen(f"{backend.url}/seen", timeout=5) as r:
+            return sum(marker in e["path"] for e in json.loads(r.read()))
+
+    with running_charon(tmp_path, hosts) as charon:
+        head = _handshake(charon.port, "chat.test", "/echo?id=first")
+        assert head.startswith(b"HTTP/1.1 101 ")
+        cookie = next(line.split(b": ", 1)[1] for line in head.split(b"\r\n")
+                      if line.lower().startswith(b"set-cookie: "))
+        assert cookie.endswith(b"; Path=/; HttpOnly; SameSite=Lax")
+        pair = cookie.split(b";")[0].decode()
+        first = next(b for b in backends if seen(b, "id=first"))
+        for i in range(10):
+            head = _handshake(charon.port, "chat.test", f"/echo?id=again{i}",
+                              f"Cookie: {pair}\r\n")
+            assert head.startswith(b"HTTP/1.1 101 ") and b"set-cookie" not in head.lower()
+        assert seen(first, "id=again") == 10
