@@ -108,5 +108,6 @@ def _dial(
         log.exception("the front door could not dial a handshake's backend")
         if tunnel is not None:
             ctx.dialling.discard(tunnel)
+            tunnel.uncount()
         if ctx.listeners is not None:
             ctx.listeners.closed_one()
