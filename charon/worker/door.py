@@ -18,8 +18,9 @@ import logging
 from typing import TYPE_CHECKING
 
 from charon.worker.http.adopted import adopt_client
+from charon.worker.http.choosing import choose_target
 from charon.worker.http.errors import HttpError
-from charon.worker.http.request import BODY_NONE, RequestPlan, choose_target, plan_request
+from charon.worker.http.request import BODY_NONE, RequestPlan, plan_request
 from charon.worker.tlsinfo import TlsInfo
 from charon.worker.tlspump import serve_http
 from charon.worker.websocket._engine import CLIENT

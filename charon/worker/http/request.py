@@ -13,9 +13,30 @@ from typing import TYPE_CHECKING
 
 from charon.worker.http.acme_challenge import PREFIX as ACME_PREFIX
 from charon.worker.http.acme_challenge import challenge_answer
+from charon.worker.http.choosing import lb_key, no_target
 from charon.worker.http.errors import HttpError
+from charon.worker.http.fieldkinds import (
+    CLIENT_IP,
+    CONNECTION,
+    FORWARDED,
+    FORWARDED_TOO,
+    HOST,
+    KINDS,
+    LENGTH,
+    MAX_FORWARDS,
+    PLAIN,
+    TE,
+    UNDERSCORED,
+    UPGRADE,
+    VIA,
+    WS_KEY,
+    WS_VERSION,
+    XFF,
+    XFH,
+    XFP,
+    kind_of,
+)
 from charon.worker.http.headers import (
-    CACHE_LIMIT,
     ForwardedPolicy,
     Header,
     host_name,
@@ -23,7 +44,6 @@ from charon.worker.http.headers import (
 )
 from charon.worker.http.target import check_target
 from charon.worker.routing import Route, Router
-from charon.worker.upstreams.cookie import find_cookie
 from charon.worker.websocket.handshake import (
     check_request,
     check_upgrade_alone,
@@ -32,7 +52,7 @@ from charon.worker.websocket.handshake import (
 
 if TYPE_CHECKING:
     from charon.worker.tlsinfo import TlsInfo
-    from charon.worker.upstreams.group import TargetGroup, TargetState
+    from charon.worker.upstreams.group import TargetState
 
 BODY_NONE = 0
 BODY_LENGTH = 1
@@ -43,64 +63,6 @@ _NOTHING: frozenset[bytes] = frozenset()
 
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 _ACME_LEN = len(ACME_PREFIX)
-
-# What each request header is (by lowercased name): _PLAIN ones are forwarded as is, underscored
-# ones only if allowed, _CLIENT_IP ones from a trusted proxy only; the rest are treated
-# specially, and those from _FORWARDED_TOO on are also forwarded.
-(_UNDERSCORED, _PLAIN, _HOST, _CONNECTION, _UPGRADE, _LENGTH, _TE, _XFF, _XFP, _XFH, _FORWARDED,
- _VIA, _DROP, _CLIENT_IP, _MAX_FORWARDS, _WS_KEY, _WS_VERSION) = range(-2, 15)
-_FORWARDED_TOO = _WS_KEY
-_SPECIAL = {
-    b"host": _HOST,
-    b"content-length": _LENGTH,
-    b"transfer-encoding": _TE,
-    b"connection": _CONNECTION,
-    b"x-forwarded-for": _XFF,
-    b"x-forwarded-proto": _XFP,
-    b"x-forwarded-host": _XFH,
-    b"forwarded": _FORWARDED,
-    b"via": _VIA,
-    b"upgrade": _UPGRADE,
-    b"keep-alive": _DROP,
-    b"proxy-connection": _DROP,
-    b"te": _DROP,
-    b"trailer": _DROP,
-    b"proxy-authenticate": _DROP,
-    b"proxy-authorization": _DROP,
-    b"sec-websocket-key": _WS_KEY,
-    b"sec-websocket-version": _WS_VERSION,
-    b"max-forwards": _MAX_FORWARDS,
-    # Client addresses other proxies and CDNs set: a client could claim any address with them.
-    # X-Real-IP is always the proxy's own (decision 6's client IP).
-    b"x-real-ip": _DROP,
-    b"true-client-ip": _CLIENT_IP,
-    b"cf-connecting-ip": _CLIENT_IP,
-    b"x-client-ip": _CLIENT_IP,
-    b"fastly-client-ip": _CLIENT_IP,
-    b"x-cluster-client-ip": _CLIENT_IP,
-    b"x-originating-ip": _CLIENT_IP,
-    b"x-remote-ip": _CLIENT_IP,
-    b"x-remote-addr": _CLIENT_IP,
-    b"client-ip": _CLIENT_IP,
-}
-# The fields a group's lb_policy reads (header_hash's header, cookie's Cookie) get kinds of their
-# own from here on when a group first needs them: set aside with the specials, and forwarded.
-_KEY_FIELD_FIRST = 100
-_SCAN = -1  # a key field that cannot be set aside (a client-address or underscored name)
-# _SPECIAL and the kinds of the other names seen, so that a request's fields cost one lookup
-# each, as before underscores were looked for (bytes' `in` is slow: it tries an int first).
-_kinds = dict(_SPECIAL)
-
-
-def _kind(lname: bytes) -> int:
-    kind = _kinds.get(lname)
-    if kind is None:
-        kind = _PLAIN if lname.find(b"_") == -1 else _UNDERSCORED
-        if len(_kinds) >= CACHE_LIMIT:
-            _kinds.clear()
-            _kinds.update(_SPECIAL)
-        _kinds[lname] = kind
-    return kind
 
 
 @dataclass(slots=True)
@@ -145,27 +107,27 @@ def plan_request(
     # is known after it); the few the proxy treats specially are set aside.
     out: list[bytes] = [b""]
     specials: list[tuple[int, bytes]] = []
-    known = _kinds.get
+    known = KINDS.get
     underscores = policy.allow_underscores
     trusted = policy.trusts_anyone and policy.is_trusted(peer_ip)
     for name, value in headers:
         lname = name.lower()
         kind = known(lname)
         if kind is None:
-            kind = _kind(lname)
-        if kind == _PLAIN:
+            kind = kind_of(lname)
+        if kind == PLAIN:
             out += (name, b": ", value, b"\r\n")
-        elif kind == _UNDERSCORED:
+        elif kind == UNDERSCORED:
             # `Transfer_Encoding` is Transfer-Encoding to servers that map `-` and `_` alike
             # (CGI-style environments): dropped, as nginx does by default.
             if underscores:
                 out += (name, b": ", value, b"\r\n")
-        elif kind == _CLIENT_IP:
+        elif kind == CLIENT_IP:
             if trusted:
                 out += (name, b": ", value, b"\r\n")
         else:
             specials.append((kind, value))
-            if kind >= _FORWARDED_TOO:
+            if kind >= FORWARDED_TOO:
                 out += (name, b": ", value, b"\r\n")
 
     host_values: list[bytes] = []
@@ -176,31 +138,31 @@ def plan_request(
     forwarded: list[bytes] | None = None
     via: list[bytes] | None = None
     for kind, value in specials:
-        if kind == _HOST:
+        if kind == HOST:
             host_values.append(value)
-        elif kind == _CONNECTION:
+        elif kind == CONNECTION:
             conn_values.append(value)
-        elif kind == _UPGRADE:
+        elif kind == UPGRADE:
             upgrade = value
-        elif kind == _WS_KEY:
+        elif kind == WS_KEY:
             ws_key = value
-        elif kind == _WS_VERSION:
+        elif kind == WS_VERSION:
             ws_version = value
-        elif kind == _LENGTH:
+        elif kind == LENGTH:
             length = value
-        elif kind == _TE:
+        elif kind == TE:
             te = [*te, value] if te else [value]  # several lines form one list (RFC 9110 5.3)
-        elif kind == _XFF:
+        elif kind == XFF:
             xff = [*xff, value] if xff else [value]
-        elif kind == _XFP:
+        elif kind == XFP:
             xfp = value
-        elif kind == _XFH:
+        elif kind == XFH:
             xfh = value
-        elif kind == _FORWARDED:
+        elif kind == FORWARDED:
             forwarded = [*forwarded, value] if forwarded else [value]
-        elif kind == _VIA:
+        elif kind == VIA:
             via = [*via, value] if via else [value]
-        elif kind == _MAX_FORWARDS:
+        elif kind == MAX_FORWARDS:
             max_forwards = _max_forwards(value, max_forwards)
 
     if len(host_values) == 1 and target[:1] == b"/":  # origin-form: the usual case
@@ -304,79 +266,16 @@ def plan_request(
         if group.key_ip:
             key = plan.lb_key = client_ip.encode("latin-1")
         elif group.key_field is not None:
-            key = plan.lb_key = _lb_key(group, specials, headers)
+            key = plan.lb_key = lb_key(group, specials, headers)
         if not choose:
             plan.target = None
             return plan
         chosen = plan.target = group.choose(key)
         if chosen is None:
-            raise _no_target(group)
+            raise no_target(group)
         if group.set_cookie and key != chosen.cookie:
             plan.set_cookie = chosen.cookie_fields[tls is not None]
     return plan
-
-
-def choose_target(plan: RequestPlan) -> TargetState:
-    """The route's policy chooses the plan's target; HttpError 503 when none can take it."""
-    group = plan.route.group
-    target = group.choose(plan.lb_key)
-    if target is None:
-        raise _no_target(group)
-    use_target(plan, target)
-    return target
-
-
-def _no_target(group: TargetGroup) -> HttpError:
-    return HttpError(
-        503, "no backend available", close=False,
-        fields=b"Retry-After: %d\r\n" % group.retry_after(),
-        body=b"503 Service Unavailable: no backend available\n",
-    )
-
-
-def use_target(plan: RequestPlan, target: TargetState) -> None:
-    """`target` serves the plan (chosen, or another after a failure); the cookie policy's
-    response names it unless the request's cookie did."""
-    plan.target = target
-    if plan.route.group.set_cookie:
-        plan.set_cookie = None if plan.lb_key == target.cookie else target.cookie_fields[plan.tls]
-
-
-def _lb_key(
-    group: TargetGroup, specials: list[tuple[int, bytes]], headers: list[Header]
-) -> bytes | None:
-    """The value of the field the group's policy reads (the named header, or its cookie),
-    from the fields set aside in the one pass; None when the request has none."""
-    kind = group.key_special
-    field = group.key_field
-    assert field is not None
-    if kind == 0:
-        kind, new = _key_field_kind(field)
-        group.key_special = kind
-        if new:  # this request was walked before the field had a kind: found here, this once
-            kind = _SCAN
-    if kind == _SCAN:
-        values = [value for name, value in headers if name.lower() == field]
-    else:
-        values = [value for k, value in specials if k == kind]
-    if not values:
-        return None
-    if group.set_cookie:
-        return find_cookie(values, group.cookie_name)
-    return values[0].strip()
-
-
-def _key_field_kind(lname: bytes) -> tuple[int, bool]:
-    """The kind of a field an lb_policy reads, made one of the specials (forwarded as it
-    was) the first time; (kind, True) when it was made now."""
-    kind = _SPECIAL.get(lname)
-    if kind is not None:
-        return (kind, False) if kind != _CLIENT_IP else (_SCAN, False)
-    if lname.find(b"_") != -1:
-        return _SCAN, False
-    kind = _KEY_FIELD_FIRST + sum(1 for k in _SPECIAL.values() if k >= _KEY_FIELD_FIRST)
-    _SPECIAL[lname] = _kinds[lname] = kind
-    return kind, True
 
 
 def _to_https(name: bytes, port: bytes, path: bytes) -> HttpError:
@@ -396,15 +295,15 @@ def _ordinary(
         lname = name.lower()
         if lname in dropped:
             continue
-        kind = _kind(lname)
-        if kind == _PLAIN:
+        kind = kind_of(lname)
+        if kind == PLAIN:
             keep = True
-        elif kind == _UNDERSCORED:
+        elif kind == UNDERSCORED:
             keep = underscores
-        elif kind == _CLIENT_IP:
+        elif kind == CLIENT_IP:
             keep = trusted
         else:
-            keep = kind >= _FORWARDED_TOO
+            keep = kind >= FORWARDED_TOO
         if keep:
             out += (name, b": ", value, b"\r\n")
     return out

@@ -22,6 +22,7 @@ from itertools import accumulate
 from typing import TYPE_CHECKING
 
 from charon.worker.telemetry import TargetTotals
+from charon.worker.upstreams.budget import RetryBudget
 from charon.worker.upstreams.cookie import cookie_value, set_cookie_field
 from charon.worker.upstreams.health import HealthBoard, TargetHealth, TargetKey
 from charon.worker.upstreams.selection import (
@@ -40,8 +41,6 @@ if TYPE_CHECKING:
     from charon.worker.upstreams.resolver import Resolver
 
 RANK_CACHE = 4096  # keys whose rendezvous ranking is kept (ip_hash, header_hash)
-BUDGET_CAP = 100.0  # retry tokens a quiet group can save up
-RETRY_FLOOR = 3  # retries per second allowed whatever the budget says
 NO_TARGET_RETRY_AFTER = 10  # Retry-After when every target is drained
 RAMP_CHECK = 0.1  # seconds between looks for a target in its slow_start ramp
 TIE_STEPS = 16  # least_conn: cycle slots looked at for the next of the tied targets
@@ -104,8 +103,8 @@ class TargetGroup:
         "backends", "states", "single", "choose", "passive", "slow_start", "key_ip",
         "key_field", "key_special", "cookie_name", "set_cookie", "by_url", "dialable", "named",
         "requests", "_primaries", "_backups", "_cycle", "_cursor", "_clock", "_rng",
-        "_ranks", "_by_cookie", "_hashed", "_tokens", "_seen", "_floor_at", "_floor_used",
-        "_ramp", "_ramp_checked", "_primary_sums", "_backup_sums",
+        "_ranks", "_by_cookie", "_hashed", "budget", "_ramp", "_ramp_checked", "_primary_sums",
+        "_backup_sums",
     )
 
     def __init__(
@@ -167,12 +166,8 @@ class TargetGroup:
             "header_hash": self._hash,
             "cookie": self._cookie,
         }.get(policy, self._round_robin)
-        # Retry budget (decision 11): tokens earned per request, one spent per retry.
-        self.requests = 0
-        self._tokens = 0.0
-        self._seen = 0
-        self._floor_at = -1.0
-        self._floor_used = 0
+        self.requests = 0  # chosen for (the retry budget's measure)
+        self.budget = RetryBudget(backends.retry_budget, clock)
 
     # -- policies: the target for a new request, or None when no target can take it ---------
 
@@ -334,22 +329,7 @@ class TargetGroup:
         return self._weighted(now, tried)
 
     def may_retry(self) -> bool:
-        """The retry budget: retries stay within `retry_budget` of the group's requests (saved
-        up to BUDGET_CAP), plus RETRY_FLOOR a second, so a failing target cannot make every
-        request two."""
-        fresh = self.requests - self._seen
-        self._seen = self.requests
-        self._tokens = min(self._tokens + fresh * self.backends.retry_budget, BUDGET_CAP)
-        if self._tokens >= 1.0:
-            self._tokens -= 1.0
-            return True
-        now = self._clock()
-        if now - self._floor_at >= 1.0:
-            self._floor_at, self._floor_used = now, 0
-        if self._floor_used < RETRY_FLOOR:
-            self._floor_used += 1
-            return True
-        return False
+        return self.budget.allows(self.requests)
 
     # -- no target ---------------------------------------------------------------------------
 

@@ -14,7 +14,8 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
-from charon.worker.http.request import BODY_LENGTH, BODY_NONE, IDEMPOTENT, use_target
+from charon.worker.http.choosing import use_target
+from charon.worker.http.request import BODY_LENGTH, BODY_NONE, IDEMPOTENT
 
 if TYPE_CHECKING:
     from charon.worker.context import WorkerContext
