@@ -230,8 +230,10 @@ def test_metrics_counts_websockets_worker_kill_and_promtool(tmp_path: Path) -> N
         assert buckets == sorted(buckets), "buckets must be cumulative"
         assert 0 < value(s, "charon_http_request_duration_seconds_sum", host=APP) < n * 1.0  # type: ignore[operator]
         assert value(s, "charon_http_response_bytes_total", host=APP) == n * BODY_SIZE
-        assert value(s, "charon_upstream_errors_total", host=DOWN, kind="connect") == 1
-        assert value(s, "charon_upstream_errors_total", host=APP, kind="connect") == 0
+        assert value(s, "charon_upstream_errors_total", host=DOWN, kind="connect",
+                     reason="refused") == 1
+        assert value(s, "charon_upstream_errors_total", host=APP, kind="connect",
+                     reason="refused") == 0
         # host only ever holds configured hosts (first domain) or _other
         hosts = {dict(labels).get("host") for (_, labels) in s} - {None}
         assert hosts <= {APP, DOWN, "_other"}, hosts

@@ -281,7 +281,7 @@ def test_https_backend_failing_verification_is_502_of_kind_tls(setup: Setup) -> 
     wait_metrics(
         setup.charon,
         lambda s: all(
-            value(s, "charon_upstream_errors_total", host=host, kind="tls") == 1
+            value(s, "charon_upstream_errors_total", host=host, kind="tls", reason="tls") == 1
             for host in ("system.test", "misnamed.test")
         ),
         "TLS upstream errors counted",

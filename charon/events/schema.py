@@ -47,7 +47,12 @@ FIELDS: dict[str, tuple[str, ...]] = {
         "time", "host", "client_ip", "path", "subprotocol", "duration", "messages_in",
         "messages_out", "bytes_in", "bytes_out", "close_code", "closed_by",
     ),
-    UPSTREAM_ERROR: ("time", "host", "error", "status", "client_ip", "path"),
+    # error: the kind (ERR_*); reason, phase: see worker/upstreams/failure.py; upstream: the
+    # backend's host:port; message: the system's words ("connection refused")
+    UPSTREAM_ERROR: (
+        "time", "host", "error", "status", "client_ip", "path", "reason", "phase", "upstream",
+        "message",
+    ),
     # deltas: counters since the previous METRICS; gauges: values now (see worker/telemetry.py)
     METRICS: ("deltas", "gauges"),
     # version: the config version serving after it; workers: {worker id: version applied}
@@ -59,7 +64,8 @@ FIELDS: dict[str, tuple[str, ...]] = {
     DROPPED: ("time", "count", "since", "pid", "by"),
 }
 
-# Upstream error kinds (the `kind` label of charon_upstream_errors_total).
+# Upstream error kinds (the `kind` label of charon_upstream_errors_total; its finer `reason`
+# label: REASONS in worker/upstreams/failure.py).
 ERR_CONNECT = "connect"
 ERR_TIMEOUT = "timeout"
 ERR_BAD_RESPONSE = "bad_response"

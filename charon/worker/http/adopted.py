@@ -20,6 +20,7 @@ from charon.worker.upstreams.connecting import Connecting
 
 if TYPE_CHECKING:
     from charon.worker.context import WorkerContext
+    from charon.worker.upstreams.failure import UpstreamFailure
 
 log = logging.getLogger("charon.worker")
 
@@ -33,11 +34,11 @@ class Handover:
         self,
         backend_fd: int = -1,
         answered: bytes = b"",
-        failure: tuple[int, str, str] | None = None,
+        failure: tuple[int, str, UpstreamFailure] | None = None,
     ) -> None:
         self.backend_fd = backend_fd  # the request went out on it; -1: none
         self.answered = answered  # what the backend sent on it so far
-        self.failure = failure  # (status, detail, upstream error kind) to answer instead
+        self.failure = failure  # (status, detail, why) to answer instead
 
     def close(self) -> None:
         """Unused after all (the client left first): the backend connection is cut."""

@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING
 
 import httptools
 
-from charon.events.schema import ERR_BAD_RESPONSE, ERR_CLOSED, ERR_CONNECT, ERR_TIMEOUT, ERR_TLS
 from charon.worker.deadlines import (
     BODY_IDLE,
     CONNECT,
@@ -33,6 +32,8 @@ from charon.worker.http.response import (
     has_no_body,
     interim_head,
 )
+from charon.worker.upstreams import failure as failures
+from charon.worker.upstreams.failure import UpstreamFailure
 from charon.worker.websocket.handshake import switching_response
 from charon.worker.websocket.tunnel import TunnelInfo, open_tunnel
 
@@ -54,7 +55,7 @@ class Exchange:
         "http11", "keep_alive", "request_done", "pending", "pending_size", "upstream",
         "connecting", "finished", "parser", "reason", "headers", "in_head", "interim", "framing",
         "delimited", "response_started", "response_done", "upstream_reusable", "out", "reused",
-        "retried", "switching", "answered", "received",
+        "retried", "switching", "answered", "received", "failure",
     )
 
     def __init__(
@@ -100,6 +101,7 @@ class Exchange:
         self.switching = False
         self.answered: bytes | None = None  # the backend's answer read by the front door
         self.received = 0  # request body bytes
+        self.failure: UpstreamFailure | None = None  # why the backend exchange failed
 
     # -- lifecycle, driven by the client connection ------------------------------------------
 
@@ -132,14 +134,20 @@ class Exchange:
             self.upstream = None
 
     def on_deadline(self, kind: int) -> None:
-        if kind == CONNECT:
-            self._fail(504, "the backend did not accept the connection in time", ERR_TIMEOUT)
-        elif kind == FIRST_BYTE:
-            self._fail(504, "the backend did not answer in time", ERR_TIMEOUT)
-        elif kind == BODY_IDLE:
+        if kind == BODY_IDLE:
             self._fail(408, "the request body stalled or came too slowly")
+            return
+        assert self.plan is not None  # (backend deadlines are set for planned requests only)
+        timeouts = self.plan.route.timeouts
+        if kind == CONNECT:
+            self._fail(504, "the backend did not accept the connection in time",
+                       failures.timed_out(failures.CONNECT, timeouts.connect))
+        elif kind == FIRST_BYTE:
+            self._fail(504, "the backend did not answer in time",
+                       failures.timed_out(failures.FIRST_BYTE, timeouts.first_byte))
         else:  # RESPONSE_IDLE
-            self._fail(504, "the backend stalled", ERR_TIMEOUT)
+            self._fail(504, "the backend stalled",
+                       failures.timed_out(failures.BODY, timeouts.idle))
 
     # -- request side ------------------------------------------------------------------------
 
@@ -229,14 +237,13 @@ class Exchange:
             return
         if self.finished:
             return
+        failure = failures.from_exception(exc, failures.CONNECT)
         if isinstance(exc, ssl.SSLError):
-            assert self.plan is not None
-            log.warning("TLS with the backend %s failed: %s", self.plan.route.upstream.url, exc)
-            self._fail(502, "TLS with the backend failed", ERR_TLS)
+            self._fail(502, "TLS with the backend failed", failure)
             return
         if not isinstance(exc, OSError):
             log.error("connecting to the backend failed", exc_info=exc)
-        self._fail(502, "cannot connect to the backend", ERR_CONNECT)
+        self._fail(502, "cannot connect to the backend", failure)
 
     def _join(self, conn: UpstreamConnection) -> None:
         self.connecting = None
@@ -283,10 +290,13 @@ class Exchange:
             if self.plan is not None and self.plan.websocket_key is not None:
                 self._open_tunnel(data[exc.args[0] :])
                 return
-            self._fail(502, "the backend switched protocols unasked", ERR_BAD_RESPONSE)
-        except httptools.HttpParserError:
+            self._fail(502, "the backend switched protocols unasked", failures.bad_response(
+                failures.FIRST_BYTE, "switched protocols unasked"))
+        except httptools.HttpParserError as exc:
             self.upstream_reusable = False
-            self._fail(502, "the backend sent an invalid response", ERR_BAD_RESPONSE)
+            self._fail(502, "the backend sent an invalid response", failures.bad_response(
+                failures.response_phase(self.response_started, False),
+                f"invalid response ({exc})"))
         self._flush()
         if self.response_done:
             self._release_upstream()
@@ -302,7 +312,8 @@ class Exchange:
         if switching is None:
             self.upstream_reusable = False
             self._fail(
-                502, "the backend's 101 is not a valid WebSocket handshake", ERR_BAD_RESPONSE
+                502, "the backend's 101 is not a valid WebSocket handshake",
+                failures.bad_response(failures.FIRST_BYTE, "not a valid WebSocket 101"),
             )
             return
         transport = client.transport
@@ -332,9 +343,10 @@ class Exchange:
             info,
         )
 
-    def upstream_closed(self) -> None:
-        """The backend closed or reset its connection while this exchange used it."""
-        self.upstream = None
+    def upstream_closed(self, exc: BaseException | None = None) -> None:
+        """The backend closed or reset its connection while this exchange used it (`exc`: the
+        error that ended it, None for an orderly close)."""
+        conn, self.upstream = self.upstream, None
         if self.response_done or self.finished:
             return
         if not self.in_head and not self.delimited and not self.interim:
@@ -346,7 +358,12 @@ class Exchange:
             self.parser = None
             self._connect()
             return
-        self._fail(502, "the backend closed the connection early", ERR_CLOSED)
+        assert self.plan is not None
+        sending = not self.request_done and self.plan.body != BODY_NONE
+        failure = failures.closed(failures.response_phase(self.response_started, sending), exc)
+        if conn is not None:
+            failure.address = failures.address(conn.pool.upstream.host, conn.pool.upstream.port)
+        self._fail(502, "the backend closed the connection early", failure)
 
     def _may_retry(self) -> bool:
         # Decision 11: a reused connection the backend closed before answering; only a request
@@ -459,15 +476,15 @@ class Exchange:
             if transport is not None and not transport.is_closing():
                 transport.writelines(out) if len(out) > 1 else transport.write(out[0])
 
-    def _fail(self, status: int, detail: str, kind: str = "") -> None:
+    def _fail(self, status: int, detail: str, failure: UpstreamFailure | None = None) -> None:
         """End the exchange on an error: an error response if nothing was sent yet, else a cut.
 
-        `kind` names a backend failure for the upstream error metric."""
+        `failure`: the backend's, for the logs and the upstream error metric."""
         self.parser = None  # never called from a parser callback (see _release_upstream)
         if self.finished:
             return
-        if kind:
-            self._report_upstream_error(kind, status)
+        if failure is not None:
+            self._report_upstream_error(failure, status)
         if self.connecting is not None:
             self.connecting.cancel()
             self.connecting = None
@@ -491,13 +508,16 @@ class Exchange:
         if transport is not None and not transport.is_closing():
             hsts = self.plan.hsts if self.plan is not None else None
             extra = b"Strict-Transport-Security: " + hsts + b"\r\n" if hsts else b""
-            transport.write(local_response(error, not keep_alive, head_only, extra))
+            response = local_response(error, not keep_alive, head_only, extra)
+            transport.write(response)
+            # Logged with what was sent (its body, as relayed responses count theirs).
+            self.body_bytes = len(response) - response.index(b"\r\n\r\n") - 4
         self.response_started = True
         self.response_done = True
         self.finished = True
         self.keep_alive = keep_alive
         self._report(error.status)
-        if error.status >= 500:
+        if error.status >= 500 and self.failure is None:  # (a failure was logged: _fail)
             log.info("answered %d: %s", error.status, error.detail)
         if self.request_done or not keep_alive:
             self.client.exchange_finished(self, keep_alive and self.request_done)
@@ -515,12 +535,22 @@ class Exchange:
             self.body_bytes,
             plan.client_ip if plan is not None else self.client.peer_ip,
             self.target,
+            self.failure,
         )
 
-    def _report_upstream_error(self, kind: str, status: int) -> None:
+    def _report_upstream_error(self, failure: UpstreamFailure, status: int) -> None:
         plan, ctx = self.plan, self.client.ctx
-        if plan is not None:
-            ctx.telemetry.upstream_error(
-                plan.route.host_name, kind, status, plan.client_ip, self.target
-            )
+        if plan is None:
+            return
+        if not failure.address:  # a failed connect: the plan's backend
+            upstream = plan.route.upstream
+            failure.address = failures.address(upstream.host, upstream.port)
+        self.failure = failure
+        failures.log_failure(
+            failure, 0 if self.response_started else status,  # 0: the response is cut short
+            self.method, plan.route.host_name, self.target,
+        )
+        ctx.telemetry.upstream_error(
+            plan.route.host_name, failure, status, plan.client_ip, self.target
+        )
 

@@ -18,10 +18,10 @@ from typing import TYPE_CHECKING
 
 import httptools
 
-from charon.events.schema import ERR_TIMEOUT
 from charon.worker.deadlines import CONNECT, FIRST_BYTE, NONE
 from charon.worker.http.adopted import Handover, adopt_client
 from charon.worker.tlspump import serve_http
+from charon.worker.upstreams import failure as failures
 from charon.worker.websocket._engine import CLIENT, HANDED_BACK, SWITCHING
 from charon.worker.websocket.handshake import switching_response
 from charon.worker.websocket.tunnel import Tunnel, TunnelInfo
@@ -29,6 +29,7 @@ from charon.worker.websocket.tunnel import Tunnel, TunnelInfo
 if TYPE_CHECKING:
     from charon.worker.context import WorkerContext
     from charon.worker.http.request import RequestPlan
+    from charon.worker.upstreams.failure import UpstreamFailure
 
 log = logging.getLogger("charon.worker")
 
@@ -87,13 +88,16 @@ class DialledTunnel(Tunnel):
         connected_at = self.connected_at
         if connected_at is None:
             due = handshake.started + timeouts.connect
-            failure = (504, "the backend did not accept the connection in time", ERR_TIMEOUT)
         else:
             due = connected_at + timeouts.first_byte
-            failure = (504, "the backend did not answer in time", ERR_TIMEOUT)
         left = due - time.monotonic()
         if left <= 0:
-            self._hand_back(failure)
+            if connected_at is None:
+                self._hand_back((504, "the backend did not accept the connection in time",
+                                 failures.timed_out(failures.CONNECT, timeouts.connect)))
+            else:
+                self._hand_back((504, "the backend did not answer in time",
+                                 failures.timed_out(failures.FIRST_BYTE, timeouts.first_byte)))
             return
         if connected_at is None:
             left = min(left, timeouts.first_byte)  # it may connect any time from now
@@ -129,7 +133,7 @@ class DialledTunnel(Tunnel):
         )
         self.running()
 
-    def _hand_back(self, failure: tuple[int, str, str] | None) -> None:
+    def _hand_back(self, failure: tuple[int, str, UpstreamFailure] | None) -> None:
         """The connection goes on as HTTP: with the backend's answer so far, or the failure
         to answer; after a failed connect with nothing else, the HTTP path connects again."""
         handshake, self.handshake = self.handshake, None
