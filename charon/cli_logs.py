@@ -290,8 +290,12 @@ class _Printer:
                 f"out {clean(r.get('messages_out'))} msgs/{size(r.get('bytes_out'))}"
             )
         if kind == "upstream_error":
+            why = clean(r.get("error", "error"))
+            if r.get("message"):  # (records of an earlier version have the kind only)
+                why = (f"{clean(r.get('upstream', ''))} {clean(r.get('phase', ''))}: "
+                       f"{clean(r['message'])}")
             return (
-                f"{head}{where} {self.paint(_RED, 'upstream ' + clean(r.get('error', 'error')))} "
+                f"{head}{where} {self.paint(_RED, 'upstream ' + why)} "
                 f"{clean(r.get('path', ''))} {self.arrow} {clean(r.get('status'))}"
             )
         if kind == "worker_exit":

@@ -23,6 +23,7 @@ import time
 
 from charon.admin.logs import LiveLogSection
 from charon.admin.metrics import MetricsSection
+from charon.admin.process import ProcessMetrics
 from charon.admin.server import AdminSection, AdminServer
 from charon.config import Config, ConfigError, ListenAddress, load_config_text
 from charon.events.receiver import EventHub, EventReceiver
@@ -70,6 +71,8 @@ class Arbiter:
         self.hub = EventHub()
         self.receiver: EventReceiver | None = None
         self.metrics = MetricsSection((h.name for h in config.hosts), self.ready_workers)
+        self.metrics.extra.append(ProcessMetrics(lambda: {
+            s.worker_id: s.process.pid for s in self.slots if s.process is not None}).collector)
         self.logs = LiveLogSection.from_config(config.admin)
         self.sections: list[AdminSection] = [self.metrics, self.logs]
         for sink in (self.metrics, self.logs):
