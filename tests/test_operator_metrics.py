@@ -108,6 +108,7 @@ def test_a_replaced_worker_starts_its_series_again(charon: Charon) -> None:
         start = value(s, "process_start_time_seconds", worker="1")
         return start is not None and start > old_start
     wait_until(new_series, 10, what="worker 1's series to be its replacement's")
+    charon.wait_ready()  # (its figures settle once it serves)
     after = scrape(charon)
     check_process(after, new, old_start, worker="1")
 
