@@ -24,7 +24,7 @@ from websockets.sync.client import connect as ws_connect
 pytestmark = pytest.mark.timeout(90)
 
 APP = "app.test"
-CHECK = ('health_check = { path = "/healthz", interval = "200ms", timeout = "300ms", '
+CHECK = ('health_check = { path = "/healthz", interval = "250ms", timeout = "200ms", '
          "healthy_threshold = 2, unhealthy_threshold = 2 }\n")
 
 
@@ -110,7 +110,7 @@ def test_one_check_per_target_verdicts_shared_quickly(
         wait_until(lambda: target_state(charon, a.url)["state"] == "down", 10,
                    what="the hung target down")
         down = target_state(charon, a.url)
-        assert not down["healthy"] and "2 checks failed: no answer within 0.3s" in down["reason"]
+        assert not down["healthy"] and "2 checks failed: no answer within 0.2s" in down["reason"]
         assert target_state(charon, b.url)["healthy"]
         # The change reached both workers: acknowledged, and how fast.
         wait_until(lambda: in_step(charon, 2), 5, what="both workers to apply the verdict")
@@ -187,7 +187,7 @@ def test_respawned_worker_gets_current_verdicts(
 def test_websocket_check_and_reload_keeps_state(tmp_path: Path) -> None:
     ws = Backend("ws_backend.py")
     plain = Backend("health_backend.py", "--mode", "status:200")  # answers, never a 101
-    check = ('health_check = { path = "/echo", interval = "200ms", timeout = "500ms", '
+    check = ('health_check = { path = "/echo", interval = "200ms", timeout = "200ms", '
              "healthy_threshold = 1, unhealthy_threshold = 2, websocket = true }\n")
     charon = Charon(tmp_path, host_toml(ws.url, plain.url, extra=check), workers=1)
     try:
@@ -205,7 +205,7 @@ def test_websocket_check_and_reload_keeps_state(tmp_path: Path) -> None:
         slower = check.replace('"200ms"', '"300ms"')
         charon.config_path.write_text(
             charon.config_path.read_text().replace(check, slower))
-        reload_and_wait(charon, 2)
+        reload_and_wait(charon, 1)
         kept = target_state(charon, plain.url)
         assert kept["state"] == "down" and kept["since"] == since
         assert len(health_records(charon, 1, timeout=1.0)) == 1  # no new record
@@ -213,7 +213,7 @@ def test_websocket_check_and_reload_keeps_state(tmp_path: Path) -> None:
         # A reload that removes it: gone from /upstreams, told as up first (workers forget).
         charon.config_path.write_text(
             charon.config_path.read_text().replace(f', "{plain.url}"', ""))
-        reload_and_wait(charon, 3)
+        reload_and_wait(charon, 2)
         names = [t["target"] for t in upstreams(charon)["hosts"][0]["backends"][0]["targets"]]
         assert names == [ws.url]
         records = health_records(charon, 2)

@@ -128,6 +128,7 @@ class HealthMonitor:
             if verdict is not None and not verdict.healthy(time.time()):
                 # workers keep an entry per key: a target added again must not come back down
                 self.store.put(key, Verdict(True, time.time(), "removed from the config"))
+                self._record(key, True, "removed from the config")
             self.store.remove(key)
         for key, target in new.items():
             checker = self.checkers.get(key)
