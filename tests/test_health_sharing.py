@@ -180,6 +180,11 @@ def test_respawned_worker_gets_current_verdicts(
         pids = {w["pid"] for w in sharing["workers"]}
         assert old[0] not in pids and len(pids - set(old)) == 1
         assert target_state(charon, a.url)["state"] == "down"  # the supervisor kept it
+        # Checks stop with the supervisor.
+        assert charon.stop() == 0
+        stopped = backend_hits(b)["requests"]
+        time.sleep(0.6)  # more than two intervals
+        assert backend_hits(b)["requests"] == stopped
     finally:
         charon.stop()
 
