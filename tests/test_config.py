@@ -82,8 +82,8 @@ def test_example_config_loads() -> None:
     path = str(ROOT / "deploy/charon.example.toml")
     config = load_config(path)
     assert config.path == path
-    assert config.server.listen == (ListenAddress("0.0.0.0", 8080), ListenAddress("::1", 8080))
-    assert config.server.trusted_proxies[1] == ipaddress.ip_network("192.168.1.10/32")
+    assert config.server.listen == (ListenAddress("0.0.0.0", 8080), ListenAddress("::", 8080))
+    assert config.server.trusted_proxies == ()  # safe to copy: trusts nobody
     app, static, catch_all = config.hosts
     assert app.domains == ("app.example.com", "www.example.com", "*.example.org")
     assert app.timeouts == Timeouts(connect=2.0, header=10.0, first_byte=120.0, idle=60.0)
