@@ -57,6 +57,9 @@ def demo_config(
     text = resources.files("charon.config").joinpath("default.toml").read_text("utf-8")
     text = _replace(text, f'listen = ["{LISTEN}"]', f'listen = ["{listen}"]')
     text = _replace(text, f'listen = "{ADMIN}"', f'listen = "{admin}"')
+    # Reached through --listen 0.0.0.0:PORT by the machine's name or LAN address, the demo
+    # must answer those Hosts too.
+    text = _replace(text, 'domains = ["localhost", "127.0.0.1"]', 'domains = ["*"]')
     text = _replace(text, f'upstream = "http://{BACKEND}"', f'upstream = "http://{BACKEND.host}:'
                     f'{backend}"')
     try:

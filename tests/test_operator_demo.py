@@ -143,7 +143,9 @@ def test_demo_on_given_ports_prints_them_and_forwards(running_demo) -> None:  # 
         headers = json.loads(r.read())["headers"]
     assert headers["X-Forwarded-For"] == HOST
     assert headers["Via"] == "1.1 charon"
-    with urllib.request.urlopen(f"http://{HOST}:{proxy}/", timeout=5) as r:
+    # Any Host: the demo may be reached by the machine's name or address.
+    request = urllib.request.Request(f"http://{HOST}:{proxy}/", headers={"Host": "demo.test"})
+    with urllib.request.urlopen(request, timeout=5) as r:
         page = r.read().decode()
     # The forwarded headers come before the chat in the page.
     assert page.index('id="forwarded"') < page.index("<h2 class=\"grow\">Chat</h2>")
