@@ -34,6 +34,7 @@ from charon.supervisor.health import HealthMonitor
 from charon.supervisor.inplace import in_place_possible, reload_in_place
 from charon.supervisor.pidfile import PidFile
 from charon.supervisor.respawn import Respawn
+from charon.supervisor.runtime import RuntimeFile
 from charon.supervisor.sockets import ListenError, bind_listener
 from charon.supervisor.systemd import Notifier, inherited_listeners, take_inherited
 from charon.supervisor.workers import ReloadFailure, Slot, WorkerProcess
@@ -82,6 +83,7 @@ class Arbiter:
         self.certificates = CertificateManager(self)  # ACME; adds its admin section
         self.apply_lock = asyncio.Lock()  # one config push to the workers at a time
         self.admin: AdminServer | None = None
+        self.runtime = RuntimeFile(config.path)  # finds this process for `charon reload`
         self.stopping = False
         self._announced_ready = False
         self.balance_fd = create_table()  # connection counts the workers share
@@ -109,6 +111,7 @@ class Arbiter:
                 sock.close()
             pidfile.write()
             self.health.configure(self.config)
+            self.runtime.write(self.config.admin.listen)
             for handled in _HANDLED:
                 loop.add_signal_handler(handled, self.signals.put_nowait, handled)
             log.info(
@@ -144,6 +147,7 @@ class Arbiter:
                 await self.admin.stop()
             await self.receiver.stop()
             pidfile.remove()
+            self.runtime.remove()
             os.close(self.balance_fd)
             for sock in self.listeners.values():
                 sock.close()
@@ -336,6 +340,7 @@ class Arbiter:
         if self.config.admin.listen is not None:
             self.admin = AdminServer(self.config.admin.listen, self, self.sections)
             await self.admin.start()
+        self.runtime.moved(self.config.admin.listen)
 
     # -- stop --------------------------------------------------------------------------------
 
