@@ -197,3 +197,26 @@ def test_runtime_directories_and_stale_or_planted_files(
     finally:
         sleeper.kill()
         sleeper.wait(5)
+
+
+def test_a_reload_moving_the_admin_listener_to_a_busy_port_fails_and_keeps_the_old_one(
+    setup: Setup,
+) -> None:
+    s = setup
+    proc = start(s)
+    with socket.socket() as busy:
+        busy.bind((HOST, 0))
+        busy.listen(1)
+        s.write(busy.getsockname()[1])
+        result = s.cli("reload", "--config", str(s.path))
+    assert result.returncode != 0, result
+    h = health(s.admin)  # the old listener still serves, and says what failed
+    assert h is not None and h["status"] == "ok", s.log.read_text()
+    assert h["reloads"]["last_result"] == "error", h["reloads"]
+    assert "(admin)" in h["reloads"]["last_error"], h["reloads"]
+    assert json.loads(s.runtime_file().read_text())["admin"] == f"{HOST}:{s.admin}"
+    # The workers were left on the config they had: a later good reload still applies.
+    s.write(s.admin)
+    again = s.cli("reload", "--config", str(s.path))
+    assert again.returncode == 0, again
+    assert proc.poll() is None

@@ -31,7 +31,7 @@ from charon.events.schema import CONFIG_RELOAD, WORKER_EXIT
 from charon.supervisor.certificates import CertificateManager
 from charon.supervisor.generations import start_generation
 from charon.supervisor.health import HealthMonitor
-from charon.supervisor.inplace import in_place_possible, reload_in_place
+from charon.supervisor.inplace import bind_admin, in_place_possible, reload_in_place
 from charon.supervisor.pidfile import PidFile
 from charon.supervisor.respawn import Respawn
 from charon.supervisor.runtime import RuntimeFile
@@ -83,6 +83,7 @@ class Arbiter:
         self.certificates = CertificateManager(self)  # ACME; adds its admin section
         self.apply_lock = asyncio.Lock()  # one config push to the workers at a time
         self.admin: AdminServer | None = None
+        self.next_admin: AdminServer | None = None  # a moved one, bound while a reload runs
         self.runtime = RuntimeFile(config.path)  # finds this process for `charon reload`
         self.stopping = False
         self._announced_ready = False
@@ -291,11 +292,15 @@ class Arbiter:
         try:
             config, text = _read(path, self.config_text)
             async with self.apply_lock:
+                await bind_admin(self, config)
                 if not restart and in_place_possible(self.config, config):
                     await reload_in_place(self, config, text)
                 else:
                     await start_generation(self, config, text)
         except (ConfigError, ListenError, ReloadFailure) as exc:
+            if self.next_admin is not None:
+                await self.next_admin.stop()
+                self.next_admin = None
             log.error("reload failed, still serving the previous config: %s", exc)
             self._reload_done("error", str(exc))
 

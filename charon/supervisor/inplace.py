@@ -16,6 +16,7 @@ import pickle
 import time
 from typing import TYPE_CHECKING
 
+from charon.admin.server import AdminServer
 from charon.config import Config
 from charon.config.sharing import share_equal
 from charon.supervisor.workers import Slot, WorkerProcess
@@ -149,5 +150,16 @@ async def take_config(arbiter: Arbiter, config: Config, text: str, version: int 
     if config.admin.listen != old_admin.listen:
         if arbiter.admin is not None:
             await arbiter.admin.stop()
-            arbiter.admin = None
-        await arbiter._start_admin()
+        arbiter.admin, arbiter.next_admin = arbiter.next_admin, None
+        arbiter.runtime.moved(config.admin.listen)
+
+
+async def bind_admin(arbiter: Arbiter, config: Config) -> None:
+    """A moved admin listener is bound before anything of the new config is applied: a busy
+    address then fails the reload while the old listener still serves (ListenError)."""
+    listen = config.admin.listen
+    if listen is None or listen == arbiter.config.admin.listen:
+        return
+    admin = AdminServer(listen, arbiter, arbiter.sections)
+    await admin.start()
+    arbiter.next_admin = admin
