@@ -8,15 +8,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import tomli
-
-from charon.config import tls, values
+from charon.config import backends, syntax, tls, values
 from charon.config.lines import KeyLines
 from charon.config.model import (
     AdminConfig,
@@ -28,7 +25,6 @@ from charon.config.model import (
     Location,
     ProxyHost,
     ServerConfig,
-    Target,
     Timeouts,
     TlsConfig,
     WebSocketSettings,
@@ -59,8 +55,10 @@ _SERVER_KEYS = (
 _LIMIT_MINIMUMS = {"max_request_target": 256, "max_header_bytes": 1024, "max_header_count": 8}
 _TIMEOUT_KEYS = tuple(f.name for f in dataclasses.fields(Timeouts))
 _WEBSOCKET_KEYS = ("websocket_max_frame_size", "websocket_idle_timeout", "websocket_ping_interval")
-_LOCATION_KEYS = ("path", "upstream", "timeouts", *_WEBSOCKET_KEYS, *tls.LOCATION_KEYS)
-_HOST_KEYS = ("domains", "upstream", "timeouts", "locations", *_WEBSOCKET_KEYS, *tls.HOST_KEYS)
+_LOCATION_KEYS = ("path", *backends.KEYS, "timeouts", *_WEBSOCKET_KEYS, *tls.LOCATION_KEYS)
+_HOST_KEYS = (
+    "domains", *backends.KEYS, "timeouts", "locations", *_WEBSOCKET_KEYS, *tls.HOST_KEYS
+)
 _MIN_FRAME_SIZE = 126
 
 
@@ -87,8 +85,8 @@ def load_config_text(text: str, path: str, *, check_files: bool = True) -> Confi
     to start because a file changed or a certificate expired since.
     """
     try:
-        data = tomli.loads(text)
-    except tomli.TOMLDecodeError as err:
+        data = syntax.toml.loads(text)
+    except syntax.toml.TOMLDecodeError as err:
         raise _syntax_error(err, text, path) from None
     root = Table(Source(path, KeyLines(text), check_files), (), data)
     return _config(root)
@@ -100,13 +98,8 @@ def default_config() -> Config:
     return load_config_text(text, "<default>")
 
 
-def _syntax_error(err: tomli.TOMLDecodeError, text: str, path: str) -> ConfigError:
-    line: int | None = getattr(err, "lineno", None)
-    message: str | None = getattr(err, "msg", None)
-    if line is None or message is None:  # older tomli: only the formatted message
-        match = re.search(r"\(at line (\d+)", str(err))
-        line = int(match[1]) if match else text.count("\n") + 1
-        message = re.sub(r"\s*\(at (line \d+, column \d+|end of document)\)$", "", str(err))
+def _syntax_error(err: syntax.toml.TOMLDecodeError, text: str, path: str) -> ConfigError:
+    line, message = syntax.describe(err, text)
     return ConfigError(path, line, f"invalid TOML: {message}")
 
 
@@ -275,15 +268,16 @@ def _host(
     table.check_keys(_HOST_KEYS)
     domains = _domains(table, seen)
     backend_tls = tls.backend_tls(table, tls.BackendTls())
-    upstream = tls.with_backend_tls(table.require("upstream", values.upstream), backend_tls)
+    host_backends = backends.backends(table, domains[0], backend_tls)
     host_timeouts = _timeouts(table.table("timeouts"), timeouts)
     websocket = _websocket(table, WebSocketSettings())
-    locations = _locations(table, domains[0], host_timeouts, websocket, backend_tls)
-    tls.check_backend_tls_used(table, [upstream, *(loc.upstream for loc in locations)])
+    locations = _locations(table, host_backends, host_timeouts, websocket, backend_tls)
+    every = backends.upstreams(host_backends, *(loc.backends for loc in locations))
+    tls.check_backend_tls_used(table, every)
     # Last: reading and checking certificate files costs the most.
     host_tls = tls.host_tls(table, server, tls_config, domains)
     return ProxyHost(
-        domains, Backends(domains[0], (Target(upstream),)), locations, host_timeouts, websocket,
+        domains, host_backends, locations, host_timeouts, websocket,
         line=table.line,
         tls=host_tls.tls, force_https=host_tls.force_https, hsts=host_tls.hsts,
     )
@@ -306,7 +300,7 @@ def _domains(table: Table, seen: dict[str, int]) -> tuple[str, ...]:
 
 def _locations(
     host: Table,
-    host_name: str,
+    host_backends: Backends,
     timeouts: Timeouts,
     websocket: WebSocketSettings,
     backend_tls: tls.BackendTls,
@@ -322,13 +316,13 @@ def _locations(
             )
         seen[path] = table.line
         location_tls = tls.backend_tls(table, backend_tls)
-        upstream = table.require("upstream", values.upstream)
-        tls.check_backend_tls_used(table, [upstream])
+        location_backends = backends.backends(
+            table, host_backends.name + path, location_tls, host_backends
+        )
+        tls.check_backend_tls_used(table, backends.upstreams(location_backends))
         location = Location(
             path=path,
-            backends=Backends(
-                host_name + path, (Target(tls.with_backend_tls(upstream, location_tls)),)
-            ),
+            backends=location_backends,
             timeouts=_timeouts(table.table("timeouts"), timeouts),
             websocket=_websocket(table, websocket),
         )

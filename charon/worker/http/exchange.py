@@ -21,9 +21,10 @@ from charon.worker.deadlines import (
     FIRST_BYTE,
     RESPONSE_IDLE,
 )
+from charon.worker.http import reports
 from charon.worker.http.bodyrate import body_wait
 from charon.worker.http.errors import CLIENT_CLOSED, HttpError, local_response
-from charon.worker.http.request import BODY_CHUNKED, BODY_NONE, IDEMPOTENT, RequestPlan
+from charon.worker.http.request import BODY_CHUNKED, BODY_NONE, RequestPlan
 from charon.worker.http.response import (
     OUT_CHUNKED,
     OUT_NONE,
@@ -33,20 +34,25 @@ from charon.worker.http.response import (
     interim_head,
 )
 from charon.worker.upstreams import failure as failures
+from charon.worker.upstreams import retries
 from charon.worker.upstreams.failure import UpstreamFailure
+from charon.worker.upstreams.retries import (
+    may_send_again,
+    response_status,
+    stale_connection,
+)
 from charon.worker.websocket.handshake import switching_response
 from charon.worker.websocket.tunnel import TunnelInfo, open_tunnel
 
 if TYPE_CHECKING:
-    from charon.worker.http.adopted import Handover
     from charon.worker.http.client import ClientConnection
     from charon.worker.upstreams.connecting import Connecting
     from charon.worker.upstreams.connection import UpstreamConnection
+    from charon.worker.upstreams.group import TargetState
 
 log = logging.getLogger("charon.worker")
 
 PENDING_BODY_LIMIT = 256 * 1024  # request body held while the backend connection opens
-OTHER_HOST = "_other"  # the host label of requests that matched no proxy host
 
 
 class Exchange:
@@ -55,7 +61,8 @@ class Exchange:
         "http11", "keep_alive", "request_done", "pending", "pending_size", "upstream",
         "connecting", "finished", "parser", "reason", "headers", "in_head", "interim", "framing",
         "delimited", "response_started", "response_done", "upstream_reusable", "out", "reused",
-        "retried", "switching", "answered", "received", "failure",
+        "retried", "switching", "answered", "received", "chosen", "tried", "attempt_at",
+        "informed", "failure",
     )
 
     def __init__(
@@ -101,7 +108,11 @@ class Exchange:
         self.switching = False
         self.answered: bytes | None = None  # the backend's answer read by the front door
         self.received = 0  # request body bytes
-        self.failure: UpstreamFailure | None = None  # why the backend exchange failed
+        self.chosen: TargetState | None = None  # the target of the attempt under way
+        self.tried: tuple[TargetState, ...] | None = None  # targets whose attempts failed
+        self.attempt_at = self.started  # when the attempt under way chose its target
+        self.informed = False  # a 1xx went to the client: the request is not sent again
+        self.failure: UpstreamFailure | None = None  # why the last attempt failed
 
     # -- lifecycle, driven by the client connection ------------------------------------------
 
@@ -116,11 +127,14 @@ class Exchange:
             self.client.handover = None
             self._resume_handover(handover)
             return
-        conn = self.plan.route.pool.take_idle()
+        target = self.plan.target
+        assert target is not None  # (plan_request chose it: no handover)
+        self.count(target)
+        conn = target.pool.take_idle()
         if conn is not None:
             self._attach(conn, reused=True)
         else:
-            self._connect()
+            self.connect()
 
     def client_lost(self) -> None:
         if not self.finished:  # logged and counted, as nginx does: 499 if nothing was answered
@@ -140,14 +154,19 @@ class Exchange:
         assert self.plan is not None  # (backend deadlines are set for planned requests only)
         timeouts = self.plan.route.timeouts
         if kind == CONNECT:
-            self._fail(504, "the backend did not accept the connection in time",
-                       failures.timed_out(failures.CONNECT, timeouts.connect))
+            if self.connecting is not None:
+                self.connecting.cancel()
+                self.connecting = None
+            self.attempt_failed(
+                504, "the backend did not accept the connection in time",
+                failures.timed_out(failures.CONNECT, timeouts.connect),
+            )
         elif kind == FIRST_BYTE:
-            self._fail(504, "the backend did not answer in time",
-                       failures.timed_out(failures.FIRST_BYTE, timeouts.first_byte))
+            self.attempt_failed(504, "the backend did not answer in time",
+                                failures.timed_out(failures.FIRST_BYTE, timeouts.first_byte), False)
         else:  # RESPONSE_IDLE
-            self._fail(504, "the backend stalled",
-                       failures.timed_out(failures.BODY, timeouts.idle))
+            self.attempt_failed(504, "the backend stalled",
+                                failures.timed_out(failures.BODY, timeouts.idle), False)
 
     # -- request side ------------------------------------------------------------------------
 
@@ -197,24 +216,21 @@ class Exchange:
 
     # -- backend connection ----------------------------------------------------------------
 
-    def _connect(self) -> None:
-        assert self.plan is not None
+    def connect(self) -> None:
+        assert self.plan is not None and self.chosen is not None
         self.client.set_deadline(CONNECT, self.plan.route.timeouts.connect)
-        self.connecting = connecting = self.plan.route.pool.connect(self)
+        self.connecting = connecting = self.chosen.pool.connect(self)
         connecting.start()
 
-    def _resume_handover(self, handover: Handover) -> None:
-        """Go on from where the front door's dial of a WebSocket handshake stopped: its
-        failure is answered, or the backend's answer so far is read on its connection."""
-        assert self.plan is not None
-        if handover.failure is not None:
-            handover.close()
-            self._fail(*handover.failure)
-            return
-        fd, handover.backend_fd = handover.backend_fd, -1
-        self.answered = handover.answered  # fed once attached (the first-byte deadline runs)
-        self.connecting = connecting = self.plan.route.pool.connect(self, fd)
-        connecting.start()
+    def count(self, target: TargetState) -> None:
+        """`target` takes the attempt: counted in its `active` until the attempt ends."""
+        if self.chosen is not None:
+            self.chosen.active -= 1
+        target.active += 1
+        self.chosen = target
+        self.attempt_at = time.monotonic()
+
+    _resume_handover = retries.resume_handover
 
     def upstream_connected(self, conn: UpstreamConnection) -> None:
         """The connection opened for this exchange is up (its `connection_made`): the request
@@ -239,11 +255,22 @@ class Exchange:
             return
         failure = failures.from_exception(exc, failures.CONNECT)
         if isinstance(exc, ssl.SSLError):
-            self._fail(502, "TLS with the backend failed", failure)
+            self.attempt_failed(502, "TLS with the backend failed", failure)
             return
         if not isinstance(exc, OSError):
             log.error("connecting to the backend failed", exc_info=exc)
-        self._fail(502, "cannot connect to the backend", failure)
+        self.attempt_failed(502, "cannot connect to the backend", failure)
+
+    def attempt_failed(
+        self, status: int, detail: str, failure: UpstreamFailure, resend: bool = True
+    ) -> None:
+        """The attempt on the target failed; `resend`: nothing of the request was sent, so it
+        may go whole to another target (decision 11, retries.py) instead of being answered."""
+        if not self.finished and retries.attempt_failed(self, status, failure, resend):
+            self.parser = None
+            self.connect()
+            return
+        self._fail(status, detail, failure)
 
     def _join(self, conn: UpstreamConnection) -> None:
         self.connecting = None
@@ -290,13 +317,18 @@ class Exchange:
             if self.plan is not None and self.plan.websocket_key is not None:
                 self._open_tunnel(data[exc.args[0] :])
                 return
-            self._fail(502, "the backend switched protocols unasked", failures.bad_response(
-                failures.FIRST_BYTE, "switched protocols unasked"))
+            self.attempt_failed(
+                502, "the backend switched protocols unasked",
+                failures.bad_response(failures.FIRST_BYTE, "switched protocols unasked"), False,
+            )
         except httptools.HttpParserError as exc:
             self.upstream_reusable = False
-            self._fail(502, "the backend sent an invalid response", failures.bad_response(
-                failures.response_phase(self.response_started, False),
-                f"invalid response ({exc})"))
+            self.attempt_failed(
+                502, "the backend sent an invalid response",
+                failures.bad_response(failures.response_phase(self.response_started, False),
+                                      f"invalid response ({exc})"),
+                False,
+            )
         self._flush()
         if self.response_done:
             self._release_upstream()
@@ -306,14 +338,16 @@ class Exchange:
     def _open_tunnel(self, backend_tail: bytes) -> None:
         """The backend answered 101: check it, then hand both connections to the tunnel engine
         (which sends the 101 to the client itself, before any frame)."""
-        plan, conn, client = self.plan, self.upstream, self.client
-        assert plan is not None and plan.websocket_key is not None and conn is not None
+        plan, conn, client, target = self.plan, self.upstream, self.client, self.chosen
+        assert plan is not None and plan.websocket_key is not None and conn and target
+        if plan.set_cookie is not None:
+            self.headers.append(plan.set_cookie)
         switching = switching_response(self.headers, plan.websocket_key, plan.head)
         if switching is None:
             self.upstream_reusable = False
-            self._fail(
+            self.attempt_failed(
                 502, "the backend's 101 is not a valid WebSocket handshake",
-                failures.bad_response(failures.FIRST_BYTE, "not a valid WebSocket 101"),
+                failures.bad_response(failures.FIRST_BYTE, "not a valid WebSocket 101"), False,
             )
             return
         transport = client.transport
@@ -326,56 +360,37 @@ class Exchange:
         self._report(101)
         conn.exchange = None
         self.upstream = None
-        info = TunnelInfo(
-            plan.route.host.name,
-            plan.client_ip,
-            plan.path.decode("latin-1"),
-            subprotocol.decode("latin-1"),
-        )
-        open_tunnel(
-            client.ctx,
-            transport,
-            conn.transport,
-            head,
-            client.become_tunnel(),
-            backend_tail,
-            plan.route,
-            info,
-        )
+        info = TunnelInfo(plan.route.host.name, plan.client_ip, plan.path.decode("latin-1"),
+                          subprotocol.decode("latin-1"))
+        open_tunnel(client.ctx, transport, conn.transport, head, client.become_tunnel(),
+                    backend_tail, plan.route, info, target)
 
     def upstream_closed(self, exc: BaseException | None = None) -> None:
         """The backend closed or reset its connection while this exchange used it (`exc`: the
         error that ended it, None for an orderly close)."""
-        conn, self.upstream = self.upstream, None
+        self.upstream = None
         if self.response_done or self.finished:
             return
         if not self.in_head and not self.delimited and not self.interim:
             self._complete_response()  # a read-until-close body ends here
             self._flush()
             return
-        if self.in_head and not self.response_started and self._may_retry():
-            self.retried = True
-            self.parser = None
-            self._connect()
+        if self.in_head and not self.response_started:
+            if stale_connection(self):
+                self.retried = True
+                self.parser = None
+                self.connect()
+                return
+            assert self.plan is not None
+            sending = not self.request_done and self.plan.body != BODY_NONE
+            self.attempt_failed(
+                502, "the backend closed the connection early",
+                failures.closed(failures.response_phase(False, sending), exc),
+                may_send_again(self),
+            )
             return
-        assert self.plan is not None
-        sending = not self.request_done and self.plan.body != BODY_NONE
-        failure = failures.closed(failures.response_phase(self.response_started, sending), exc)
-        if conn is not None:
-            failure.address = failures.address(conn.pool.upstream.host, conn.pool.upstream.port)
-        self._fail(502, "the backend closed the connection early", failure)
-
-    def _may_retry(self) -> bool:
-        # Decision 11: a reused connection the backend closed before answering; only a request
-        # with no body can be sent again whole, and only an idempotent one may be.
-        plan = self.plan
-        return (
-            plan is not None
-            and self.reused
-            and not self.retried
-            and plan.body == BODY_NONE
-            and plan.method in IDEMPOTENT
-        )
+        self.attempt_failed(502, "the backend closed the connection early",
+                            failures.closed(failures.BODY, exc), False)
 
     def _release_upstream(self) -> None:
         conn, self.upstream = self.upstream, None
@@ -411,6 +426,7 @@ class Exchange:
         if 100 <= status < 200 and status != 101:
             self.interim = True
             if self.http11:
+                self.informed = True
                 self.out.append(interim_head(status, self.reason, self.headers))
             self.headers = []
             self.reason = b""
@@ -419,6 +435,11 @@ class Exchange:
             self.switching = True  # llhttp completes the message, then raises HttpParserUpgrade
             return
         self.status = status
+        plan = self.plan
+        if plan.route.group.passive:
+            response_status(self, status)
+        if plan.set_cookie is not None:
+            self.headers.append(plan.set_cookie)
         no_body = has_no_body(status, self.plan.method)
         keep_alive = self.keep_alive and not self.client.ctx.draining
         head, self.framing, self.keep_alive, self.delimited = final_head(
@@ -517,40 +538,14 @@ class Exchange:
         self.finished = True
         self.keep_alive = keep_alive
         self._report(error.status)
-        if error.status >= 500 and self.failure is None:  # (a failure was logged: _fail)
+        if error.status >= 500 and self.failure is None:  # (a failure was logged: reports.py)
             log.info("answered %d: %s", error.status, error.detail)
         if self.request_done or not keep_alive:
             self.client.exchange_finished(self, keep_alive and self.request_done)
         # else: request_complete() finishes it once the unread body has been dropped
 
-    # -- telemetry ---------------------------------------------------------------------------
+    # -- telemetry (reports.py) ----------------------------------------------------------------
 
-    def _report(self, status: int) -> None:
-        plan, ctx = self.plan, self.client.ctx
-        ctx.telemetry.request(
-            plan.route.host_name if plan is not None else OTHER_HOST,
-            self.method,
-            status,
-            time.monotonic() - self.started,
-            self.body_bytes,
-            plan.client_ip if plan is not None else self.client.peer_ip,
-            self.target,
-            self.failure,
-        )
-
-    def _report_upstream_error(self, failure: UpstreamFailure, status: int) -> None:
-        plan, ctx = self.plan, self.client.ctx
-        if plan is None:
-            return
-        if not failure.address:  # a failed connect: the plan's backend
-            upstream = plan.route.upstream
-            failure.address = failures.address(upstream.host, upstream.port)
-        self.failure = failure
-        failures.log_failure(
-            failure, 0 if self.response_started else status,  # 0: the response is cut short
-            self.method, plan.route.host_name, self.target,
-        )
-        ctx.telemetry.upstream_error(
-            plan.route.host_name, failure, status, plan.client_ip, self.target
-        )
-
+    _report = reports.report
+    attempt_over = reports.attempt_over
+    _report_upstream_error = reports.upstream_error

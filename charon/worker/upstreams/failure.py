@@ -138,14 +138,14 @@ def response_phase(response_started: bool, sending: bool) -> str:
 
 
 def log_failure(
-    failure: UpstreamFailure, status: int, method: bytes, host: str, target: bytes
+    failure: UpstreamFailure, outcome: str, method: bytes, host: str, target: bytes
 ) -> None:
-    """The worker's log line: what the client got, for what, and why."""
+    """The worker's log line: the request, what became of it (`outcome`: "answered 502"),
+    and why."""
     what = target[:200].decode("latin-1")
     if not what.isprintable():
         what = what.encode("unicode_escape").decode("ascii")
-    answer = f"answered {status}" if status else "cut short"
-    log.warning("%s %s%s %s: %s", method.decode("latin-1"), host, what, answer, failure.describe())
+    log.warning("%s %s%s %s: %s", method.decode("latin-1"), host, what, outcome, failure.describe())
 
 
 def _words(text: str | None) -> str:
