@@ -47,6 +47,7 @@ class Env:
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     tmp = tmp_path_factory.mktemp("operator-errors")
     raw = Backend("raw_backend.py")
+    ws = Backend("ws_backend.py")
     blackhole = socket.socket()
     blackhole.bind((HOST, 0))
     blackhole.listen(64)  # never accepted: the kernel completes connects into the backlog
@@ -70,6 +71,11 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
         [[hosts]]
         domains = ["raw.test"]
         upstream = "{raw.url}"
+
+        [[hosts]]
+        domains = ["pair.test"]
+        upstreams = ["http://{refused}", "{ws.url}"]
+        max_fails = 0
         """
     charon = Charon(tmp, hosts, workers=1, server_toml=f'access_log = "{access}"')
     try:
@@ -78,6 +84,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     finally:
         charon.stop()
         raw.stop()
+        ws.stop()
         blackhole.close()
 
 
@@ -197,6 +204,20 @@ def test_websocket_handshake_dialled_by_the_front_door(env: Env) -> None:
     assert answer.startswith(b"HTTP/1.1 502 "), answer
     assert access_line(env, '"GET /ws-refused"').endswith(
         f' upstream={env.refused} phase=connect reason=refused error="connection refused"')
+
+
+def test_dialled_handshake_retried_on_another_target(env: Env) -> None:
+    """Two targets taken in turn, one refusing: a handshake dialled to it goes on to the
+    other (101), and the refused attempt is logged with the engine's error."""
+    for n in range(2):
+        answer = raw_request(
+            env.charon.port, WS_HANDSHAKE.format(tag=f"pair{n}", host="pair.test").replace(
+                "/ws-", "/echo?ws-").encode(), timeout=5, read_until_close=False)
+        assert answer.startswith(b"HTTP/1.1 101 "), answer
+    line = log_line(env, "tried on another target")
+    assert re.search(r"GET pair\.test/echo\?ws-pair[01] tried on another target: upstream "
+                     + re.escape(env.refused) + " failed connecting: connection refused$",
+                     line), line
 
 
 def test_reasons_are_metric_labels(env: Env) -> None:
