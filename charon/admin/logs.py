@@ -19,7 +19,7 @@ for ("by": "stream"). Notices pass every filter.
 
 Records of several workers reach subscribers in time order, each held 0.2 s for older ones
 still on their way (admin/ordering.py). Browsers send the token as a WebSocket subprotocol,
-never in the URL (see `_authorized`).
+never in the URL (admin/token.py).
 
 The sink gets workers' records as packed batches: with no subscriber it only appends the batch's
 bytes to the backlog ring (they are decoded, and records built, when someone connects or
@@ -34,7 +34,6 @@ import asyncio
 import base64
 import contextlib
 import hashlib
-import hmac
 import ipaddress
 import json
 import logging
@@ -48,6 +47,7 @@ from typing import Any
 
 from aiohttp import WSCloseCode, web
 
+from charon.admin import token
 from charon.admin.drops import BY_STREAM, DropNotices
 from charon.admin.ordering import WINDOW as ORDER_WINDOW
 from charon.admin.ordering import TimeOrder
@@ -435,7 +435,7 @@ class LiveLogSection:
         if refusal is not None:
             return web.Response(status=403, text=refusal + "\n")
         if not self._authorized(request):
-            return _unauthorized()
+            return token.unauthorized()
         try:
             log_filter = LogFilter.from_query(request.query)
             backlog = self._backlog_count(request.query.get("backlog"))
@@ -443,7 +443,7 @@ class LiveLogSection:
             return web.Response(status=400, text=f"{exc}\n")
         ws = web.WebSocketResponse(
             heartbeat=HEARTBEAT, compress=False, max_msg_size=4096,
-            protocols=_protocols(request.headers.get("Sec-WebSocket-Protocol", "")),
+            protocols=token.protocols(request.headers.get("Sec-WebSocket-Protocol", "")),
         )
         # Subscribed before the handshake answer: once a client has it, it gets every record.
         subscriber, first = self.subscribe(log_filter, backlog)
@@ -517,22 +517,12 @@ class LiveLogSection:
         """Whether the token the page holds is right (204), before it opens /logs: a browser
         is not told why a WebSocket handshake failed."""
         if not self._authorized(request):
-            return _unauthorized()
+            return token.unauthorized()
         return web.Response(status=204, headers={"Cache-Control": "no-store"})
 
     def _authorized(self, request: web.Request) -> bool:
-        """True when no token is configured, or the request carries it: `Authorization:
-        Bearer TOKEN` (the CLI, scripts) or, from a browser (whose WebSocket API sets no
-        header but this one), a subprotocol `charon-token.BASE64URL(TOKEN)`. Never in the URL:
-        a URL stays in browser history, proxy logs and Referer headers."""
-        if self.token is None:
-            return True
-        expected = self.token.encode()
-        scheme, _, value = request.headers.get("Authorization", "").partition(" ")
-        if scheme.lower() == "bearer" and hmac.compare_digest(value.strip().encode(), expected):
-            return True
-        given = _protocol_token(request.headers.get("Sec-WebSocket-Protocol", ""))
-        return given is not None and hmac.compare_digest(given, expected)
+        """The token, if one is configured, in a header: never in the URL (admin/token.py)."""
+        return token.authorized(request, self.token)
 
     def _check_origin(self, request: web.Request) -> str | None:
         """None if the WebSocket may be opened from where it comes from, else why not.
@@ -600,38 +590,6 @@ def _names_this_machine(host_header: str) -> bool:
     except ValueError:
         return False
     return True
-
-
-def _unauthorized() -> web.Response:
-    return web.Response(
-        status=401,
-        text="this admin listener needs a token: Authorization: Bearer TOKEN (the live-log "
-             "page asks for it)\n",
-        headers={"WWW-Authenticate": 'Bearer realm="charon admin"', "Cache-Control": "no-store"},
-    )
-
-
-LOGS_PROTOCOL = "charon-logs"  # the subprotocol the page asks for, beside its token's
-TOKEN_PROTOCOL = "charon-token."  # + the token, base64url without padding
-
-
-def _protocols(offered: str) -> tuple[str, ...]:
-    """The subprotocols /logs may choose among: its own, and a token's that the client offered
-    alone (so aiohttp has one to choose and does not log the offer, token and all)."""
-    tokens = tuple(p.strip() for p in offered.split(",") if p.strip().startswith(TOKEN_PROTOCOL))
-    return (LOGS_PROTOCOL, *tokens[:1])
-
-
-def _protocol_token(offered: str) -> bytes | None:
-    for item in offered.split(","):
-        item = item.strip()
-        if item.startswith(TOKEN_PROTOCOL):
-            encoded = item[len(TOKEN_PROTOCOL):]
-            try:
-                return base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4))
-            except (ValueError, TypeError):
-                return None
-    return None
 
 
 def _content_security_policy(html: str) -> str:
