@@ -14,6 +14,8 @@ import asyncio
 import json
 import re
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -140,7 +142,7 @@ def check_failure(
     line = access_line(env, f'"GET {path}"')
     assert f'"GET {path}" {status} ' in line, line
     assert line.endswith(
-        f' upstream={address} phase={phase} reason={reason} error="{error}"'), line
+        f' upstream={address} phase={phase} reason={reason} message="{error}"'), line
     text = log_line(env, f"{path} answered {status}")
     assert "WARNING" in text
     phrase = {"connect": "connecting", "first_byte": "waiting for the response"}[phase]
@@ -194,7 +196,7 @@ def test_websocket_handshake_dialled_by_the_front_door(env: Env) -> None:
     assert answer.startswith(b"HTTP/1.1 504 "), answer
     line = access_line(env, '"GET /ws-hole"')
     assert line.endswith(f' upstream={env.blackhole} phase=first_byte reason=timeout '
-                         f'error="timeout after 1s"'), line
+                         f'message="timeout after 1s"'), line
     record = live_record(env, "/ws-hole")
     assert (record["reason"], record["phase"], record["message"]) == (
         "timeout", "first_byte", "timeout after 1s")
@@ -203,7 +205,7 @@ def test_websocket_handshake_dialled_by_the_front_door(env: Env) -> None:
         env.charon.port, WS_HANDSHAKE.format(tag="refused", host="refused.test").encode())
     assert answer.startswith(b"HTTP/1.1 502 "), answer
     assert access_line(env, '"GET /ws-refused"').endswith(
-        f' upstream={env.refused} phase=connect reason=refused error="connection refused"')
+        f' upstream={env.refused} phase=connect reason=refused message="connection refused"')
 
 
 def test_dialled_handshake_retried_on_another_target(env: Env) -> None:
@@ -243,6 +245,30 @@ def test_reasons_are_metric_labels(env: Env) -> None:
     # A host with no failure shows its usual reasons at 0 (rate() sees the first one).
     assert value(scrape(env.charon), "charon_upstream_errors_total", host="raw.test",
                  kind="connect", reason="refused") == 0
+
+
+def test_json_access_log_names_the_cause(tmp_path: Path) -> None:
+    refused = f"{HOST}:{free_port()}"
+    access = tmp_path / "access.log"
+    charon = Charon(tmp_path, f'[[hosts]]\ndomains = ["refused.test"]\nupstream = "http://{refused}"\n',
+                    server_toml=f'access_log = "{access}"')
+    with open(charon.log_path, "ab") as log:
+        charon.proc = subprocess.Popen(
+            [sys.executable, "-m", "charon", "run", "--config", str(charon.config_path),
+             "--log-format", "json"], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        charon.wait_ready()
+        assert get(charon.port, "refused.test", "/json").status == 502
+        wait_until(lambda: access.exists() and b"/json" in access.read_bytes(), 5)
+        entry = json.loads(access.read_text().splitlines()[-1])
+        assert (entry["status"], entry["upstream"], entry["phase"], entry["reason"],
+                entry["message"]) == (502, refused, "connect", "refused", "connection refused")
+        warning = next(json.loads(line) for line in charon.log().splitlines()
+                       if "/json answered 502" in line)
+        assert warning["level"] == "WARNING" and warning["message"].endswith(
+            f"upstream {refused} failed connecting: connection refused")
+    finally:
+        charon.stop()
 
 
 # -- requests the proxy refuses ------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """The optional access log file: one line per request, written by each worker.
 
 A request that failed at the backend (a 502 or 504, or a response cut short) ends its line with
-why: `upstream=127.0.0.1:9 phase=connect reason=refused error="connection refused"` (the same
+why: `upstream=127.0.0.1:9 phase=connect reason=refused message="connection refused"` (the same
 keys in JSON).
 
 Lines are buffered and written every FLUSH_INTERVAL (one write per batch, with O_APPEND so the
@@ -60,7 +60,7 @@ class AccessLog:
             }
             if failure is not None:
                 entry.update(upstream=failure.address, phase=failure.phase,
-                             reason=failure.reason, error=failure.error)
+                             reason=failure.reason, message=failure.error)
             line = json.dumps(entry, ensure_ascii=False)
         else:
             stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now))
@@ -71,7 +71,7 @@ class AccessLog:
             if failure is not None:
                 line += (
                     f" upstream={failure.address} phase={failure.phase} "
-                    f"reason={failure.reason} error=\"{_printable(failure.error)}\""
+                    f"reason={failure.reason} message=\"{_printable(failure.error)}\""
                 )
         self._buffer.append(line)
         self._size += len(line)
