@@ -1,52 +1,83 @@
-"""`charon demo | run --config PATH | check PATH | logs`."""
+"""The `charon` command: demo, run, check, reload, logs (`charon --help`)."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import signal
-import subprocess
 import sys
-import time
-import urllib.request
-from importlib import resources
 from typing import NoReturn
 
-from charon import cli_logs, cli_reload, logsetup
+from charon import __version__, cli_demo, cli_logs, cli_reload, logsetup
 from charon.config import Config, ConfigError, load_config_text
 from charon.config.backends import listing_lines
 from charon.supervisor.arbiter import Arbiter
 from charon.supervisor.sockets import ListenError
 from charon.tls.listing import certificate_lines
 
-DEMO_BACKEND_PORT = 8081
+EXIT_CODES = """\
+exit status:
+  0  success (run and demo: stopped by a signal, TERM included)
+  1  failure: an invalid config (FILE:LINE: reason), a port in use, a reload
+     refused or not confirmed, no running Charon found
+  2  wrong usage (an unknown option, a missing argument)
+
+`charon COMMAND --help` shows a command's options. Docs: README.md and
+docs/operations.md in the source tree."""
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="charon", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
-    demo = commands.add_parser("demo", help="run the proxy on its embedded config + demo backend")
-    run = commands.add_parser("run", help="run the proxy on a config file")
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(
+        prog="charon", description="Charon, a reverse proxy for HTTP and WebSocket.",
+        epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    top.add_argument("--version", action="version", version=f"charon {__version__}",
+                     help="print the version and exit")
+    commands = top.add_subparsers(dest="command", required=True, title="commands",
+                                  metavar="COMMAND")
+    demo = commands.add_parser(
+        "demo", help="try it: the proxy in front of a built-in demo app",
+        description="Run the proxy on its embedded config in front of a built-in demo "
+                    "backend (a chat over WebSocket and the headers the backend saw).",
+    )
+    demo.add_argument("--listen", type=cli_demo.address, default=cli_demo.LISTEN,
+                      metavar="IP:PORT", help=f"the proxy's address (default {cli_demo.LISTEN})")
+    demo.add_argument("--admin", type=cli_demo.address, default=cli_demo.ADMIN,
+                      metavar="IP:PORT",
+                      help=f"the admin listener: live log, metrics (default {cli_demo.ADMIN})")
+    demo.add_argument("--backend-port", type=int, default=cli_demo.BACKEND.port, metavar="PORT",
+                      help=f"the demo backend's port on {cli_demo.BACKEND.host} (default "
+                           f"{cli_demo.BACKEND.port}; a free one when it is taken, or with 0)")
+    run = commands.add_parser("run", help="run the proxy on a config file",
+                              description="Run the proxy (the supervisor and its workers).")
     run.add_argument("--config", required=True, metavar="PATH")
     for command in (demo, run):
         command.add_argument(
             "--log-format", choices=logsetup.FORMATS, default="text",
             help="Charon's own log lines on stderr (default: text)",
         )
-    check = commands.add_parser("check", help="validate a config file")
+    check = commands.add_parser("check", help="validate a config file",
+                                description="Validate a config file: exit 0, or 1 and "
+                                            "FILE:LINE: reason.")
     check.add_argument("path")
-    cli_logs.add_parser(commands)
     reload = commands.add_parser(
-        "reload", help="reload a running supervisor's config and wait for the result"
+        "reload", help="reload a running proxy's config, wait for the result",
+        description="Validate the config file, signal the supervisor running on it and wait "
+                    "until its admin listener reports the result (exit 0: applied).",
     )
     reload.add_argument("--config", required=True, metavar="PATH")
     reload.add_argument("--pid", type=int, help="the supervisor's PID (e.g. systemd's $MAINPID)")
-    reload.add_argument("--pidfile", metavar="PATH", help="default: [server] pidfile")
+    reload.add_argument("--pidfile", metavar="PATH",
+                        help="default: [server] pidfile, else the runtime file of --config")
     reload.add_argument(
         "--restart-workers", action="store_true",
         help="start a new generation of workers (new code after an upgrade), as SIGUSR2 does",
     )
-    args = parser.parse_args(argv)
+    cli_logs.add_parser(commands)
+    return top
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
 
     if args.command == "check":
         sys.exit(_check(args.path))
@@ -56,10 +87,19 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(cli_reload.reload(
             _read(args.config)[0], args.pid, args.pidfile, args.restart_workers
         ))
-    logsetup.setup("supervisor", args.log_format)
     if args.command == "run":
-        sys.exit(_run(*_read(args.config), args.log_format))
-    sys.exit(_demo(args.log_format))
+        config, text = _read(args.config)
+        logsetup.setup("supervisor", args.log_format)
+        sys.exit(_run(config, text, args.log_format))
+    logsetup.setup("supervisor", args.log_format)
+    try:
+        sys.exit(cli_demo.run(
+            args.listen, args.admin, args.backend_port,
+            lambda config, text: _run(config, text, args.log_format),
+        ))
+    except cli_demo.DemoError as exc:
+        print(f"charon demo: {exc}", file=sys.stderr)
+        sys.exit(1)
 
 
 def _read(path: str) -> tuple[Config, str]:
@@ -95,47 +135,6 @@ def _run(config: Config, text: str, log_format: str = "text") -> int:
         return asyncio.run(Arbiter(config, text, log_format).run())
     except ListenError as exc:
         _die(str(exc))
-
-
-def _demo(log_format: str) -> int:
-    text = resources.files("charon.config").joinpath("default.toml").read_text("utf-8")
-    config = load_config_text(text, "<default>")
-    # Until the supervisor's loop handles signals, a TERM must still run the `finally` below,
-    # also one that comes while Popen is under way: it waits, blocked, until the `try`.
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
-    backend = subprocess.Popen(
-        [sys.executable, "-m", "charon.demo.backend", "--port", str(DEMO_BACKEND_PORT)],
-        preexec_fn=lambda: signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM}),
-    )
-    try:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
-        _wait_for(f"http://127.0.0.1:{DEMO_BACKEND_PORT}/healthz", backend)
-        listen = config.server.listen[0]
-        print(f"\n  Charon demo: open http://{listen}/ (proxied to the demo backend)", flush=True)
-        if config.admin.listen is not None:
-            admin = f"http://{config.admin.listen}"
-            print(f"  Admin:       {admin}/ (live log), {admin}/metrics\n", flush=True)
-        return _run(config, text, log_format)
-    finally:
-        backend.terminate()
-        try:
-            backend.wait(5)
-        except subprocess.TimeoutExpired:
-            backend.kill()
-
-
-def _wait_for(url: str, process: subprocess.Popen[bytes], seconds: float = 15.0) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            _die(f"the demo backend exited with {process.returncode}")
-        try:
-            with urllib.request.urlopen(url, timeout=1):
-                return
-        except OSError:
-            time.sleep(0.1)
-    _die(f"the demo backend did not answer on {url} within {seconds:.0f}s")
 
 
 def _die(message: str) -> NoReturn:

@@ -290,8 +290,12 @@ class _Printer:
                 f"out {clean(r.get('messages_out'))} msgs/{size(r.get('bytes_out'))}"
             )
         if kind == "upstream_error":
+            why = clean(r.get("error", "error"))
+            if r.get("message"):  # (records of an earlier version have the kind only)
+                why = (f"{clean(r.get('upstream', ''))} {clean(r.get('phase', ''))}: "
+                       f"{clean(r['message'])}")
             return (
-                f"{head}{where} {self.paint(_RED, 'upstream ' + clean(r.get('error', 'error')))} "
+                f"{head}{where} {self.paint(_RED, 'upstream ' + why)} "
                 f"{clean(r.get('path', ''))} {self.arrow} {clean(r.get('status'))}"
             )
         if kind == "worker_exit":
@@ -308,6 +312,12 @@ class _Printer:
                 f"{' (config version ' + clean(r['version']) + ')' if r.get('version') else ''}"
                 f"{': ' + clean(error) if error else ''}"
             )
+        if kind == "upstream_health":
+            healthy = r.get("healthy") is True
+            state = self.paint(_STATUS_COLORS[2] if healthy else _RED,
+                               "target up" if healthy else "target down")
+            return (f"{head}{self.paint(_BOLD, clean(r.get('host', '-')))} {state} "
+                    f"{clean(r.get('target', '?'))}: {clean(r.get('reason', ''))}")
         if kind == "dropped":
             dropped = self.paint(_RED, f"{clean(r.get('count'))} records dropped")
             since = r.get("since")

@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+. deploy/apt.sh  # as_root, apt_get (waits for the dpkg lock)
 
 apt_packages=()
 python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null || apt_packages+=(python3)
@@ -22,15 +22,16 @@ python3 -c 'import os, sys, sysconfig
 sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' \
     2>/dev/null || apt_packages+=(python3-dev)
 if [ "${#apt_packages[@]}" -gt 0 ]; then
-    as_root apt-get update -qq
-    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${apt_packages[@]}"
+    apt_get update -qq
+    apt_get install -y -qq "${apt_packages[@]}"
 fi
 
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
+# The exact versions tested (constraints.txt); pyproject.toml only gives compatible ranges.
 if [ "${1:-}" = "--test" ]; then
-    .venv/bin/python -m pip install -q -e '.[test]'
+    .venv/bin/python -m pip install -q -c constraints.txt -e '.[test]'
 else
-    .venv/bin/python -m pip install -q -e .
+    .venv/bin/python -m pip install -q -c constraints.txt -e .
 fi
 echo "charon installed in $(pwd)/.venv: run .venv/bin/charon demo"

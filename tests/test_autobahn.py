@@ -43,7 +43,9 @@ def _script(name: str, *args: str, timeout: float) -> subprocess.CompletedProces
 @pytest.fixture(scope="module")
 def backend_port() -> Iterator[int]:
     if not AUTOBAHN.is_dir():
-        pytest.skip(f"the Autobahn harness is not there: {AUTOBAHN} is missing")
+        pytest.skip(f"the Autobahn harness is not there: {AUTOBAHN} is missing (it is the "
+                    "project's shared/autobahn folder, next to the clone; tests/setup.sh says "
+                    "how to get it)")
     if not (AB_VENV / "bin" / "wstest").exists():
         setup = _script("setup_autobahn.sh", timeout=900)
         assert setup.returncode == 0, f"setup_autobahn.sh failed:\n{setup.stdout}\n{setup.stderr}"

@@ -211,7 +211,8 @@ def test_client_not_reading_is_not_counted_as_a_stalled_backend(tmp_path: Path, 
                                  code="204")),
             "the 204 in the metrics",
         )
-        assert not value(samples, "charon_upstream_errors_total", host="h.test", kind="timeout")
+        assert not value(samples, "charon_upstream_errors_total", host="h.test", kind="timeout",
+                         reason="timeout")
         assert "cut off" in charon.log()
 
 

@@ -342,10 +342,13 @@ def test_page_with_a_token(browser: Browser, backend: Backend, tmp_path: Path) -
     t = tag()
     try:
         async def test(page: Page, s: aiohttp.ClientSession) -> None:
-            await page.call("Page.navigate", url=f"http://{HOST}:{c.admin_port}/")
+            await page.open(f"http://{HOST}:{c.admin_port}/")
             await page.wait_text("needs a token")
-            await page.open(f"http://{HOST}:{c.admin_port}/?token={TOKEN}")
-            await page.live()  # the page passed its ?token= on to /logs
+            await page.js(f"""(() => {{
+                document.getElementById('token').value = '{TOKEN}';
+                document.getElementById('token-form').requestSubmit();
+            }})()""")
+            await page.live()  # the page passed the token on to /logs (test_operator_admin)
             await get(s, c, "alpha.test", f"/with-token-{t}")
             await page.wait_text(f"/with-token-{t}")
 

@@ -383,9 +383,9 @@ def test_token_required_when_configured(guarded: Charon) -> None:
     bearer = {"Authorization": f"Bearer {TOKEN}"}
     assert run(handshake_status(guarded)) == 401
     assert run(handshake_status(guarded, headers={"Authorization": "Bearer wrong"})) == 401
-    assert run(handshake_status(guarded, token="wrong")) == 401
     assert run(handshake_status(guarded, headers=bearer)) == 101
-    assert run(handshake_status(guarded, token=TOKEN)) == 101
+    # Never in the URL (it would stay in browser history and logs); see test_operator_admin.
+    assert run(handshake_status(guarded, token=TOKEN)) == 401
     # The origin check still applies with a token; a listed origin is allowed.
     assert run(handshake_status(
         guarded, headers={**bearer, "Origin": "http://evil.example"})) == 403
@@ -407,8 +407,8 @@ def test_token_required_when_configured(guarded: Charon) -> None:
         return out
 
     statuses = run(pages())
-    assert statuses["page"] == 401
-    assert statuses["page+query"] == statuses["page+header"] == 200
+    # The page holds no data: it is served to anyone, and asks for the token itself.
+    assert statuses["page"] == statuses["page+query"] == statuses["page+header"] == 200
     assert statuses["healthz"] == 200
     assert statuses["metrics"] != 401  # the token guards the live log only
 
@@ -462,7 +462,9 @@ def test_slow_subscriber_gets_a_dropped_notice_and_does_not_delay_others() -> No
     (a tiny receive buffer), another does. Records are fed through the sink as the hub would."""
 
     async def go() -> None:
-        section = LiveLogSection(queue_size=16, backlog_size=50)
+        # No time-order window: records go out as they are fed, so the drops begin while the
+        # sink is timed (with one, they come in bursts, 0.2 s later).
+        section = LiveLogSection(queue_size=16, backlog_size=50, order_window=0.0)
         app = web.Application()
         section.add_routes(app)
         runner = web.AppRunner(app, access_log=None)

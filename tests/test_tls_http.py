@@ -281,12 +281,15 @@ def test_https_backend_failing_verification_is_502_of_kind_tls(setup: Setup) -> 
     wait_metrics(
         setup.charon,
         lambda s: all(
-            value(s, "charon_upstream_errors_total", host=host, kind="tls") == 1
+            value(s, "charon_upstream_errors_total", host=host, kind="tls", reason="tls") == 1
             for host in ("system.test", "misnamed.test")
         ),
         "TLS upstream errors counted",
     )
-    wait_until(lambda: "TLS with the backend" in setup.charon.log(), 5, what="the log line")
+    # The worker's log line names the backend and what TLS said (test_operator_errors).
+    wait_until(lambda: "GET system.test/echo answered 502: upstream " in setup.charon.log()
+               and "failed connecting: TLS: self-signed certificate" in setup.charon.log(),
+               5, what="the log line")
 
 
 def test_plain_and_tls_connections_to_one_address_are_never_mixed(setup: Setup) -> None:

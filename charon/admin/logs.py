@@ -7,13 +7,19 @@ exits, config reloads; not METRICS) becomes a record, a JSON object:
      "status": 200, "duration": 0.0042, "response_bytes": 512, "client_ip": "10.0.0.7",
      "path": "/api/items?page=2", "worker": 0}
 
-`kind` is one of request, ws_open, ws_close, upstream_error, worker_exit, reload, certificate (see
-`charon/events/schema.py` for each kind's fields); `worker` is the worker id that sent it, -1 for
-the supervisor's own events. An upstream_error's own error kind (connect, timeout, bad_response,
-closed, tls) is in `error`. Where records are missing, a `dropped` record says how many (`count`),
-who lost them (`by`) and when (`since` to `time`): a worker the supervisor did not read in time
-("by": "worker", with its `worker` and `pid`, see admin/drops.py), or this subscriber's own queue
-when it did not take what it asked for ("by": "stream"). Notices pass every filter.
+`kind` is one of request, ws_open, ws_close, upstream_error, worker_exit, reload, certificate,
+upstream_health (see `charon/events/schema.py` for each kind's fields); `worker` is the worker id
+that sent it, -1 for the supervisor's own events (an upstream_health record also passes a `host`
+filter naming its proxy host, for the host's and its locations' targets). An upstream_error's own
+error kind (connect, timeout, bad_response, closed, tls) is in `error`. Where records are
+missing, a `dropped` record says how many (`count`), who lost them (`by`) and when (`since` to
+`time`): a worker the supervisor did not read in time ("by": "worker", with its `worker` and
+`pid`, see admin/drops.py), or this subscriber's own queue when it did not take what it asked
+for ("by": "stream"). Notices pass every filter.
+
+Records of several workers reach subscribers in time order, each held 0.2 s for older ones
+still on their way (admin/ordering.py). Browsers send the token as a WebSocket subprotocol,
+never in the URL (admin/token.py).
 
 The sink gets workers' records as packed batches: with no subscriber it only appends the batch's
 bytes to the backlog ring (they are decoded, and records built, when someone connects or
@@ -28,7 +34,6 @@ import asyncio
 import base64
 import contextlib
 import hashlib
-import hmac
 import ipaddress
 import json
 import logging
@@ -42,7 +47,10 @@ from typing import Any
 
 from aiohttp import WSCloseCode, web
 
+from charon.admin import token
 from charon.admin.drops import BY_STREAM, DropNotices
+from charon.admin.ordering import WINDOW as ORDER_WINDOW
+from charon.admin.ordering import TimeOrder
 from charon.config.model import AdminConfig
 from charon.events.schema import (
     CERTIFICATE,
@@ -50,6 +58,7 @@ from charon.events.schema import (
     DROPPED,
     REQUEST,
     UPSTREAM_ERROR,
+    UPSTREAM_HEALTH,
     WORKER_EXIT,
     WS_CLOSE,
     WS_OPEN,
@@ -75,6 +84,7 @@ LOGGED: dict[str, str] = {
     CONFIG_RELOAD: "reload",
     CERTIFICATE: "certificate",
     DROPPED: "dropped",
+    UPSTREAM_HEALTH: "upstream_health",
 }
 KINDS = tuple(LOGGED.values())
 _KIND_ALIASES = {"req": "request"}
@@ -142,6 +152,11 @@ class LogFilter:
             return False
         if not self.traffic_only:
             return True
+        if kind == "upstream_health":  # a host's targets (its own and its locations')
+            group = record.get("host")
+            return (self.status is None and self.client is None and self.path is None
+                    and isinstance(group, str) and self.host is not None
+                    and (group == self.host or group.startswith(self.host + "/")))
         if kind not in TRAFFIC:
             return False  # a worker exit or reload has no host, client or path to match
         if self.host is not None and record.get("host") != self.host:
@@ -256,6 +271,7 @@ class LiveLogSection:
         allowed_origins: tuple[str, ...] = (),
         backlog_size: int = BACKLOG_SIZE,
         queue_size: int = QUEUE_SIZE,
+        order_window: float = ORDER_WINDOW,
     ) -> None:
         self.token = token or None
         self.allowed_origins = frozenset(o.lower() for o in allowed_origins)
@@ -271,6 +287,8 @@ class LiveLogSection:
         self._open: set[_Stream] = set()
         self._page: tuple[bytes, str] | None = None
         self._drops = DropNotices()
+        # Records of several workers reach subscribers in time order (admin/ordering.py).
+        self._order = TimeOrder(self._released, order_window)
 
     @classmethod
     def from_config(cls, admin: AdminConfig) -> LiveLogSection:
@@ -306,9 +324,22 @@ class LiveLogSection:
             self._ring_events -= ring.popleft()[1]
 
     def _fan_out_batch(self, worker_id: int, batch: list[list[Any]]) -> None:
+        logged: list[list[Any]] = []
+        notices: list[list[Any]] = []
         for event in batch:
             if event and event[0] in LOGGED:
-                self._fan_out(worker_id, event)
+                (notices if event[0] == DROPPED else logged).append(event)
+        if logged:
+            self._order.add(worker_id, logged)
+        if notices:
+            # A notice of a gap is placed when it comes, after the records received so far:
+            # placed at the time of the loss, it could land amid a burst of records that a
+            # page shows only the end of.
+            self._order.add(worker_id, notices, at=time.time())
+
+    def _released(self, events: list[tuple[int, list[Any]]]) -> None:
+        for worker_id, event in events:
+            self._fan_out(worker_id, event)
 
     def on_event(self, worker_id: int, pid: int, event: list[Any]) -> None:
         self.on_batch(worker_id, pid, [event])
@@ -328,25 +359,27 @@ class LiveLogSection:
             log.exception("live log: event %r dropped", event[:1])
 
     def _backlog(self, log_filter: LogFilter, wanted: int) -> list[str]:
-        """The last `wanted` kept records that match, oldest first."""
-        texts: list[str] = []
+        """The last `wanted` kept records that match, in time order (but those still held for
+        ordering: they come when released)."""
+        texts: list[tuple[Any, int, str]] = []
         seen = 0
+        held = self._order.pending() if len(self._order) else ()
         for worker_id, _, kept in reversed(self._ring):
             batch = unpack_records(kept) if isinstance(kept, bytes) else kept
             for event in reversed(batch):
-                if not event or event[0] not in LOGGED:
+                if not event or event[0] not in LOGGED or id(event) in held:
                     continue
                 seen += 1
                 if seen > self._backlog_size:
-                    return texts[::-1]
+                    return _by_time(texts)
                 record = make_record(worker_id, event)
                 if log_filter.matches(record):
                     text = dumps(record)
                     if text is not None:
-                        texts.append(text)
+                        texts.append((event[1], -seen, text))
                         if len(texts) >= wanted:
-                            return texts[::-1]
-        return texts[::-1]
+                            return _by_time(texts)
+        return _by_time(texts)
 
     def subscribe(self, log_filter: LogFilter, backlog: int) -> tuple[Subscriber, list[str]]:
         """A new subscriber, and the last `backlog` records that match its filter.
@@ -364,17 +397,19 @@ class LiveLogSection:
         with contextlib.suppress(ValueError):
             self._subscribers.remove(subscriber)
             self.dropped += subscriber.dropped
+        if not self._subscribers:
+            self._order.clear()
 
     # -- routes ----------------------------------------------------------------------------
 
     def add_routes(self, app: web.Application) -> None:
         app.router.add_get("/", self._page_handler)
         app.router.add_get("/logs", self._logs_handler)
+        app.router.add_get("/logs/check", self._check_handler)
         app.on_shutdown.append(self._on_shutdown)
 
     async def _page_handler(self, request: web.Request) -> web.Response:
-        if not self._authorized(request):
-            return _unauthorized_page()
+        # Served to anyone: it holds no data, and asks for the token itself (page.html).
         body, csp = self._load_page()
         return web.Response(
             body=body,
@@ -400,13 +435,16 @@ class LiveLogSection:
         if refusal is not None:
             return web.Response(status=403, text=refusal + "\n")
         if not self._authorized(request):
-            return _unauthorized()
+            return token.unauthorized()
         try:
             log_filter = LogFilter.from_query(request.query)
             backlog = self._backlog_count(request.query.get("backlog"))
         except ValueError as exc:
             return web.Response(status=400, text=f"{exc}\n")
-        ws = web.WebSocketResponse(heartbeat=HEARTBEAT, compress=False, max_msg_size=4096)
+        ws = web.WebSocketResponse(
+            heartbeat=HEARTBEAT, compress=False, max_msg_size=4096,
+            protocols=token.protocols(request.headers.get("Sec-WebSocket-Protocol", "")),
+        )
         # Subscribed before the handshake answer: once a client has it, it gets every record.
         subscriber, first = self.subscribe(log_filter, backlog)
         stream: _Stream | None = None
@@ -475,16 +513,16 @@ class LiveLogSection:
             raise ValueError(f"backlog: must not be negative, got {count}")
         return min(count, self.backlog_size)
 
+    async def _check_handler(self, request: web.Request) -> web.Response:
+        """Whether the token the page holds is right (204), before it opens /logs: a browser
+        is not told why a WebSocket handshake failed."""
+        if not self._authorized(request):
+            return token.unauthorized()
+        return web.Response(status=204, headers={"Cache-Control": "no-store"})
+
     def _authorized(self, request: web.Request) -> bool:
-        """True when no token is configured, or the request carries it (header or ?token=)."""
-        if self.token is None:
-            return True
-        expected = self.token.encode()
-        scheme, _, value = request.headers.get("Authorization", "").partition(" ")
-        if scheme.lower() == "bearer" and hmac.compare_digest(value.strip().encode(), expected):
-            return True
-        given = request.query.get("token")
-        return given is not None and hmac.compare_digest(given.encode(), expected)
+        """The token, if one is configured, in a header: never in the URL (admin/token.py)."""
+        return token.authorized(request, self.token)
 
     def _check_origin(self, request: web.Request) -> str | None:
         """None if the WebSocket may be opened from where it comes from, else why not.
@@ -510,6 +548,12 @@ class LiveLogSection:
             return (f"Origin {origin} is not allowed: a page served under a host name must be "
                     "listed in [admin] allowed_origins")
         return f"Origin {origin} is not allowed (see [admin] allowed_origins)"
+
+
+def _by_time(texts: list[tuple[Any, int, str]]) -> list[str]:
+    """(time, order of arrival, text) as texts in time order (arrival order among equals)."""
+    texts.sort(key=lambda t: (t[0] if isinstance(t[0], float | int) else 0.0, t[1]))
+    return [text for _, _, text in texts]
 
 
 def _split_authority(authority: str, default_port: int) -> tuple[str, int] | None:
@@ -546,41 +590,6 @@ def _names_this_machine(host_header: str) -> bool:
     except ValueError:
         return False
     return True
-
-
-def _unauthorized() -> web.Response:
-    return web.Response(
-        status=401,
-        text="this admin listener needs a token: Authorization: Bearer TOKEN, or ?token=TOKEN\n",
-        headers={"WWW-Authenticate": 'Bearer realm="charon admin"'},
-    )
-
-
-_TOKEN_FORM = b"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>Charon live log: token needed</title></head>
-<body style="font-family: system-ui, sans-serif; margin: 2em">
-<h1>Charon live log</h1>
-<p>This admin listener needs a token ([admin] token in the config).</p>
-<form method="get" action="/"><label>Token <input type="password" name="token" autofocus>
-</label> <button type="submit">Open</button></form>
-</body></html>
-"""
-
-
-def _unauthorized_page() -> web.Response:
-    return web.Response(
-        status=401,
-        body=_TOKEN_FORM,
-        content_type="text/html",
-        charset="utf-8",
-        headers={
-            "WWW-Authenticate": 'Bearer realm="charon admin"',
-            "Content-Security-Policy": "default-src 'none'; form-action 'self'; "
-                                       "frame-ancestors 'none'",
-            "Cache-Control": "no-store",
-            "X-Frame-Options": "DENY",
-        },
-    )
 
 
 def _content_security_policy(html: str) -> str:

@@ -46,6 +46,7 @@ from charon.events.schema import (
     WORKER_EXIT,
 )
 from charon.worker.telemetry import HTTP_BUCKETS, KNOWN_METHODS, TLS_RESULTS, WS_BUCKETS
+from charon.worker.upstreams.failure import REASONS
 
 log = logging.getLogger("charon.admin")
 
@@ -54,6 +55,13 @@ OTHER = "other"  # the label value of anything else out of a bounded set
 GAUGE_TTL = 5.0  # a process that has not reported for this long has its gauges dropped
 EXITED_MEMORY = 60.0  # how long an exited pid's events_dropped count is remembered
 ERROR_KINDS = (ERR_CONNECT, ERR_TIMEOUT, ERR_BAD_RESPONSE, ERR_CLOSED, ERR_TLS)
+# The (kind, reason) pairs each host starts at 0 with (so rate() sees their first failure):
+# the usual ones; rarer pairs appear when they first happen.
+USUAL_FAILURES = (
+    (ERR_CONNECT, "refused"), (ERR_CONNECT, "dns"), (ERR_CONNECT, "unreachable"),
+    (ERR_TIMEOUT, "timeout"), (ERR_BAD_RESPONSE, "bad_response"), (ERR_CLOSED, "closed"),
+    (ERR_CLOSED, "reset"), (ERR_TLS, "tls"),
+)
 DIRECTIONS = ("in", "out")
 RELOAD_RESULTS = ("success", "error")
 METHODS = KNOWN_METHODS | {"OTHER"}
@@ -126,10 +134,12 @@ class Snapshot:
 COUNTERS: dict[str, tuple[str, tuple[str, ...]]] = {
     "charon_http_requests": ("HTTP requests answered.", ("host", "method", "code")),
     "charon_http_response_bytes": (
-        "Response body bytes relayed from backends to clients (Charon's own error pages are "
-        "not counted).", ("host",)),
+        "Response body bytes sent to clients: relayed from backends, and Charon's own "
+        "answers (errors, redirects).", ("host",)),
     "charon_upstream_errors": (
-        "Backend failures (connect, timeout, bad_response, closed).", ("host", "kind")),
+        "Backend failures by kind (connect, timeout, bad_response, closed, tls) and reason "
+        "(refused, reset, timeout, dns, tls, bad_response, closed, unreachable, other).",
+        ("host", "kind", "reason")),
     "charon_websocket_connections": ("WebSocket tunnels opened.", ("host",)),
     "charon_websocket_messages": (
         "WebSocket messages (data frames with FIN), in: from clients, out: to clients.",
@@ -195,7 +205,7 @@ class MetricsSection:
             for name, keys in (
                 ("charon_http_response_bytes", [(host,)]),
                 ("charon_websocket_connections", [(host,)]),
-                ("charon_upstream_errors", [(host, kind) for kind in ERROR_KINDS]),
+                ("charon_upstream_errors", [(host, *pair) for pair in USUAL_FAILURES]),
                 ("charon_websocket_messages", [(host, d) for d in DIRECTIONS]),
                 ("charon_websocket_bytes", [(host, d) for d in DIRECTIONS]),
             ):
@@ -272,9 +282,14 @@ class MetricsSection:
               for h, m, s, n in deltas.get("requests", ())))
         _add(c["charon_http_response_bytes"],
              ((host(h), n) for h, n in deltas.get("response_bytes", ())))
-        _add(c["charon_upstream_errors"],
-             ((host(h), k if k in ERROR_KINDS else OTHER, n)
-              for h, k, n in deltas.get("upstream_errors", ())))
+        if "upstream_failures" in deltas:
+            _add(c["charon_upstream_errors"],
+                 ((host(h), k if k in ERROR_KINDS else OTHER, r if r in REASONS else OTHER, n)
+                  for h, k, r, n in deltas["upstream_failures"]))
+        else:  # a worker of an earlier version (USR2): no reasons
+            _add(c["charon_upstream_errors"],
+                 ((host(h), k if k in ERROR_KINDS else OTHER, OTHER, n)
+                  for h, k, n in deltas.get("upstream_errors", ())))
         _add(c["charon_websocket_connections"],
              ((host(h), n) for h, n in deltas.get("ws_opened", ())))
         _add(c["charon_websocket_messages"],

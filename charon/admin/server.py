@@ -5,10 +5,16 @@ from __future__ import annotations
 import os
 from typing import Protocol
 
-from aiohttp import web
+from aiohttp import web, web_response
 
 from charon.config.model import ListenAddress
 from charon.supervisor.sockets import ListenError
+
+# aiohttp's Server header names its version and Python's (a gift to whoever scans for known
+# bugs). Every response it writes takes that default, the 400s of its own parser included,
+# which no handler, middleware or signal sees: the default itself is replaced.
+SERVER_HEADER = "charon"
+web_response.SERVER_SOFTWARE = SERVER_HEADER
 
 
 class WorkerStatus(Protocol):

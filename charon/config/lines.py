@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import string
 
-import tomli
+from charon.config.syntax import toml
 
 KeyPath = tuple[str | int, ...]
 
@@ -253,6 +253,6 @@ def _unquote(quoted: str) -> str:
     if quoted.startswith("'"):
         return quoted[1:-1]
     try:
-        return str(tomli.loads(f"k = {quoted}")["k"])
-    except tomli.TOMLDecodeError:
+        return str(toml.loads(f"k = {quoted}")["k"])
+    except toml.TOMLDecodeError:
         return quoted[1:-1]

@@ -8,15 +8,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import tomli
-
-from charon.config import backends, tls, values
+from charon.config import backends, syntax, tls, values
 from charon.config.lines import KeyLines
 from charon.config.model import (
     AdminConfig,
@@ -88,8 +85,8 @@ def load_config_text(text: str, path: str, *, check_files: bool = True) -> Confi
     to start because a file changed or a certificate expired since.
     """
     try:
-        data = tomli.loads(text)
-    except tomli.TOMLDecodeError as err:
+        data = syntax.toml.loads(text)
+    except syntax.toml.TOMLDecodeError as err:
         raise _syntax_error(err, text, path) from None
     root = Table(Source(path, KeyLines(text), check_files), (), data)
     return _config(root)
@@ -101,13 +98,8 @@ def default_config() -> Config:
     return load_config_text(text, "<default>")
 
 
-def _syntax_error(err: tomli.TOMLDecodeError, text: str, path: str) -> ConfigError:
-    line: int | None = getattr(err, "lineno", None)
-    message: str | None = getattr(err, "msg", None)
-    if line is None or message is None:  # older tomli: only the formatted message
-        match = re.search(r"\(at line (\d+)", str(err))
-        line = int(match[1]) if match else text.count("\n") + 1
-        message = re.sub(r"\s*\(at (line \d+, column \d+|end of document)\)$", "", str(err))
+def _syntax_error(err: syntax.toml.TOMLDecodeError, text: str, path: str) -> ConfigError:
+    line, message = syntax.describe(err, text)
     return ConfigError(path, line, f"invalid TOML: {message}")
 
 

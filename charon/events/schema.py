@@ -37,6 +37,7 @@ CONFIG_RELOAD = "reload"  # from the supervisor itself
 WORKER_EXIT = "worker_exit"  # from the supervisor itself
 CERTIFICATE = "certificate"  # from the supervisor itself: an ACME order's outcome
 DROPPED = "dropped"  # made by the supervisor from a worker's METRICS (see admin/drops.py)
+UPSTREAM_HEALTH = "upstream_health"  # from the supervisor itself: a target's health changed
 
 FIELDS: dict[str, tuple[str, ...]] = {
     REQUEST: (
@@ -47,7 +48,12 @@ FIELDS: dict[str, tuple[str, ...]] = {
         "time", "host", "client_ip", "path", "subprotocol", "duration", "messages_in",
         "messages_out", "bytes_in", "bytes_out", "close_code", "closed_by",
     ),
-    UPSTREAM_ERROR: ("time", "host", "error", "status", "client_ip", "path"),
+    # error: the kind (ERR_*); reason, phase: see worker/upstreams/failure.py; upstream: the
+    # backend's host:port; message: the system's words ("connection refused")
+    UPSTREAM_ERROR: (
+        "time", "host", "error", "status", "client_ip", "path", "reason", "phase", "upstream",
+        "message",
+    ),
     # deltas: counters since the previous METRICS; gauges: values now (see worker/telemetry.py)
     METRICS: ("deltas", "gauges"),
     # version: the config version serving after it; workers: {worker id: version applied}
@@ -57,9 +63,13 @@ FIELDS: dict[str, tuple[str, ...]] = {
     CERTIFICATE: ("time", "event", "host", "issuer", "not_after", "error"),
     # `count` records lost by the worker `pid` between `since` and `time` (its last loss)
     DROPPED: ("time", "count", "since", "pid", "by"),
+    # host: the Backends name (the proxy host's first domain, + a location's path); target: the
+    # target URL as configured; healthy: whether it takes traffic now; reason: why it changed
+    UPSTREAM_HEALTH: ("time", "host", "target", "healthy", "reason"),
 }
 
-# Upstream error kinds (the `kind` label of charon_upstream_errors_total).
+# Upstream error kinds (the `kind` label of charon_upstream_errors_total; its finer `reason`
+# label: REASONS in worker/upstreams/failure.py).
 ERR_CONNECT = "connect"
 ERR_TIMEOUT = "timeout"
 ERR_BAD_RESPONSE = "bad_response"

@@ -23,15 +23,19 @@ import time
 
 from charon.admin.logs import LiveLogSection
 from charon.admin.metrics import MetricsSection
+from charon.admin.process import ProcessMetrics
 from charon.admin.server import AdminSection, AdminServer
+from charon.admin.upstreams import UpstreamSection
 from charon.config import Config, ConfigError, ListenAddress, load_config_text
 from charon.events.receiver import EventHub, EventReceiver
 from charon.events.schema import CONFIG_RELOAD, WORKER_EXIT
 from charon.supervisor.certificates import CertificateManager
 from charon.supervisor.generations import start_generation
-from charon.supervisor.inplace import in_place_possible, reload_in_place
+from charon.supervisor.health import HealthMonitor
+from charon.supervisor.inplace import bind_admin, in_place_possible, reload_in_place
 from charon.supervisor.pidfile import PidFile
 from charon.supervisor.respawn import Respawn
+from charon.supervisor.runtime import RuntimeFile
 from charon.supervisor.sockets import ListenError, bind_listener
 from charon.supervisor.systemd import Notifier, inherited_listeners, take_inherited
 from charon.supervisor.workers import ReloadFailure, Slot, WorkerProcess
@@ -70,13 +74,20 @@ class Arbiter:
         self.hub = EventHub()
         self.receiver: EventReceiver | None = None
         self.metrics = MetricsSection((h.name for h in config.hosts), self.ready_workers)
+        self.metrics.extra.append(ProcessMetrics(lambda: {
+            s.worker_id: s.process.pid for s in self.slots if s.process is not None}).collector)
         self.logs = LiveLogSection.from_config(config.admin)
-        self.sections: list[AdminSection] = [self.metrics, self.logs]
-        for sink in (self.metrics, self.logs):
+        self.health = HealthMonitor(self.hub)  # active checks; verdicts shared with workers
+        self.upstreams = UpstreamSection(self.health, config)
+        self.metrics.extra.append(self.upstreams.collector)
+        self.sections: list[AdminSection] = [self.metrics, self.logs, self.upstreams]
+        for sink in (self.metrics, self.logs, self.upstreams):
             self.hub.add_sink(sink)
         self.certificates = CertificateManager(self)  # ACME; adds its admin section
         self.apply_lock = asyncio.Lock()  # one config push to the workers at a time
         self.admin: AdminServer | None = None
+        self.next_admin: AdminServer | None = None  # a moved one, bound while a reload runs
+        self.runtime = RuntimeFile(config.path)  # finds this process for `charon reload`
         self.stopping = False
         self._announced_ready = False
         self.balance_fd = create_table()  # connection counts the workers share
@@ -103,6 +114,8 @@ class Arbiter:
                 log.warning("socket %s:%d passed by systemd matches no listen address", host, port)
                 sock.close()
             pidfile.write()
+            self.health.configure(self.config)
+            self.runtime.write(self.config.admin.listen)
             for handled in _HANDLED:
                 loop.add_signal_handler(handled, self.signals.put_nowait, handled)
             log.info(
@@ -133,10 +146,12 @@ class Arbiter:
             await self._stop(graceful=False)
             return 1
         finally:
+            await self.health.stop()
             if self.admin is not None:
                 await self.admin.stop()
             await self.receiver.stop()
             pidfile.remove()
+            self.runtime.remove()
             os.close(self.balance_fd)
             for sock in self.listeners.values():
                 sock.close()
@@ -220,6 +235,7 @@ class Arbiter:
         loop = asyncio.get_running_loop()
         loop.add_reader(proc.heartbeat_fd, self._on_heartbeat, proc)
         loop.add_reader(proc.control.fileno(), self._on_control, proc)
+        self.health.add_worker(proc)  # the verdicts now, read before it serves
         log.info("worker %d started (pid %d)", worker_id, proc.pid)
         return proc
 
@@ -232,6 +248,7 @@ class Arbiter:
             asyncio.get_running_loop().remove_reader(proc.control.fileno())
 
     def _forget(self, proc: WorkerProcess) -> None:
+        self.health.remove_worker(proc)
         loop = asyncio.get_running_loop()
         loop.remove_reader(proc.heartbeat_fd)
         if proc.control.fileno() >= 0:
@@ -265,6 +282,7 @@ class Arbiter:
             time.monotonic() + server.drain_timeout + server.shutdown_timeout + RETIRE_MARGIN
         )
         proc.signal(signal.SIGUSR2)
+        self.health.remove_worker(proc)  # it keeps the config (and health) it has
         self.retiring.append(proc)
 
     # -- reload ------------------------------------------------------------------------------
@@ -277,11 +295,15 @@ class Arbiter:
         try:
             config, text = _read(path, self.config_text)
             async with self.apply_lock:
+                await bind_admin(self, config)
                 if not restart and in_place_possible(self.config, config):
                     await reload_in_place(self, config, text)
                 else:
                     await start_generation(self, config, text)
         except (ConfigError, ListenError, ReloadFailure) as exc:
+            if self.next_admin is not None:
+                await self.next_admin.stop()
+                self.next_admin = None
             log.error("reload failed, still serving the previous config: %s", exc)
             self._reload_done("error", str(exc))
 
@@ -326,6 +348,7 @@ class Arbiter:
         if self.config.admin.listen is not None:
             self.admin = AdminServer(self.config.admin.listen, self, self.sections)
             await self.admin.start()
+        self.runtime.moved(self.config.admin.listen)
 
     # -- stop --------------------------------------------------------------------------------
 

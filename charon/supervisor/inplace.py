@@ -16,6 +16,7 @@ import pickle
 import time
 from typing import TYPE_CHECKING
 
+from charon.admin.server import AdminServer
 from charon.config import Config
 from charon.config.sharing import share_equal
 from charon.supervisor.workers import Slot, WorkerProcess
@@ -43,16 +44,15 @@ async def apply_everywhere(
 ) -> list[tuple[WorkerProcess, str]]:
     """Send config `version` to every worker and wait for their answers: the workers that did
     not apply it, each with the reason."""
-    loop = asyncio.get_running_loop()
     message = encode(version, pickle.dumps(share_equal(config), pickle.HIGHEST_PROTOCOL))
     deadline = time.monotonic() + timeout
     failed: list[tuple[WorkerProcess, str]] = []
     waiting: list[WorkerProcess] = []
     for proc in procs:
         try:
-            await asyncio.wait_for(loop.sock_sendall(proc.control, message), timeout)
-        except (OSError, TimeoutError) as exc:
-            failed.append((proc, f"cannot send it the config: {exc or 'timed out'}"))
+            proc.post(message)  # after any health message still going out, never inside it
+        except OSError as exc:
+            failed.append((proc, f"cannot send it the config: {exc}"))
         else:
             waiting.append(proc)
     while waiting and time.monotonic() < deadline:
@@ -142,11 +142,24 @@ async def take_config(arbiter: Arbiter, config: Config, text: str, version: int 
     arbiter.config, arbiter.config_text = config, text
     arbiter.config_version = version or arbiter.config_version + 1
     arbiter.metrics.set_hosts(h.name for h in config.hosts)
+    arbiter.upstreams.set_config(config)
+    arbiter.health.configure(config)
     arbiter.logs.token = config.admin.token or None
     arbiter.logs.allowed_origins = frozenset(o.lower() for o in config.admin.allowed_origins)
     await arbiter.certificates.config_changed(config)
     if config.admin.listen != old_admin.listen:
         if arbiter.admin is not None:
             await arbiter.admin.stop()
-            arbiter.admin = None
-        await arbiter._start_admin()
+        arbiter.admin, arbiter.next_admin = arbiter.next_admin, None
+        arbiter.runtime.moved(config.admin.listen)
+
+
+async def bind_admin(arbiter: Arbiter, config: Config) -> None:
+    """A moved admin listener is bound before anything of the new config is applied: a busy
+    address then fails the reload while the old listener still serves (ListenError)."""
+    listen = config.admin.listen
+    if listen is None or listen == arbiter.config.admin.listen:
+        return
+    admin = AdminServer(listen, arbiter, arbiter.sections)
+    await admin.start()
+    arbiter.next_admin = admin

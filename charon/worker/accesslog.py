@@ -1,5 +1,9 @@
 """The optional access log file: one line per request, written by each worker.
 
+A request that failed at the backend (a 502 or 504, or a response cut short) ends its line with
+why: `upstream=127.0.0.1:9 phase=connect reason=refused message="connection refused"` (the same
+keys in JSON).
+
 Lines are buffered and written every FLUSH_INTERVAL (one write per batch, with O_APPEND so the
 workers' batches never interleave mid-line); `reopen` (on SIGUSR1) lets logrotate move the file.
 """
@@ -11,6 +15,10 @@ import json
 import logging
 import os
 import time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from charon.worker.upstreams.failure import UpstreamFailure
 
 log = logging.getLogger("charon.worker")
 
@@ -42,22 +50,29 @@ class AccessLog:
 
     def request(
         self, host: str, method: str, path: str, status: int, duration: float,
-        response_bytes: int, client_ip: str,
+        response_bytes: int, client_ip: str, failure: UpstreamFailure | None = None,
     ) -> None:
         now = time.time()
         if self.as_json:
-            line = json.dumps(
-                {"time": now, "host": host, "client": client_ip, "method": method,
-                 "path": path, "status": status, "duration": round(duration, 6),
-                 "bytes": response_bytes},
-                ensure_ascii=False,
-            )
+            entry = {
+                "time": now, "host": host, "client": client_ip, "method": method, "path": path,
+                "status": status, "duration": round(duration, 6), "bytes": response_bytes,
+            }
+            if failure is not None:
+                entry.update(upstream=failure.address, phase=failure.phase,
+                             reason=failure.reason, message=failure.error)
+            line = json.dumps(entry, ensure_ascii=False)
         else:
             stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now))
             line = (
                 f"{stamp} {client_ip} {host} \"{method} {_printable(path)}\" {status} "
                 f"{response_bytes} {duration * 1000:.1f}ms"
             )
+            if failure is not None:
+                line += (
+                    f" upstream={failure.address} phase={failure.phase} "
+                    f"reason={failure.reason} message=\"{_printable(failure.error)}\""
+                )
         self._buffer.append(line)
         self._size += len(line)
         if self._size >= MAX_BUFFER:

@@ -115,7 +115,9 @@ class Worker:
         sweeper.start()
         control = None
         if self.control_fd >= 0:
-            control = ControlChannel(loop, self.control_fd, partial(self._apply, ctx))
+            # Health verdicts come down the same channel; passive mark-downs go up it.
+            control = ControlChannel(loop, self.control_fd, partial(self._apply, ctx), ctx.health)
+            ctx.target_down = ctx.health.marked_down
             control.start()
         if orphaned(self.parent_pid):  # the supervisor died while we started
             self._orphaned()

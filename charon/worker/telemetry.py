@@ -22,6 +22,7 @@ from charon.events.schema import (
 
 if TYPE_CHECKING:
     from charon.worker.accesslog import AccessLog
+    from charon.worker.upstreams.failure import UpstreamFailure
     from charon.worker.websocket.tunnel import TunnelInfo
 
 HTTP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -99,7 +100,7 @@ class Telemetry:
         self.access_log = access_log
         self.enabled = enabled  # [admin] events
         self.requests: Counter[tuple[str, str, int]] = Counter()
-        self.upstream_errors: Counter[tuple[str, str]] = Counter()
+        self.upstream_errors: Counter[tuple[str, str, str]] = Counter()  # host, kind, reason
         self.ws_closes: Counter[tuple[str, int]] = Counter()
         self.tls_handshakes: Counter[str] = Counter()  # by result (TLS_RESULTS)
         self.hosts: dict[str, HostTotals] = {}
@@ -127,7 +128,7 @@ class Telemetry:
 
     def request(
         self, host: str, method: bytes, status: int, duration: float, response_bytes: int,
-        client_ip: str, path: bytes,
+        client_ip: str, path: bytes, failure: UpstreamFailure | None = None,
     ) -> None:
         name = _METHOD_NAMES.get(method)
         if name is None:
@@ -138,7 +139,7 @@ class Telemetry:
         text_path = path[:PATH_LIMIT].decode("latin-1")
         if self.access_log is not None:
             self.access_log.request(
-                host, name, text_path, status, duration, response_bytes, client_ip
+                host, name, text_path, status, duration, response_bytes, client_ip, failure
             )
         if not self.enabled:
             return
@@ -161,14 +162,16 @@ class Telemetry:
             self.publisher.added()
 
     def upstream_error(
-        self, host: str, kind: str, status: int, client_ip: str, path: bytes
+        self, host: str, failure: UpstreamFailure, status: int, client_ip: str, path: bytes
     ) -> None:
         if not self.enabled:
             return
-        self.upstream_errors[(host, kind)] += 1
+        kind = failure.kind
+        self.upstream_errors[(host, kind, failure.reason)] += 1
         self.publisher.emit(
             (UPSTREAM_ERROR, time.time(), host, kind, status, client_ip,
-             path[:PATH_LIMIT].decode("latin-1"))
+             path[:PATH_LIMIT].decode("latin-1"), failure.reason, failure.phase,
+             failure.address, failure.error)
         )
 
     def websocket_open(self, info: TunnelInfo) -> None:
@@ -217,7 +220,10 @@ class Telemetry:
         deltas = {
             "requests": [[h, m, c, n] for (h, m, c), n in self.requests.items()],
             "response_bytes": [[h, t.response_bytes] for h, t in hosts if t.requests],
-            "upstream_errors": [[h, k, n] for (h, k), n in self.upstream_errors.items()],
+            # By kind for a supervisor of an earlier version (a USR2 upgrade runs new workers
+            # under it), by kind and reason for this one.
+            "upstream_errors": [[h, k, n] for (h, k, _), n in self.upstream_errors.items()],
+            "upstream_failures": [[h, k, r, n] for (h, k, r), n in self.upstream_errors.items()],
             "ws_opened": [[h, t.ws_opened] for h, t in hosts if t.ws_opened],
             "ws_messages": [
                 entry for h, t in hosts if t.ws_closed

@@ -22,6 +22,7 @@ from charon.worker.http.feeding import MAX_QUEUED, SLICE, SlicedFeed
 from charon.worker.http.request import BODY_NONE, plan_request
 from charon.worker.http.requestline import RequestLines
 from charon.worker.http.sendwatch import LINGER_BYTES, close_transport, cut_off, watch_sending
+from charon.worker.telemetry import PATH_LIMIT
 
 if TYPE_CHECKING:
     from charon.config.model import Limits
@@ -385,8 +386,13 @@ class ClientConnection(SlicedFeed):
             last.request_failed(error)  # e.g. a malformed chunked body of an accepted request
             return
         # A response to HEAD has no body (RFC 9110 9.3.2); the method is known once a target was.
-        method = self.parser.get_method() if self._url else b"-"
-        exchange = Exchange(self, None, True, False, error.closing(), method)
+        # Logged with what was read of the request line: llhttp's method and target so far,
+        # or, refused before its target, the line's raw bytes as the target.
+        if self._url:
+            method, target = self.parser.get_method(), b"".join(self._url)[:PATH_LIMIT]
+        else:
+            method, target = b"-", self.lines.partial_line(PATH_LIMIT)
+        exchange = Exchange(self, None, True, False, error.closing(), method, target)
         exchange.request_done = True
         self._enqueue(exchange)
 

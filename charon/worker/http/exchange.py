@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING
 
 import httptools
 
-from charon.events.schema import ERR_BAD_RESPONSE, ERR_CLOSED, ERR_CONNECT, ERR_TIMEOUT, ERR_TLS
 from charon.worker.deadlines import (
     BODY_IDLE,
     CONNECT,
@@ -34,7 +33,9 @@ from charon.worker.http.response import (
     has_no_body,
     interim_head,
 )
+from charon.worker.upstreams import failure as failures
 from charon.worker.upstreams import retries
+from charon.worker.upstreams.failure import UpstreamFailure
 from charon.worker.upstreams.retries import (
     may_send_again,
     response_status,
@@ -61,7 +62,7 @@ class Exchange:
         "connecting", "finished", "parser", "reason", "headers", "in_head", "interim", "framing",
         "delimited", "response_started", "response_done", "upstream_reusable", "out", "reused",
         "retried", "switching", "answered", "received", "chosen", "tried", "attempt_at",
-        "informed",
+        "informed", "failure",
     )
 
     def __init__(
@@ -111,6 +112,7 @@ class Exchange:
         self.tried: tuple[TargetState, ...] | None = None  # targets whose attempts failed
         self.attempt_at = self.started  # when the attempt under way chose its target
         self.informed = False  # a 1xx went to the client: the request is not sent again
+        self.failure: UpstreamFailure | None = None  # why the last attempt failed
 
     # -- lifecycle, driven by the client connection ------------------------------------------
 
@@ -146,19 +148,25 @@ class Exchange:
             self.upstream = None
 
     def on_deadline(self, kind: int) -> None:
+        if kind == BODY_IDLE:
+            self._fail(408, "the request body stalled or came too slowly")
+            return
+        assert self.plan is not None  # (backend deadlines are set for planned requests only)
+        timeouts = self.plan.route.timeouts
         if kind == CONNECT:
             if self.connecting is not None:
                 self.connecting.cancel()
                 self.connecting = None
             self.attempt_failed(
-                504, "the backend did not accept the connection in time", ERR_TIMEOUT
+                504, "the backend did not accept the connection in time",
+                failures.timed_out(failures.CONNECT, timeouts.connect),
             )
         elif kind == FIRST_BYTE:
-            self.attempt_failed(504, "the backend did not answer in time", ERR_TIMEOUT, False)
-        elif kind == BODY_IDLE:
-            self._fail(408, "the request body stalled or came too slowly")
+            self.attempt_failed(504, "the backend did not answer in time",
+                                failures.timed_out(failures.FIRST_BYTE, timeouts.first_byte), False)
         else:  # RESPONSE_IDLE
-            self.attempt_failed(504, "the backend stalled", ERR_TIMEOUT, False)
+            self.attempt_failed(504, "the backend stalled",
+                                failures.timed_out(failures.BODY, timeouts.idle), False)
 
     # -- request side ------------------------------------------------------------------------
 
@@ -245,23 +253,24 @@ class Exchange:
             return
         if self.finished:
             return
+        failure = failures.from_exception(exc, failures.CONNECT)
         if isinstance(exc, ssl.SSLError):
-            assert self.chosen is not None
-            log.warning("TLS with the backend %s failed: %s", self.chosen.url, exc)
-            self.attempt_failed(502, "TLS with the backend failed", ERR_TLS)
+            self.attempt_failed(502, "TLS with the backend failed", failure)
             return
         if not isinstance(exc, OSError):
             log.error("connecting to the backend failed", exc_info=exc)
-        self.attempt_failed(502, "cannot connect to the backend", ERR_CONNECT)
+        self.attempt_failed(502, "cannot connect to the backend", failure)
 
-    def attempt_failed(self, status: int, detail: str, kind: str, resend: bool = True) -> None:
+    def attempt_failed(
+        self, status: int, detail: str, failure: UpstreamFailure, resend: bool = True
+    ) -> None:
         """The attempt on the target failed; `resend`: nothing of the request was sent, so it
         may go whole to another target (decision 11, retries.py) instead of being answered."""
-        if not self.finished and retries.attempt_failed(self, status, kind, resend):
+        if not self.finished and retries.attempt_failed(self, status, failure, resend):
             self.parser = None
             self.connect()
             return
-        self._fail(status, detail, kind)
+        self._fail(status, detail, failure)
 
     def _join(self, conn: UpstreamConnection) -> None:
         self.connecting = None
@@ -308,12 +317,18 @@ class Exchange:
             if self.plan is not None and self.plan.websocket_key is not None:
                 self._open_tunnel(data[exc.args[0] :])
                 return
-            self.attempt_failed(502, "the backend switched protocols unasked", ERR_BAD_RESPONSE,
-                                 False)
-        except httptools.HttpParserError:
+            self.attempt_failed(
+                502, "the backend switched protocols unasked",
+                failures.bad_response(failures.FIRST_BYTE, "switched protocols unasked"), False,
+            )
+        except httptools.HttpParserError as exc:
             self.upstream_reusable = False
-            self.attempt_failed(502, "the backend sent an invalid response", ERR_BAD_RESPONSE,
-                                 False)
+            self.attempt_failed(
+                502, "the backend sent an invalid response",
+                failures.bad_response(failures.response_phase(self.response_started, False),
+                                      f"invalid response ({exc})"),
+                False,
+            )
         self._flush()
         if self.response_done:
             self._release_upstream()
@@ -331,8 +346,8 @@ class Exchange:
         if switching is None:
             self.upstream_reusable = False
             self.attempt_failed(
-                502, "the backend's 101 is not a valid WebSocket handshake", ERR_BAD_RESPONSE,
-                False,
+                502, "the backend's 101 is not a valid WebSocket handshake",
+                failures.bad_response(failures.FIRST_BYTE, "not a valid WebSocket 101"), False,
             )
             return
         transport = client.transport
@@ -350,8 +365,9 @@ class Exchange:
         open_tunnel(client.ctx, transport, conn.transport, head, client.become_tunnel(),
                     backend_tail, plan.route, info, target)
 
-    def upstream_closed(self) -> None:
-        """The backend closed or reset its connection while this exchange used it."""
+    def upstream_closed(self, exc: BaseException | None = None) -> None:
+        """The backend closed or reset its connection while this exchange used it (`exc`: the
+        error that ended it, None for an orderly close)."""
         self.upstream = None
         if self.response_done or self.finished:
             return
@@ -365,11 +381,16 @@ class Exchange:
                 self.parser = None
                 self.connect()
                 return
+            assert self.plan is not None
+            sending = not self.request_done and self.plan.body != BODY_NONE
             self.attempt_failed(
-                502, "the backend closed the connection early", ERR_CLOSED, may_send_again(self)
+                502, "the backend closed the connection early",
+                failures.closed(failures.response_phase(False, sending), exc),
+                may_send_again(self),
             )
             return
-        self.attempt_failed(502, "the backend closed the connection early", ERR_CLOSED, False)
+        self.attempt_failed(502, "the backend closed the connection early",
+                            failures.closed(failures.BODY, exc), False)
 
     def _release_upstream(self) -> None:
         conn, self.upstream = self.upstream, None
@@ -476,15 +497,15 @@ class Exchange:
             if transport is not None and not transport.is_closing():
                 transport.writelines(out) if len(out) > 1 else transport.write(out[0])
 
-    def _fail(self, status: int, detail: str, kind: str = "") -> None:
+    def _fail(self, status: int, detail: str, failure: UpstreamFailure | None = None) -> None:
         """End the exchange on an error: an error response if nothing was sent yet, else a cut.
 
-        `kind` names a backend failure for the upstream error metric."""
+        `failure`: the backend's, for the logs and the upstream error metric."""
         self.parser = None  # never called from a parser callback (see _release_upstream)
         if self.finished:
             return
-        if kind:
-            self._report_upstream_error(kind, status)
+        if failure is not None:
+            self._report_upstream_error(failure, status)
         if self.connecting is not None:
             self.connecting.cancel()
             self.connecting = None
@@ -508,13 +529,16 @@ class Exchange:
         if transport is not None and not transport.is_closing():
             hsts = self.plan.hsts if self.plan is not None else None
             extra = b"Strict-Transport-Security: " + hsts + b"\r\n" if hsts else b""
-            transport.write(local_response(error, not keep_alive, head_only, extra))
+            response = local_response(error, not keep_alive, head_only, extra)
+            transport.write(response)
+            # Logged with what was sent (its body, as relayed responses count theirs).
+            self.body_bytes = len(response) - response.index(b"\r\n\r\n") - 4
         self.response_started = True
         self.response_done = True
         self.finished = True
         self.keep_alive = keep_alive
         self._report(error.status)
-        if error.status >= 500:
+        if error.status >= 500 and self.failure is None:  # (a failure was logged: reports.py)
             log.info("answered %d: %s", error.status, error.detail)
         if self.request_done or not keep_alive:
             self.client.exchange_finished(self, keep_alive and self.request_done)

@@ -8,9 +8,11 @@ import time
 from typing import TYPE_CHECKING
 
 from charon.worker.http.errors import CLIENT_CLOSED
+from charon.worker.upstreams.failure import address, log_failure
 
 if TYPE_CHECKING:
     from charon.worker.http.exchange import Exchange
+    from charon.worker.upstreams.failure import UpstreamFailure
 
 OTHER_HOST = "_other"  # the host label of requests that matched no proxy host
 
@@ -34,21 +36,39 @@ def report(exchange: Exchange, status: int) -> None:
         exchange.body_bytes,
         plan.client_ip if plan is not None else exchange.client.peer_ip,
         exchange.target,
+        exchange.failure,
     )
 
 
-def attempt_over(exchange: Exchange, status: int, kind: str) -> None:
+def attempt_over(exchange: Exchange, status: int, failure: UpstreamFailure) -> None:
     """A failed attempt that goes on elsewhere: told and counted on its own target."""
-    upstream_error(exchange, kind, status)
+    upstream_error(exchange, failure, status, retried=True)
     target, exchange.chosen = exchange.chosen, None
     if target is not None:
         target.active -= 1
         target.totals.request(status, time.monotonic() - exchange.attempt_at)
 
 
-def upstream_error(exchange: Exchange, kind: str, status: int) -> None:
+def upstream_error(
+    exchange: Exchange, failure: UpstreamFailure, status: int, retried: bool = False
+) -> None:
+    """The attempt on the exchange's target failed: the worker's log line (which target, in
+    which phase, why), the live log's record and the metric (worker/upstreams/failure.py).
+    `retried`: the request goes on to another target."""
     plan = exchange.plan
-    if plan is not None:
-        exchange.client.ctx.telemetry.upstream_error(
-            plan.route.host_name, kind, status, plan.client_ip, exchange.target
-        )
+    if plan is None:
+        return
+    if not failure.address and exchange.chosen is not None:
+        failure.address = address(exchange.chosen.upstream.host, exchange.chosen.upstream.port)
+    if not retried:  # (the request's own record tells the failure that ended it, no other)
+        exchange.failure = failure
+    if retried:
+        outcome = "tried on another target"
+    elif exchange.response_started:
+        outcome = "cut short"
+    else:
+        outcome = f"answered {status}"
+    log_failure(failure, outcome, exchange.method, plan.route.host_name, exchange.target)
+    exchange.client.ctx.telemetry.upstream_error(
+        plan.route.host_name, failure, status, plan.client_ip, exchange.target
+    )

@@ -81,6 +81,16 @@ class RequestLines:
         self.data = self.data[: len(self.data) - unread]
         self.read_done(False)
 
+    def partial_line(self, limit: int) -> bytes:
+        """What the data being fed holds of the current message's request line (at most
+        `limit` bytes, up to its CRLF): for the log of a request refused before llhttp gave
+        its target. Empty when the line began in an earlier read (its bytes are gone)."""
+        if self.lost or self.next < self.fed or self.next > self.fed + len(self.data):
+            return b""
+        s = self._line_start()
+        end = self.data.find(b"\r\n", s, s + limit)
+        return self.data[s : end if end >= 0 else s + limit]
+
     def _line_start(self) -> int:
         """Where the current message's request line starts in the data: at `next`, after the
         CR/LF bytes llhttp skips (called in the read where the message began)."""

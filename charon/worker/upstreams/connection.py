@@ -41,7 +41,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.pool.forget(self)
         exchange, self.exchange = self.exchange, None
         if exchange is not None:
-            exchange.upstream_closed()
+            exchange.upstream_closed(exc)
 
     def pause_writing(self) -> None:
         # The backend reads the request body slower than the client sends it.

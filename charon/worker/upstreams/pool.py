@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from collections.abc import Callable
 from functools import partial
 from typing import TYPE_CHECKING
 
@@ -41,7 +42,7 @@ class UpstreamPool:
         upstream = self.upstream
         if fd >= 0:
             sock = socket.socket(fileno=fd)  # (its family from the socket: a name's address)
-            coro = self.loop.create_connection(factory, sock=sock)
+            coro = _take_over(self.loop, factory, sock)
         elif upstream.tls:
             coro = self.loop.create_connection(
                 factory,
@@ -107,3 +108,19 @@ class UpstreamPool:
     def retire(self) -> None:
         self.retired = True
         self.close_all()
+
+
+async def _take_over(
+    loop: asyncio.AbstractEventLoop,
+    factory: Callable[[], UpstreamConnection],
+    sock: socket.socket,
+) -> tuple[asyncio.BaseTransport, asyncio.BaseProtocol]:
+    """Serve a connected socket. libuv owns and closes the fd from here on; uvloop detaches
+    the socket object when the transport closes, but attaches it only once this resumes, a loop
+    turn after connection_made. A transport closed before (the exchange that ends in
+    connection_made: a handed-back answer relayed or refused at once) kept the object attached,
+    and its finalizer closed the fd number again when the transport was freed: by then maybe a
+    new connection's (its client got an EOF, or libuv aborted the worker on epoll_ctl)."""
+    transport, protocol = await loop.create_connection(factory, sock=sock)
+    sock.detach()  # (on a failure or a cancel, uvloop detaches it itself)
+    return transport, protocol

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from charon.worker.context import WorkerContext
     from charon.worker.http.adopted import Handover
     from charon.worker.http.exchange import Exchange
+    from charon.worker.upstreams.failure import UpstreamFailure
     from charon.worker.upstreams.group import TargetGroup, TargetState
 
 log = logging.getLogger("charon.worker")
@@ -46,7 +47,9 @@ def stale_connection(exchange: Exchange) -> bool:
     return exchange.reused and not exchange.retried and may_send_again(exchange)
 
 
-def attempt_failed(exchange: Exchange, status: int, kind: str, resend: bool) -> bool:
+def attempt_failed(
+    exchange: Exchange, status: int, failure: UpstreamFailure, resend: bool
+) -> bool:
     """The attempt on the exchange's target failed (`status`: the 502 or 504 it would get).
     True when the exchange now has another target to send the request to (`resend`: it may
     be sent again whole)."""
@@ -64,7 +67,7 @@ def attempt_failed(exchange: Exchange, status: int, kind: str, resend: bool) -> 
     following = group.retry(tried, plan.lb_key)
     if following is None or not group.may_retry():
         return False
-    exchange.attempt_over(status, kind)
+    exchange.attempt_over(status, failure)
     use_target(plan, following)
     exchange.count(following)
     return True

@@ -18,10 +18,10 @@ from typing import TYPE_CHECKING
 
 import httptools
 
-from charon.events.schema import ERR_CLOSED, ERR_CONNECT, ERR_TIMEOUT
 from charon.worker.deadlines import CONNECT, FIRST_BYTE, NONE
 from charon.worker.http.adopted import Handover, adopt_client
 from charon.worker.tlspump import serve_http
+from charon.worker.upstreams import failure as failures
 from charon.worker.websocket._engine import CLIENT, HANDED_BACK, SWITCHING
 from charon.worker.websocket.handshake import switching_response
 from charon.worker.websocket.tunnel import Tunnel, TunnelInfo
@@ -29,6 +29,7 @@ from charon.worker.websocket.tunnel import Tunnel, TunnelInfo
 if TYPE_CHECKING:
     from charon.worker.context import WorkerContext
     from charon.worker.http.request import RequestPlan
+    from charon.worker.upstreams.failure import UpstreamFailure
 
 log = logging.getLogger("charon.worker")
 
@@ -90,12 +91,16 @@ class DialledTunnel(Tunnel):
         connected_at = self.connected_at
         if connected_at is None:
             due = handshake.started + timeouts.connect
-            failure = (504, "the backend did not accept the connection in time", ERR_TIMEOUT)
         else:
             due = connected_at + timeouts.first_byte
-            failure = (504, "the backend did not answer in time", ERR_TIMEOUT)
         left = due - time.monotonic()
         if left <= 0:
+            if connected_at is None:
+                failure = (504, "the backend did not accept the connection in time",
+                           failures.timed_out(failures.CONNECT, timeouts.connect))
+            else:
+                failure = (504, "the backend did not answer in time",
+                           failures.timed_out(failures.FIRST_BYTE, timeouts.first_byte))
             # Nothing was sent before a connect timed out: another target may take it.
             self._hand_back(failure, refused=connected_at is None)
             return
@@ -137,7 +142,9 @@ class DialledTunnel(Tunnel):
             self.target.totals.request(101, duration)
         self.running()
 
-    def _hand_back(self, failure: tuple[int, str, str] | None, refused: bool = True) -> None:
+    def _hand_back(
+        self, failure: tuple[int, str, UpstreamFailure] | None, refused: bool = True
+    ) -> None:
         """The connection goes on as HTTP with the target dialled: with the backend's answer
         so far, or the failure to answer. With nothing read (a failed connect, a close), the
         HTTP path sends the request to another target, or connects again to a lone one;
@@ -150,6 +157,7 @@ class DialledTunnel(Tunnel):
         self.deadline_kind = NONE
         self._done = True
         self.uncount()  # the HTTP path's exchange counts it again
+        error = self.dial_error  # (the engine's errno, while it still holds the dial)
         client_fd, backend_fd, answered = self.hand_back()
         if backend_fd >= 0 and (failure is not None or not answered):
             os.close(backend_fd)
@@ -157,16 +165,27 @@ class DialledTunnel(Tunnel):
         # Nothing came back: a connect that failed or timed out, a close before any answer.
         refused = refused and backend_fd < 0 and (failure is None or self.connected_at is None)
         if refused and failure is None:
-            if self.connected_at is None:
-                failure = (502, "cannot connect to the backend", ERR_CONNECT)
-            else:
-                failure = (502, "the backend closed the connection early", ERR_CLOSED)
+            failure = _dial_failure(error, self.connected_at is not None)
         handover = Handover(backend_fd, answered, failure, self.target, refused)
         session = self.take_tls(CLIENT)
         if session is not None:
             serve_http(ctx, client_fd, handshake.peer_ip, handshake.first_read, session, handover)
             return
         adopt_client(ctx, client_fd, handshake.peer_ip, handshake.first_read, handover)
+
+
+def _dial_failure(error: int, connected: bool) -> tuple[int, str, UpstreamFailure]:
+    """Why the engine's dial got nothing back: `error` is its errno (a refused connect, a reset;
+    ECONNRESET too for a close before any byte, which the engine does not tell apart)."""
+    if error > 0:
+        cause: OSError | None = OSError(error, os.strerror(error))
+    else:
+        cause = None
+    if not connected:
+        return (502, "cannot connect to the backend",
+                failures.from_exception(cause, failures.CONNECT))
+    return (502, "the backend closed the connection early",
+            failures.closed(failures.FIRST_BYTE, cause))
 
 
 class _Fields:
