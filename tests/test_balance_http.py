@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from harness import HOST, Backend, free_port, running_charon
+from harness import HOST, Backend, Charon, free_port, running_charon, wait_until
 
 WEIGHTS = {"a": 1, "b": 1, "c": 2}
 N = 1000
@@ -52,6 +52,19 @@ def _request(
 
 def _served_by(body: bytes) -> str:
     return str(json.loads(body)["backend"])
+
+
+def _target_requests(charon: Charon, host: str) -> dict[str, float]:
+    """charon_upstream_requests_total{host, code="200"} by target."""
+    with urllib.request.urlopen(f"http://{HOST}:{charon.admin_port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    out = {}
+    for line in text.splitlines():
+        if line.startswith("charon_upstream_requests_total{") and f'host="{host}"' in line \
+                and 'code="200"' in line:
+            labels, value = line.rsplit(" ", 1)
+            out[labels.split('target="')[1].split('"')[0]] = float(value)
+    return out
 
 
 def _within(counts: Counter[str], n: int) -> None:
@@ -92,6 +105,10 @@ def test_each_policy_spreads_by_weight(tmp_path: Path, named: dict[str, Backend]
                 if name == "cookie":  # no cookie sent: each answer gives one
                     assert headers["set-cookie"].startswith("charon_target=")
             _within(counts, N)
+        # Each target's requests are counted under its URL.
+        want = {named[n].url: N * w / sum(WEIGHTS.values()) for n, w in WEIGHTS.items()}
+        wait_until(lambda: _target_requests(charon, "round-robin.test") == want, 5,
+                   what="charon_upstream_requests_total per target")
         # The hash policies keep a client on its target.
         for name in ("ip-hash", "header-hash"):
             served = {
