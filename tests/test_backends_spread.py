@@ -33,10 +33,11 @@ def test_thousand_requests_spread_by_weight(tmp_path: Path, workers: int) -> Non
         with running_charon(tmp_path, hosts, workers=workers) as charon:
             # 64 connections held open at once: accept back-off spreads them over the workers
             # (one at a time, they could all land on one).
+            idle = {pid: _connections(pid) for pid in charon.worker_pids()}
             clients = [Client(charon.port) for _ in range(64)]
             try:
                 time.sleep(0.5)
-                holding = [pid for pid in charon.worker_pids() if _connections(pid) > 0]
+                holding = [pid for pid, n in idle.items() if _connections(pid) > n]
                 assert len(holding) >= min(workers, 3), holding
                 for domain in ("rr.test", "lc.test"):
                     counts: Counter[str] = Counter()
