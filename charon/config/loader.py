@@ -16,7 +16,7 @@ from typing import Any
 
 import tomli
 
-from charon.config import tls, values
+from charon.config import backends, tls, values
 from charon.config.lines import KeyLines
 from charon.config.model import (
     AdminConfig,
@@ -28,7 +28,6 @@ from charon.config.model import (
     Location,
     ProxyHost,
     ServerConfig,
-    Target,
     Timeouts,
     TlsConfig,
     WebSocketSettings,
@@ -59,8 +58,10 @@ _SERVER_KEYS = (
 _LIMIT_MINIMUMS = {"max_request_target": 256, "max_header_bytes": 1024, "max_header_count": 8}
 _TIMEOUT_KEYS = tuple(f.name for f in dataclasses.fields(Timeouts))
 _WEBSOCKET_KEYS = ("websocket_max_frame_size", "websocket_idle_timeout", "websocket_ping_interval")
-_LOCATION_KEYS = ("path", "upstream", "timeouts", *_WEBSOCKET_KEYS, *tls.LOCATION_KEYS)
-_HOST_KEYS = ("domains", "upstream", "timeouts", "locations", *_WEBSOCKET_KEYS, *tls.HOST_KEYS)
+_LOCATION_KEYS = ("path", *backends.KEYS, "timeouts", *_WEBSOCKET_KEYS, *tls.LOCATION_KEYS)
+_HOST_KEYS = (
+    "domains", *backends.KEYS, "timeouts", "locations", *_WEBSOCKET_KEYS, *tls.HOST_KEYS
+)
 _MIN_FRAME_SIZE = 126
 
 
@@ -275,15 +276,16 @@ def _host(
     table.check_keys(_HOST_KEYS)
     domains = _domains(table, seen)
     backend_tls = tls.backend_tls(table, tls.BackendTls())
-    upstream = tls.with_backend_tls(table.require("upstream", values.upstream), backend_tls)
+    host_backends = backends.backends(table, domains[0], backend_tls)
     host_timeouts = _timeouts(table.table("timeouts"), timeouts)
     websocket = _websocket(table, WebSocketSettings())
-    locations = _locations(table, domains[0], host_timeouts, websocket, backend_tls)
-    tls.check_backend_tls_used(table, [upstream, *(loc.upstream for loc in locations)])
+    locations = _locations(table, host_backends, host_timeouts, websocket, backend_tls)
+    every = backends.upstreams(host_backends, *(loc.backends for loc in locations))
+    tls.check_backend_tls_used(table, every)
     # Last: reading and checking certificate files costs the most.
     host_tls = tls.host_tls(table, server, tls_config, domains)
     return ProxyHost(
-        domains, Backends(domains[0], (Target(upstream),)), locations, host_timeouts, websocket,
+        domains, host_backends, locations, host_timeouts, websocket,
         line=table.line,
         tls=host_tls.tls, force_https=host_tls.force_https, hsts=host_tls.hsts,
     )
@@ -306,7 +308,7 @@ def _domains(table: Table, seen: dict[str, int]) -> tuple[str, ...]:
 
 def _locations(
     host: Table,
-    host_name: str,
+    host_backends: Backends,
     timeouts: Timeouts,
     websocket: WebSocketSettings,
     backend_tls: tls.BackendTls,
@@ -322,13 +324,13 @@ def _locations(
             )
         seen[path] = table.line
         location_tls = tls.backend_tls(table, backend_tls)
-        upstream = table.require("upstream", values.upstream)
-        tls.check_backend_tls_used(table, [upstream])
+        location_backends = backends.backends(
+            table, host_backends.name + path, location_tls, host_backends
+        )
+        tls.check_backend_tls_used(table, backends.upstreams(location_backends))
         location = Location(
             path=path,
-            backends=Backends(
-                host_name + path, (Target(tls.with_backend_tls(upstream, location_tls)),)
-            ),
+            backends=location_backends,
             timeouts=_timeouts(table.table("timeouts"), timeouts),
             websocket=_websocket(table, websocket),
         )

@@ -24,8 +24,10 @@ def share_equal(config: Config) -> Config:
         return seen.setdefault(value, value)  # type: ignore[return-value]
 
     def backends(b: Backends) -> Backends:
-        # (each has its own name; its targets and their addresses are what repeat)
-        return replace(b, targets=tuple(one(t) for t in b.targets))
+        # (each has its own name; its targets, their addresses and the host's health check,
+        # inherited by its locations, are what repeat)
+        targets = tuple(one(replace(t, upstream=one(t.upstream))) for t in b.targets)
+        return replace(b, targets=targets, health_check=one(b.health_check))
 
     def location(loc: Location) -> Location:
         return replace(
