@@ -308,6 +308,12 @@ class _Printer:
                 f"{' (config version ' + clean(r['version']) + ')' if r.get('version') else ''}"
                 f"{': ' + clean(error) if error else ''}"
             )
+        if kind == "upstream_health":
+            healthy = r.get("healthy") is True
+            state = self.paint(_STATUS_COLORS[2] if healthy else _RED,
+                               "target up" if healthy else "target down")
+            return (f"{head}{self.paint(_BOLD, clean(r.get('host', '-')))} {state} "
+                    f"{clean(r.get('target', '?'))}: {clean(r.get('reason', ''))}")
         if kind == "dropped":
             dropped = self.paint(_RED, f"{clean(r.get('count'))} records dropped")
             since = r.get("since")

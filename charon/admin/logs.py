@@ -7,8 +7,8 @@ exits, config reloads; not METRICS) becomes a record, a JSON object:
      "status": 200, "duration": 0.0042, "response_bytes": 512, "client_ip": "10.0.0.7",
      "path": "/api/items?page=2", "worker": 0}
 
-`kind` is one of request, ws_open, ws_close, upstream_error, worker_exit, reload, certificate (see
-`charon/events/schema.py` for each kind's fields); `worker` is the worker id that sent it, -1 for
+`kind` is one of request, ws_open, ws_close, upstream_error, worker_exit, reload, certificate,
+upstream_health (see `charon/events/schema.py` for each kind's fields); `worker` is the worker id that sent it, -1 for
 the supervisor's own events. An upstream_error's own error kind (connect, timeout, bad_response,
 closed, tls) is in `error`. Where records are missing, a `dropped` record says how many (`count`),
 who lost them (`by`) and when (`since` to `time`): a worker the supervisor did not read in time
@@ -50,6 +50,7 @@ from charon.events.schema import (
     DROPPED,
     REQUEST,
     UPSTREAM_ERROR,
+    UPSTREAM_HEALTH,
     WORKER_EXIT,
     WS_CLOSE,
     WS_OPEN,
@@ -75,6 +76,7 @@ LOGGED: dict[str, str] = {
     CONFIG_RELOAD: "reload",
     CERTIFICATE: "certificate",
     DROPPED: "dropped",
+    UPSTREAM_HEALTH: "upstream_health",
 }
 KINDS = tuple(LOGGED.values())
 _KIND_ALIASES = {"req": "request"}
@@ -142,6 +144,11 @@ class LogFilter:
             return False
         if not self.traffic_only:
             return True
+        if kind == "upstream_health":  # a host's targets (its own and its locations')
+            group = record.get("host")
+            return (self.status is None and self.client is None and self.path is None
+                    and isinstance(group, str) and self.host is not None
+                    and (group == self.host or group.startswith(self.host + "/")))
         if kind not in TRAFFIC:
             return False  # a worker exit or reload has no host, client or path to match
         if self.host is not None and record.get("host") != self.host:

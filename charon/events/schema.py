@@ -37,6 +37,7 @@ CONFIG_RELOAD = "reload"  # from the supervisor itself
 WORKER_EXIT = "worker_exit"  # from the supervisor itself
 CERTIFICATE = "certificate"  # from the supervisor itself: an ACME order's outcome
 DROPPED = "dropped"  # made by the supervisor from a worker's METRICS (see admin/drops.py)
+UPSTREAM_HEALTH = "upstream_health"  # from the supervisor itself: a target's health changed
 
 FIELDS: dict[str, tuple[str, ...]] = {
     REQUEST: (
@@ -57,6 +58,9 @@ FIELDS: dict[str, tuple[str, ...]] = {
     CERTIFICATE: ("time", "event", "host", "issuer", "not_after", "error"),
     # `count` records lost by the worker `pid` between `since` and `time` (its last loss)
     DROPPED: ("time", "count", "since", "pid", "by"),
+    # host: the Backends name (the proxy host's first domain, + a location's path); target: the
+    # target URL as configured; healthy: whether it takes traffic now; reason: why it changed
+    UPSTREAM_HEALTH: ("time", "host", "target", "healthy", "reason"),
 }
 
 # Upstream error kinds (the `kind` label of charon_upstream_errors_total).

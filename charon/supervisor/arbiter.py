@@ -24,11 +24,13 @@ import time
 from charon.admin.logs import LiveLogSection
 from charon.admin.metrics import MetricsSection
 from charon.admin.server import AdminSection, AdminServer
+from charon.admin.upstreams import UpstreamSection
 from charon.config import Config, ConfigError, ListenAddress, load_config_text
 from charon.events.receiver import EventHub, EventReceiver
 from charon.events.schema import CONFIG_RELOAD, WORKER_EXIT
 from charon.supervisor.certificates import CertificateManager
 from charon.supervisor.generations import start_generation
+from charon.supervisor.health import HealthMonitor
 from charon.supervisor.inplace import in_place_possible, reload_in_place
 from charon.supervisor.pidfile import PidFile
 from charon.supervisor.respawn import Respawn
@@ -71,8 +73,11 @@ class Arbiter:
         self.receiver: EventReceiver | None = None
         self.metrics = MetricsSection((h.name for h in config.hosts), self.ready_workers)
         self.logs = LiveLogSection.from_config(config.admin)
-        self.sections: list[AdminSection] = [self.metrics, self.logs]
-        for sink in (self.metrics, self.logs):
+        self.health = HealthMonitor(self.hub)  # active checks; verdicts shared with workers
+        self.upstreams = UpstreamSection(self.health, config)
+        self.metrics.extra.append(self.upstreams.collector)
+        self.sections: list[AdminSection] = [self.metrics, self.logs, self.upstreams]
+        for sink in (self.metrics, self.logs, self.upstreams):
             self.hub.add_sink(sink)
         self.certificates = CertificateManager(self)  # ACME; adds its admin section
         self.apply_lock = asyncio.Lock()  # one config push to the workers at a time
@@ -103,6 +108,7 @@ class Arbiter:
                 log.warning("socket %s:%d passed by systemd matches no listen address", host, port)
                 sock.close()
             pidfile.write()
+            self.health.configure(self.config)
             for handled in _HANDLED:
                 loop.add_signal_handler(handled, self.signals.put_nowait, handled)
             log.info(
@@ -133,6 +139,7 @@ class Arbiter:
             await self._stop(graceful=False)
             return 1
         finally:
+            await self.health.stop()
             if self.admin is not None:
                 await self.admin.stop()
             await self.receiver.stop()
@@ -220,6 +227,7 @@ class Arbiter:
         loop = asyncio.get_running_loop()
         loop.add_reader(proc.heartbeat_fd, self._on_heartbeat, proc)
         loop.add_reader(proc.control.fileno(), self._on_control, proc)
+        self.health.add_worker(proc)  # the verdicts now, read before it serves
         log.info("worker %d started (pid %d)", worker_id, proc.pid)
         return proc
 
@@ -232,6 +240,7 @@ class Arbiter:
             asyncio.get_running_loop().remove_reader(proc.control.fileno())
 
     def _forget(self, proc: WorkerProcess) -> None:
+        self.health.remove_worker(proc)
         loop = asyncio.get_running_loop()
         loop.remove_reader(proc.heartbeat_fd)
         if proc.control.fileno() >= 0:
@@ -265,6 +274,7 @@ class Arbiter:
             time.monotonic() + server.drain_timeout + server.shutdown_timeout + RETIRE_MARGIN
         )
         proc.signal(signal.SIGUSR2)
+        self.health.remove_worker(proc)  # it keeps the config (and health) it has
         self.retiring.append(proc)
 
     # -- reload ------------------------------------------------------------------------------

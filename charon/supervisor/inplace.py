@@ -43,16 +43,15 @@ async def apply_everywhere(
 ) -> list[tuple[WorkerProcess, str]]:
     """Send config `version` to every worker and wait for their answers: the workers that did
     not apply it, each with the reason."""
-    loop = asyncio.get_running_loop()
     message = encode(version, pickle.dumps(share_equal(config), pickle.HIGHEST_PROTOCOL))
     deadline = time.monotonic() + timeout
     failed: list[tuple[WorkerProcess, str]] = []
     waiting: list[WorkerProcess] = []
     for proc in procs:
         try:
-            await asyncio.wait_for(loop.sock_sendall(proc.control, message), timeout)
-        except (OSError, TimeoutError) as exc:
-            failed.append((proc, f"cannot send it the config: {exc or 'timed out'}"))
+            proc.post(message)  # after any health message still going out, never inside it
+        except OSError as exc:
+            failed.append((proc, f"cannot send it the config: {exc}"))
         else:
             waiting.append(proc)
     while waiting and time.monotonic() < deadline:
@@ -142,6 +141,8 @@ async def take_config(arbiter: Arbiter, config: Config, text: str, version: int 
     arbiter.config, arbiter.config_text = config, text
     arbiter.config_version = version or arbiter.config_version + 1
     arbiter.metrics.set_hosts(h.name for h in config.hosts)
+    arbiter.upstreams.set_config(config)
+    arbiter.health.configure(config)
     arbiter.logs.token = config.admin.token or None
     arbiter.logs.allowed_origins = frozenset(o.lower() for o in config.admin.allowed_origins)
     await arbiter.certificates.config_changed(config)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import logging
 import os
 import secrets
 import signal
@@ -10,9 +12,13 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
-from charon.worker.control import MessageReader
+from charon.worker.control import HEALTH, MessageReader, decode_health
+
+log = logging.getLogger("charon.supervisor")
 
 # Every worker of this supervisor seals TLS session tickets with keys derived from this secret
 # (charon/worker/tlsserver.py), so a ticket one worker issued resumes on any other, across
@@ -49,6 +55,9 @@ class WorkerProcess:
         self.config_version = config_version  # the last one it applied (or started with)
         self.apply_error: tuple[int, str] | None = None  # the last version it could not apply
         self._replies = MessageReader()
+        self._out = bytearray()  # what the control socket did not take yet (post)
+        # A health message from the worker (control.py): its passive mark-downs, its acks.
+        self.on_health: Callable[[WorkerProcess, list[Any]], None] | None = None
         args = [
             sys.executable,
             "-m",
@@ -132,11 +141,53 @@ class WorkerProcess:
         except ValueError:
             return False
         for version, error in replies:
-            if error:
+            if version == HEALTH:
+                self._health(error)
+            elif error:
                 self.apply_error = (version, error.decode("utf-8", "replace"))
             else:
                 self.config_version = max(self.config_version, version)
         return True
+
+    def _health(self, payload: bytes) -> None:
+        try:
+            message = decode_health(payload)
+        except ValueError as exc:
+            log.warning("worker %d (pid %d): %s", self.worker_id, self.pid, exc)
+            return
+        if self.on_health is not None:
+            self.on_health(self, message)
+
+    def post(self, message: bytes) -> None:
+        """Send a control message without waiting: what the socket does not take now goes out
+        in order when it can (configs and health verdicts never interleave). OSError if the
+        worker's end is gone."""
+        if self._out:
+            self._out += message
+            return
+        try:
+            sent = self.control.send(message)
+        except BlockingIOError:
+            sent = 0
+        if sent < len(message):
+            self._out += message[sent:]
+            asyncio.get_running_loop().add_writer(self.control.fileno(), self._writable)
+
+    def _writable(self) -> None:
+        try:
+            sent = self.control.send(self._out)
+        except BlockingIOError:
+            return
+        except OSError:
+            sent = len(self._out)  # gone: the exit is seen by the loop's reaping
+        del self._out[:sent]
+        if not self._out:
+            asyncio.get_running_loop().remove_writer(self.control.fileno())
+
+    @property
+    def sending(self) -> bool:
+        """Part of a message still waits for the socket."""
+        return bool(self._out)
 
     def exit_code(self) -> int | None:
         return self.process.poll()
@@ -153,6 +204,10 @@ class WorkerProcess:
         """Release the supervisor's side once the process has been reaped."""
         with contextlib.suppress(OSError):
             os.close(self.heartbeat_fd)
+        if self._out and self.control.fileno() >= 0:
+            with contextlib.suppress(RuntimeError):
+                asyncio.get_running_loop().remove_writer(self.control.fileno())
+            self._out.clear()
         self.control.close()
 
 

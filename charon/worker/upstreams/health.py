@@ -15,9 +15,13 @@ Two things can take a target out of rotation:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 TargetKey = tuple[str, str]  # (Backends.name, the target's upstream URL)
+# One verdict as the supervisor sends it (worker/control.py): (backends name, target URL,
+# checked up, seconds since that state began, seconds a passive mark-down still lasts).
+Verdict = Sequence[Any]
 
 
 class TargetHealth:
@@ -59,9 +63,42 @@ class HealthBoard:
     def __init__(self, clock: Callable[[], float]) -> None:
         self._clock = clock
         self._targets: dict[TargetKey, TargetHealth] = {}
+        # Set by the control channel: sends a passive mark-down to the supervisor, never waits.
+        self.reporter: Callable[[TargetKey, float], None] | None = None
 
     def health(self, key: TargetKey) -> TargetHealth:
         health = self._targets.get(key)
         if health is None:
             health = self._targets[key] = TargetHealth(key, self._clock())
         return health
+
+    def apply(self, verdicts: Iterable[Verdict]) -> None:
+        """The supervisor's verdicts. A target this worker has not used yet gets its entry now,
+        so the route made on its first request starts from the shared state. Times come as
+        durations (the supervisor's clock is not this loop's)."""
+        now = self._clock()
+        for name, url, up, since, down_for in verdicts:
+            health = self.health((name, url))
+            up = bool(up)
+            if health.checked_up != up:
+                health.checked_up = up
+                # slow_start ramps from when it came back, on every worker alike
+                health.changed_at = now - max(float(since), 0.0)
+            if down_for > 0:
+                until = now + float(down_for)
+                if until > health.down_until:
+                    health.down_until = until
+                    health.changed_at = until
+
+    def report_down(self, key: TargetKey, until: float) -> None:
+        """This worker's passive checks marked `key` down until loop time `until` (`failed`
+        returned True): the supervisor tells the other workers. Does not wait."""
+        if self.reporter is not None:
+            self.reporter(key, until - self._clock())
+
+    def verdicts(self) -> dict[TargetKey, tuple[bool, float]]:
+        """(checked up, passive mark-down left in seconds) of every target known here."""
+        now = self._clock()
+        return {
+            key: (h.checked_up, max(h.down_until - now, 0.0)) for key, h in self._targets.items()
+        }
