@@ -304,7 +304,7 @@ def test_ip_hash_spreads_client_addresses(tmp_path: Path) -> None:
 def test_target_killed_under_load_then_back(tmp_path: Path, revival: str) -> None:
     extra = 'max_fails = 1\nfail_timeout = "2s"\n'
     if revival == "active_check":
-        extra += ('health_check = { path = "/healthz", interval = "300ms", timeout = "500ms", '
+        extra += ('health_check = { path = "/healthz", interval = "300ms", timeout = "300ms", '
                   "healthy_threshold = 1, unhealthy_threshold = 1 }\n")
     with fleet(["a", "b", "c"]) as named, running_charon(
         tmp_path, hosts_toml(list(named.values()), extra=extra), workers=2
