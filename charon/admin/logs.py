@@ -8,12 +8,14 @@ exits, config reloads; not METRICS) becomes a record, a JSON object:
      "path": "/api/items?page=2", "worker": 0}
 
 `kind` is one of request, ws_open, ws_close, upstream_error, worker_exit, reload, certificate,
-upstream_health (see `charon/events/schema.py` for each kind's fields); `worker` is the worker id that sent it, -1 for
-the supervisor's own events. An upstream_error's own error kind (connect, timeout, bad_response,
-closed, tls) is in `error`. Where records are missing, a `dropped` record says how many (`count`),
-who lost them (`by`) and when (`since` to `time`): a worker the supervisor did not read in time
-("by": "worker", with its `worker` and `pid`, see admin/drops.py), or this subscriber's own queue
-when it did not take what it asked for ("by": "stream"). Notices pass every filter.
+upstream_health (see `charon/events/schema.py` for each kind's fields); `worker` is the worker id
+that sent it, -1 for the supervisor's own events (an upstream_health record also passes a `host`
+filter naming its proxy host, for the host's and its locations' targets). An upstream_error's own
+error kind (connect, timeout, bad_response, closed, tls) is in `error`. Where records are
+missing, a `dropped` record says how many (`count`), who lost them (`by`) and when (`since` to
+`time`): a worker the supervisor did not read in time ("by": "worker", with its `worker` and
+`pid`, see admin/drops.py), or this subscriber's own queue when it did not take what it asked
+for ("by": "stream"). Notices pass every filter.
 
 The sink gets workers' records as packed batches: with no subscriber it only appends the batch's
 bytes to the backlog ring (they are decoded, and records built, when someone connects or

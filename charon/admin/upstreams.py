@@ -12,7 +12,8 @@
   `_other`, `target` one of that host's configured target URLs or `other`.
 - `/upstreams`: JSON, per proxy host and per Backends (the host's own, each location's), every
   target with its settings, health state, why, since when, its check's counts, its requests
-  and open tunnels; and how fast the last health changes reached every worker.
+  and open tunnels; and `sharing`: the last verdict message sent (`seq`), the last each worker
+  applied, and how long changes took to reach every worker (`last_seconds`, `max_seconds`).
 """
 
 from __future__ import annotations
@@ -188,11 +189,7 @@ class UpstreamSection:
                     "targets": targets,
                 })
             hosts.append({"host": host.name, "backends": groups})
-        return {
-            "hosts": hosts,
-            "workers_told": len(self.monitor.peers),
-            "propagation": dict(self.monitor.propagation),
-        }
+        return {"hosts": hosts, "sharing": self.monitor.sharing()}
 
 
 def _groups(host: ProxyHost) -> list[Backends]:

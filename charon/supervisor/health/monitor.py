@@ -76,6 +76,7 @@ class _Checker:
 
     def __init__(self, target: ConfiguredTarget) -> None:
         self.target = target
+        self.probes = 0  # made since the supervisor started (one per interval, for all workers)
         self.passes = 0  # in a row
         self.failures = 0  # in a row
         self.checked_at = 0.0  # wall clock of the last probe's end
@@ -102,7 +103,8 @@ class HealthMonitor:
         self.checkers: dict[TargetKey, _Checker] = {}
         self.peers: dict[int, WorkerProcess] = {}  # pid -> a worker told of every change
         self._slots = asyncio.Semaphore(MAX_CONCURRENT)
-        self._seq = 0
+        self._seq = 0  # the last verdict message sent to the workers
+        self.applied: dict[int, int] = {}  # pid -> the last message it acknowledged
         self._pending: OrderedDict[int, _Broadcast] = OrderedDict()
         self.propagation: dict[str, Any] = {"changes": 0, "last_seconds": None,
                                             "max_seconds": None}
@@ -126,6 +128,7 @@ class HealthMonitor:
             if verdict is not None and not verdict.healthy(time.time()):
                 # workers keep an entry per key: a target added again must not come back down
                 self.store.put(key, Verdict(True, time.time(), "removed from the config"))
+                self._record(key, True, "removed from the config")
             self.store.remove(key)
         for key, target in new.items():
             checker = self.checkers.get(key)
@@ -180,6 +183,7 @@ class HealthMonitor:
         check = checker.target.check
         assert check is not None
         checker.last = outcome
+        checker.probes += 1
         checker.checked_at = time.time()
         key = checker.target.key
         verdict = self.store.get(key)
@@ -258,12 +262,13 @@ class HealthMonitor:
         proc.on_health = self.on_health
         now = time.time()
         entries = [_entry(key, verdict, now) for key, verdict in self.store.items()]
-        if entries:
-            self._send(proc, encode_health([VERDICTS, 0, entries]))
+        # Numbered as the last change it includes: once acknowledged, the worker is in step.
+        self._send(proc, encode_health([VERDICTS, self._seq, entries]))
 
     def remove_worker(self, proc: WorkerProcess) -> None:
         """A worker retired or gone: no more verdicts for it."""
         self.peers.pop(proc.pid, None)
+        self.applied.pop(proc.pid, None)
         for broadcast in self._pending.values():
             broadcast.waiting.discard(proc.pid)
 
@@ -285,6 +290,8 @@ class HealthMonitor:
             self.remove_worker(proc)  # its channel is gone; the loop reaps it
 
     def _acknowledged(self, pid: int, seq: int) -> None:
+        if pid in self.peers:
+            self.applied[pid] = max(self.applied.get(pid, 0), seq)
         broadcast = self._pending.get(seq)
         if broadcast is None:
             return
@@ -301,6 +308,14 @@ class HealthMonitor:
 
     def _record(self, key: TargetKey, healthy: bool, reason: str) -> None:
         self.hub.supervisor_event([UPSTREAM_HEALTH, time.time(), key[0], key[1], healthy, reason])
+
+    def sharing(self) -> dict[str, Any]:
+        """Whether every worker has the latest verdicts, and how fast changes reached them."""
+        workers = [
+            {"worker": proc.worker_id, "pid": pid, "applied": self.applied.get(pid)}
+            for pid, proc in sorted(self.peers.items(), key=lambda item: item[1].worker_id)
+        ]
+        return {"seq": self._seq, "workers": workers, **self.propagation}
 
     def healthy(self, key: TargetKey, now: float | None = None) -> bool:
         verdict = self.store.get(key)
@@ -323,7 +338,8 @@ class HealthMonitor:
                     entry.update(state="passive_down", down_until=verdict.down_until)
             if checker is not None:
                 entry["check"] = {
-                    "passes": checker.passes, "failures": checker.failures,
+                    "probes": checker.probes, "passes": checker.passes,
+                    "failures": checker.failures,
                     "checked_at": checker.checked_at or None,
                     "last": checker.last.reason if checker.last is not None else None,
                 }
