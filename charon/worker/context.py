@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import secrets
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from charon.config.model import Config, Upstream, UpstreamKey
@@ -11,6 +13,9 @@ from charon.worker.http.sendwatch import SendWatch
 from charon.worker.routing import config_router
 from charon.worker.telemetry import Telemetry
 from charon.worker.tlsserver import TicketKeyRotation, build_server
+from charon.worker.upstreams.cookie import cookie_key
+from charon.worker.upstreams.group import GroupMaker
+from charon.worker.upstreams.health import HealthBoard, TargetHealth
 from charon.worker.upstreams.pool import UpstreamPool
 from charon.worker.websocket.tunnel import TunnelEngine
 
@@ -24,8 +29,14 @@ if TYPE_CHECKING:
 
 class WorkerContext:
     def __init__(
-        self, loop: asyncio.AbstractEventLoop, config: Config, telemetry: Telemetry
+        self,
+        loop: asyncio.AbstractEventLoop,
+        config: Config,
+        telemetry: Telemetry,
+        secret: bytes = b"",
     ) -> None:
+        """`secret`: the supervisor's, shared by its workers (TLS tickets, sticky cookies); a
+        worker without one makes its own (its cookies then mean nothing to other workers)."""
         self.loop = loop
         self.config = config
         server = config.server
@@ -42,7 +53,18 @@ class WorkerContext:
         self.draining = False
         self.closing_tunnels = False
         self.pools: dict[UpstreamKey, UpstreamPool] = {}
-        self.router = config_router(config, self.pool)
+        # Every target's health in this worker, kept across reloads (by backends name and URL).
+        self.health = HealthBoard(loop.time)
+        # Told when this worker's passive checks mark a target down (the supervisor shares it).
+        self.target_down: Callable[[TargetHealth], None] | None = None
+        self.groups = GroupMaker(
+            self.pool,
+            self.health,
+            telemetry.target_totals,
+            cookie_key(secret or secrets.token_bytes(32)),
+            loop.time,
+        )
+        self.router = config_router(config, self.pool, groups=self.groups)
         self.tls_pumps: set[TlsPump] = set()  # TLS connections the HTTP path serves
         self.tls_rotation: TicketKeyRotation | None = None  # set when serving TLS
 

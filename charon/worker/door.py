@@ -1,9 +1,10 @@
 """The front door: what becomes of each connection the engine accepted (door.c).
 
 The engine accepts on the listening sockets and reads each new connection once. A connection
-whose first read is a whole WebSocket handshake for a backend at an IP address becomes a
-`DialledTunnel` at once: its request is planned here as the HTTP path plans one, and the engine
-dials the backend and starts the tunnel once Python has accepted the backend's 101. Every
+whose first read is a whole WebSocket handshake for a route whose targets are all at IP
+addresses becomes a `DialledTunnel` at once: its request is planned here as the HTTP path plans
+one (the route's policy chooses the target), and the engine dials that target and starts the
+tunnel once Python has accepted the backend's 101. Every
 other connection, and a handshake this path does not take, goes to uvloop as HTTP with the
 bytes already read (`adopt_client`), exactly as if uvloop had accepted it.
 
@@ -13,13 +14,12 @@ and that connection goes the HTTP way or is closed; the arrivals after it are se
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 from typing import TYPE_CHECKING
 
 from charon.worker.http.adopted import adopt_client
 from charon.worker.http.errors import HttpError
-from charon.worker.http.request import BODY_NONE, RequestPlan, plan_request
+from charon.worker.http.request import BODY_NONE, RequestPlan, choose_target, plan_request
 from charon.worker.tlsinfo import TlsInfo
 from charon.worker.tlspump import serve_http
 from charon.worker.websocket._engine import CLIENT
@@ -30,21 +30,6 @@ if TYPE_CHECKING:
     from charon.worker.websocket._engine import Arrival, SplitHead, TlsConn
 
 log = logging.getLogger("charon.worker")
-
-_ip_literals: dict[str, bool] = {}
-
-
-def _is_ip(host: str) -> bool:
-    """Whether the engine can dial `host` as it is (inet_pton: no name, no zone id)."""
-    known = _ip_literals.get(host)
-    if known is None:
-        try:
-            known = "%" not in host and ipaddress.ip_address(host) is not None
-        except ValueError:
-            known = False  # a name: uvloop resolves it on the HTTP path
-        _ip_literals[host] = known
-    return known
-
 
 def arrived(ctx: WorkerContext, arrivals: list[Arrival] | None, accepted: int) -> None:
     """Serve what the front door took in. Open client connections are counted (for accept
@@ -80,7 +65,7 @@ def _plan(
 ) -> RequestPlan | None:
     """The plan of a handshake this path may dial as the HTTP path would forward it; None
     leaves the connection to the HTTP path, which answers the rest (a force_https 308, a 421,
-    a backend over TLS, which the engine does not dial)."""
+    a 503, a route with a target over TLS or by name, which the engine does not dial)."""
     method, target, fields, head_len = head
     limits = ctx.limits
     if (
@@ -92,14 +77,19 @@ def _plan(
     info = TlsInfo(*tls.info()) if tls is not None else None  # (421 compares its SNI name)
     try:
         plan = plan_request(
-            method, target, "1.1", fields, peer_ip, info, ctx.router, ctx.forwarded
+            method, target, "1.1", fields, peer_ip, info, ctx.router, ctx.forwarded, False
         )
+        # The target is chosen only for a handshake dialled here: the HTTP path would choose
+        # again (a round robin would then skip one).
+        if (
+            plan.websocket_key is None
+            or plan.body != BODY_NONE
+            or not plan.route.group.dialable
+        ):
+            return None
+        if plan.target is None:
+            choose_target(plan)
     except HttpError:
-        return None
-    if plan.websocket_key is None or plan.body != BODY_NONE:
-        return None
-    upstream = plan.route.upstream
-    if upstream.tls or not _is_ip(upstream.host):
         return None
     return plan
 

@@ -92,11 +92,13 @@ class Worker:
         if self.config.server.access_log:
             access_log = AccessLog(loop, self.config.server.access_log, self.log_format == "json")
             loop.add_signal_handler(signal.SIGUSR1, access_log.reopen)
-        ctx = WorkerContext(loop, self.config, Telemetry(publisher, access_log, events))
+        # The supervisor's secret: TLS ticket keys and the sticky cookie's key derive from it.
+        secret = take_ticket_secret()
+        ctx = WorkerContext(loop, self.config, Telemetry(publisher, access_log, events), secret)
         ctx.engine.on_arrivals = partial(door.arrived, ctx)
         tls_fds = tls_listen_fds(self.listen_fds, self.config)
         if tls_fds:
-            ctx.serve_tls(take_ticket_secret())
+            ctx.serve_tls(secret)
         listeners = Listeners(ctx.engine.engine, self.listen_fds, self.table, tls_fds)
         listeners.start()
         ctx.listeners = listeners

@@ -7,13 +7,14 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from charon.config.model import (
+    Backends,
     Config,
     ProxyHost,
     Timeouts,
     Upstream,
-    UpstreamKey,
     WebSocketSettings,
 )
+from charon.worker.upstreams.group import GroupMaker, TargetGroup
 
 if TYPE_CHECKING:
     from charon.worker.upstreams.pool import UpstreamPool
@@ -24,10 +25,11 @@ class Route:
     """Where one request goes: the proxy host it matched and the location inside it, if any."""
 
     host: ProxyHost
-    upstream: Upstream
+    upstream: Upstream  # the first target's (for messages naming one backend)
     timeouts: Timeouts
     websocket: WebSocketSettings
-    pool: UpstreamPool  # the worker's connections to `upstream`, found once, not per request
+    backends: Backends
+    group: TargetGroup  # its targets with the worker's pools and health, found once
     host_name: str  # host.name, the label of logs and metrics
     generation: int  # the router's (see Router.generation)
     hsts: bytes | None = None  # host.hsts, ready for the response head (sent over TLS only)
@@ -48,6 +50,7 @@ class Router:
         generation: int = 0,
         https_port: int = 443,
         acme_state_dir: str | None = None,
+        groups: GroupMaker | None = None,
     ) -> None:
         # +1 per config applied in place: a tunnel whose route is older was planned before
         # the reload and is matched against this router when it opens (tunnel.py).
@@ -56,7 +59,8 @@ class Router:
         self.https_port = b"" if https_port == 443 else b":%d" % https_port
         # Where HTTP-01 challenge answers are (http/acme_challenge.py); None: no ACME host.
         self.acme_state_dir = acme_state_dir
-        self._pool_for = pool_for
+        # Makes each route's TargetGroup (pools, health, telemetry of its targets).
+        self._groups = groups if groups is not None else GroupMaker(pool_for)
         self._exact: dict[bytes, HostRoutes] = {}  # filled from _exact_hosts as names are asked
         self._exact_hosts: dict[bytes, ProxyHost] = {}
         self._wildcards: dict[bytes, HostRoutes] = {}  # ".example.org" -> routes
@@ -83,7 +87,7 @@ class Router:
     def _routes(self, host: ProxyHost) -> HostRoutes:
         routes = self._built.get(id(host))
         if routes is None:
-            routes = self._built[id(host)] = _host_routes(host, self._pool_for, self.generation)
+            routes = self._built[id(host)] = _host_routes(host, self._groups, self.generation)
         return routes
 
     def _lookup(self, name: bytes) -> HostRoutes | None:
@@ -130,10 +134,10 @@ class Router:
                 return route
         return own
 
-    def find(self, host_name: str, path: bytes, upstream: UpstreamKey) -> Route | None:
-        """After a reload, the route of an open tunnel of host `host_name` to `upstream`: the
-        one its path takes if it still goes there, else any of the host's that does; None if
-        the host or that backend address is gone."""
+    def find(self, host_name: str, path: bytes, url: str) -> Route | None:
+        """After a reload, the route of an open tunnel of host `host_name` to the target
+        `url`: the one its path takes if that route still has the target, else any of the
+        host's that does; None if the host or that target is gone."""
         host = self._by_name.get(host_name)
         if host is None:
             return None
@@ -143,16 +147,19 @@ class Router:
             if path.startswith(prefix):
                 chosen = route
                 break
-        if chosen.upstream.key == upstream:
+        if url in chosen.group.by_url:
             return chosen
         for route in (own, *(r for _, r in locations)):
-            if route.upstream.key == upstream:
+            if url in route.group.by_url:
                 return route
         return None
 
 
 def config_router(
-    config: Config, pool_for: Callable[[Upstream], UpstreamPool], generation: int = 0
+    config: Config,
+    pool_for: Callable[[Upstream], UpstreamPool],
+    generation: int = 0,
+    groups: GroupMaker | None = None,
 ) -> Router:
     """The router of `config`, with its TLS settings: the port force_https redirects to (the
     first TLS listener's) and the ACME state directory when a host gets certificates over ACME."""
@@ -164,21 +171,22 @@ def config_router(
         generation,
         https_port=tls_listen[0].port if tls_listen else 443,
         acme_state_dir=config.tls.state_dir if auto else None,
+        groups=groups,
     )
 
 
-def _host_routes(
-    host: ProxyHost, pool_for: Callable[[Upstream], UpstreamPool], generation: int
-) -> HostRoutes:
+def _host_routes(host: ProxyHost, groups: GroupMaker, generation: int) -> HostRoutes:
     hsts = host.hsts.encode("latin-1") if host.hsts else None
+    name = host.name
 
-    def route(upstream: Upstream, timeouts: Timeouts, websocket: WebSocketSettings) -> Route:
+    def route(backends: Backends, timeouts: Timeouts, websocket: WebSocketSettings) -> Route:
         return Route(
-            host, upstream, timeouts, websocket, pool_for(upstream), host.name, generation, hsts
+            host, backends.upstream, timeouts, websocket, backends,
+            groups.group(backends, name), name, generation, hsts,
         )
 
     locations = tuple(
-        (loc.path.encode("latin-1"), route(loc.upstream, loc.timeouts, loc.websocket))
+        (loc.path.encode("latin-1"), route(loc.backends, loc.timeouts, loc.websocket))
         for loc in host.locations
     )
-    return locations, route(host.upstream, host.timeouts, host.websocket)
+    return locations, route(host.backends, host.timeouts, host.websocket)

@@ -4,9 +4,9 @@ What a request looks up at its start (the router, the forwarded policy, limits a
 is replaced on the context, so a request in flight keeps the route it planned with and the next
 one on the same connection finds the new config. Upstream pools whose address is still used
 are kept with their idle connections; the others close their idle connections and take no
-more. A WebSocket tunnel is kept when its host (by name) still routes to its backend address,
-with the host's new idle timeout and ping interval; otherwise it is drained: closed with 1001
-after drain_timeout.
+more. A WebSocket tunnel is kept when its host (by name) still has its target (by URL) and
+the target is not marked `drain`, with the host's new idle timeout and ping interval;
+otherwise it is drained: closed with 1001 after drain_timeout.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def apply_config(ctx: WorkerContext, config: Config) -> int:
             pools[key] = pool
     for pool in old_pools.values():
         pool.retire()  # in-flight exchanges still hold it: they close, not release
-    router = config_router(config, ctx.pool, ctx.router.generation + 1)
+    router = config_router(config, ctx.pool, ctx.router.generation + 1, ctx.groups)
     server = config.server
     ctx.config = config
     ctx.router = router
@@ -54,14 +54,20 @@ def apply_config(ctx: WorkerContext, config: Config) -> int:
 
 def retarget(ctx: WorkerContext, tunnel: Tunnel, drain_at: float) -> bool:
     """Match an open tunnel against the current config: kept (True) or set to close with 1001
-    at loop time `drain_at`. Also for a tunnel whose handshake was planned before a reload
-    and opened after it (tunnel.py's running)."""
+    at loop time `drain_at` (its host, or its target, is gone, or the target is now marked
+    `drain`). Also for a tunnel whose handshake was planned before a reload and opened after
+    it (tunnel.py's running)."""
     old = tunnel.route
-    route = ctx.router.find(old.host_name, tunnel.info.path.encode("latin-1"), old.upstream.key)
+    url = tunnel.target.url if tunnel.target is not None else old.upstream.url
+    route = ctx.router.find(old.host_name, tunnel.info.path.encode("latin-1"), url)
     if route is None:
         tunnel.drain(drain_at)
         return False
-    tunnel.retarget(route)
+    state = route.group.by_url[url]
+    tunnel.retarget(route, state)
+    if state.target.drain:
+        tunnel.drain(drain_at)
+        return False
     return True
 
 
@@ -70,7 +76,7 @@ def _upstreams(config: Config) -> list[Upstream]:
     charon/config/sharing.py, so the identity check below skips most repeats cheaply)."""
     seen: dict[int, Upstream] = {}
     for host in config.hosts:
-        seen[id(host.upstream)] = host.upstream
-        for location in host.locations:
-            seen[id(location.upstream)] = location.upstream
+        for backends in (host.backends, *(location.backends for location in host.locations)):
+            for target in backends.targets:
+                seen[id(target.upstream)] = target.upstream
     return list(seen.values())

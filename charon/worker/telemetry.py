@@ -67,6 +67,30 @@ class HostTotals:
         self.ws_seconds = 0.0
 
 
+class TargetTotals:
+    """One target's sums since the last METRICS (labels host, target: its proxy host's name
+    and URL), and its open tunnels (a gauge). Each TargetState holds its own, found once when
+    its group is made: a request adds to it without a lookup."""
+
+    __slots__ = ("codes", "buckets", "seconds", "tunnels")
+
+    def __init__(self) -> None:
+        self.tunnels = 0
+        self.clear()
+
+    def clear(self) -> None:
+        self.codes: dict[int, int] = {}  # the backend's status (or the proxy's 502/504) -> n
+        self.buckets = [0] * (len(HTTP_BUCKETS) + 1)
+        self.seconds = 0.0
+
+    def request(self, status: int, duration: float) -> None:
+        """One attempt on the target ended: `duration` from its choice to the response's end."""
+        codes = self.codes
+        codes[status] = codes.get(status, 0) + 1
+        self.buckets[bisect_left(HTTP_BUCKETS, duration)] += 1
+        self.seconds += duration
+
+
 class Telemetry:
     def __init__(
         self, publisher: EventPublisher, access_log: AccessLog | None = None, enabled: bool = True
@@ -79,12 +103,21 @@ class Telemetry:
         self.ws_closes: Counter[tuple[str, int]] = Counter()
         self.tls_handshakes: Counter[str] = Counter()  # by result (TLS_RESULTS)
         self.hosts: dict[str, HostTotals] = {}
+        self.targets: dict[tuple[str, str], TargetTotals] = {}  # (host, target URL)
 
     def tls_counts(self, counts: tuple[int, ...]) -> None:
         """The engine's handshake counts since the last call, in TLS_RESULTS order."""
         for result, count in zip(TLS_RESULTS, counts, strict=True):
             if count:
                 self.tls_handshakes[result] += count
+
+    def target_totals(self, host: str, url: str) -> TargetTotals:
+        """The totals of target `url` under host label `host` (kept across reloads, so its
+        open tunnels stay counted)."""
+        totals = self.targets.get((host, url))
+        if totals is None:
+            totals = self.targets[(host, url)] = TargetTotals()
+        return totals
 
     def _totals(self, host: str) -> HostTotals:
         totals = self.hosts.get(host)
@@ -180,6 +213,7 @@ class Telemetry:
         if not self.enabled:
             return
         hosts = self.hosts.items()
+        targets = self.targets.items()
         deltas = {
             "requests": [[h, m, c, n] for (h, m, c), n in self.requests.items()],
             "response_bytes": [[h, t.response_bytes] for h, t in hosts if t.requests],
@@ -197,12 +231,19 @@ class Telemetry:
             "tls_handshakes": [[r, n] for r, n in self.tls_handshakes.items()],
             "http_durations": [[h, t.http_buckets, t.http_seconds] for h, t in hosts if t.requests],
             "ws_durations": [[h, t.ws_buckets, t.ws_seconds] for h, t in hosts if t.ws_closed],
+            "upstream_requests": [
+                [h, url, code, n] for (h, url), t in targets for code, n in t.codes.items()
+            ],
+            "upstream_durations": [
+                [h, url, t.buckets, t.seconds] for (h, url), t in targets if t.codes
+            ],
         }
         gauges = {
             "ws_active": [[h, t.ws_active] for h, t in hosts if t.ws_active],
             "in_flight": in_flight,
             "connections": connections,
             "tunnels": tunnels,
+            "upstream_tunnels": [[h, url, t.tunnels] for (h, url), t in targets if t.tunnels],
             "events_dropped": self.publisher.dropped,
         }
         publisher = self.publisher
@@ -218,3 +259,6 @@ class Telemetry:
             counter.clear()
         for totals in self.hosts.values():
             totals.clear()
+        for target in self.targets.values():
+            if target.codes:
+                target.clear()

@@ -20,6 +20,7 @@ from charon.worker.upstreams.connecting import Connecting
 
 if TYPE_CHECKING:
     from charon.worker.context import WorkerContext
+    from charon.worker.upstreams.group import TargetState
 
 log = logging.getLogger("charon.worker")
 
@@ -27,17 +28,23 @@ log = logging.getLogger("charon.worker")
 class Handover:
     """What the engine did for the first request of a connection it hands over."""
 
-    __slots__ = ("backend_fd", "answered", "failure")
+    __slots__ = ("backend_fd", "answered", "failure", "target", "refused")
 
     def __init__(
         self,
         backend_fd: int = -1,
         answered: bytes = b"",
         failure: tuple[int, str, str] | None = None,
+        target: TargetState | None = None,
+        refused: bool = False,
     ) -> None:
         self.backend_fd = backend_fd  # the request went out on it; -1: none
         self.answered = answered  # what the backend sent on it so far
         self.failure = failure  # (status, detail, upstream error kind) to answer instead
+        self.target = target  # the target dialled: the HTTP path goes on with it
+        # Nothing came back (a failed or timed out connect, a close before any answer): the
+        # request may go to another target (decision 11), with `failure` if none takes it.
+        self.refused = refused
 
     def close(self) -> None:
         """Unused after all (the client left first): the backend connection is cut."""

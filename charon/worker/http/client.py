@@ -281,6 +281,7 @@ class ClientConnection(SlicedFeed):
                 self.tls,
                 self.ctx.router,
                 self.ctx.forwarded,
+                self.handover is None,  # else the front door's target is kept (exchange.py)
             )
         except HttpError as error:
             if error.close:

@@ -24,7 +24,7 @@ from charon.worker.deadlines import (
 )
 from charon.worker.http.bodyrate import body_wait
 from charon.worker.http.errors import CLIENT_CLOSED, HttpError, local_response
-from charon.worker.http.request import BODY_CHUNKED, BODY_NONE, IDEMPOTENT, RequestPlan
+from charon.worker.http.request import BODY_CHUNKED, BODY_NONE, RequestPlan, use_target
 from charon.worker.http.response import (
     OUT_CHUNKED,
     OUT_NONE,
@@ -32,6 +32,12 @@ from charon.worker.http.response import (
     final_head,
     has_no_body,
     interim_head,
+)
+from charon.worker.upstreams.retries import (
+    attempt_failed,
+    may_send_again,
+    response_status,
+    stale_connection,
 )
 from charon.worker.websocket.handshake import switching_response
 from charon.worker.websocket.tunnel import TunnelInfo, open_tunnel
@@ -41,6 +47,7 @@ if TYPE_CHECKING:
     from charon.worker.http.client import ClientConnection
     from charon.worker.upstreams.connecting import Connecting
     from charon.worker.upstreams.connection import UpstreamConnection
+    from charon.worker.upstreams.group import TargetState
 
 log = logging.getLogger("charon.worker")
 
@@ -54,7 +61,8 @@ class Exchange:
         "http11", "keep_alive", "request_done", "pending", "pending_size", "upstream",
         "connecting", "finished", "parser", "reason", "headers", "in_head", "interim", "framing",
         "delimited", "response_started", "response_done", "upstream_reusable", "out", "reused",
-        "retried", "switching", "answered", "received",
+        "retried", "switching", "answered", "received", "chosen", "tried", "attempt_at",
+        "informed",
     )
 
     def __init__(
@@ -100,6 +108,10 @@ class Exchange:
         self.switching = False
         self.answered: bytes | None = None  # the backend's answer read by the front door
         self.received = 0  # request body bytes
+        self.chosen: TargetState | None = None  # the target of the attempt under way
+        self.tried: tuple[TargetState, ...] | None = None  # targets whose attempts failed
+        self.attempt_at = self.started  # when the attempt under way chose its target
+        self.informed = False  # a 1xx went to the client: the request is not sent again
 
     # -- lifecycle, driven by the client connection ------------------------------------------
 
@@ -114,7 +126,10 @@ class Exchange:
             self.client.handover = None
             self._resume_handover(handover)
             return
-        conn = self.plan.route.pool.take_idle()
+        target = self.plan.target
+        assert target is not None  # (plan_request chose it: no handover)
+        self.count(target)
+        conn = target.pool.take_idle()
         if conn is not None:
             self._attach(conn, reused=True)
         else:
@@ -133,13 +148,18 @@ class Exchange:
 
     def on_deadline(self, kind: int) -> None:
         if kind == CONNECT:
-            self._fail(504, "the backend did not accept the connection in time", ERR_TIMEOUT)
+            if self.connecting is not None:
+                self.connecting.cancel()
+                self.connecting = None
+            self._attempt_failed(
+                504, "the backend did not accept the connection in time", ERR_TIMEOUT
+            )
         elif kind == FIRST_BYTE:
-            self._fail(504, "the backend did not answer in time", ERR_TIMEOUT)
+            self._attempt_failed(504, "the backend did not answer in time", ERR_TIMEOUT, False)
         elif kind == BODY_IDLE:
             self._fail(408, "the request body stalled or came too slowly")
         else:  # RESPONSE_IDLE
-            self._fail(504, "the backend stalled", ERR_TIMEOUT)
+            self._attempt_failed(504, "the backend stalled", ERR_TIMEOUT, False)
 
     # -- request side ------------------------------------------------------------------------
 
@@ -190,22 +210,43 @@ class Exchange:
     # -- backend connection ----------------------------------------------------------------
 
     def _connect(self) -> None:
-        assert self.plan is not None
+        assert self.plan is not None and self.chosen is not None
         self.client.set_deadline(CONNECT, self.plan.route.timeouts.connect)
-        self.connecting = connecting = self.plan.route.pool.connect(self)
+        self.connecting = connecting = self.chosen.pool.connect(self)
         connecting.start()
 
+    def count(self, target: TargetState) -> None:
+        """`target` takes the attempt: counted in its `active` until the attempt ends."""
+        if self.chosen is not None:
+            self.chosen.active -= 1
+        target.active += 1
+        self.chosen = target
+        self.attempt_at = time.monotonic()
+
     def _resume_handover(self, handover: Handover) -> None:
-        """Go on from where the front door's dial of a WebSocket handshake stopped: its
-        failure is answered, or the backend's answer so far is read on its connection."""
-        assert self.plan is not None
-        if handover.failure is not None:
+        """Go on from where the front door's dial of a WebSocket handshake stopped, with the
+        target it dialled: a refused connect goes to another target (decision 11), a failure
+        is answered, or the backend's answer so far is read on its connection."""
+        plan, target = self.plan, handover.target
+        assert plan is not None and target is not None
+        use_target(plan, target)  # (this plan was made without a choice)
+        self.count(target)
+        failure = handover.failure
+        if failure is not None:
             handover.close()
-            self._fail(*handover.failure)
+            if not handover.refused:
+                self._attempt_failed(*failure, False)
+            elif failure[0] == 502 and len(plan.route.group.states) == 1:
+                self._connect()  # its one target: connected again, as without a front door
+            else:
+                self._attempt_failed(*failure)  # nothing was sent: another target may take it
+            return
+        if handover.backend_fd < 0:  # the dial never began
+            self._connect()
             return
         fd, handover.backend_fd = handover.backend_fd, -1
         self.answered = handover.answered  # fed once attached (the first-byte deadline runs)
-        self.connecting = connecting = self.plan.route.pool.connect(self, fd)
+        self.connecting = connecting = target.pool.connect(self, fd)
         connecting.start()
 
     def upstream_connected(self, conn: UpstreamConnection) -> None:
@@ -230,13 +271,22 @@ class Exchange:
         if self.finished:
             return
         if isinstance(exc, ssl.SSLError):
-            assert self.plan is not None
-            log.warning("TLS with the backend %s failed: %s", self.plan.route.upstream.url, exc)
-            self._fail(502, "TLS with the backend failed", ERR_TLS)
+            assert self.chosen is not None
+            log.warning("TLS with the backend %s failed: %s", self.chosen.url, exc)
+            self._attempt_failed(502, "TLS with the backend failed", ERR_TLS)
             return
         if not isinstance(exc, OSError):
             log.error("connecting to the backend failed", exc_info=exc)
-        self._fail(502, "cannot connect to the backend", ERR_CONNECT)
+        self._attempt_failed(502, "cannot connect to the backend", ERR_CONNECT)
+
+    def _attempt_failed(self, status: int, detail: str, kind: str, resend: bool = True) -> None:
+        """The attempt on the target failed; `resend`: nothing of the request was sent, so it
+        may go whole to another target (decision 11, retries.py) instead of being answered."""
+        if not self.finished and attempt_failed(self, status, kind, resend):
+            self.parser = None
+            self._connect()
+            return
+        self._fail(status, detail, kind)
 
     def _join(self, conn: UpstreamConnection) -> None:
         self.connecting = None
@@ -283,10 +333,12 @@ class Exchange:
             if self.plan is not None and self.plan.websocket_key is not None:
                 self._open_tunnel(data[exc.args[0] :])
                 return
-            self._fail(502, "the backend switched protocols unasked", ERR_BAD_RESPONSE)
+            self._attempt_failed(502, "the backend switched protocols unasked", ERR_BAD_RESPONSE,
+                                 False)
         except httptools.HttpParserError:
             self.upstream_reusable = False
-            self._fail(502, "the backend sent an invalid response", ERR_BAD_RESPONSE)
+            self._attempt_failed(502, "the backend sent an invalid response", ERR_BAD_RESPONSE,
+                                 False)
         self._flush()
         if self.response_done:
             self._release_upstream()
@@ -296,13 +348,17 @@ class Exchange:
     def _open_tunnel(self, backend_tail: bytes) -> None:
         """The backend answered 101: check it, then hand both connections to the tunnel engine
         (which sends the 101 to the client itself, before any frame)."""
-        plan, conn, client = self.plan, self.upstream, self.client
+        plan, conn, client, target = self.plan, self.upstream, self.client, self.chosen
         assert plan is not None and plan.websocket_key is not None and conn is not None
+        assert target is not None
+        if plan.set_cookie is not None:
+            self.headers.append(plan.set_cookie)
         switching = switching_response(self.headers, plan.websocket_key, plan.head)
         if switching is None:
             self.upstream_reusable = False
-            self._fail(
-                502, "the backend's 101 is not a valid WebSocket handshake", ERR_BAD_RESPONSE
+            self._attempt_failed(
+                502, "the backend's 101 is not a valid WebSocket handshake", ERR_BAD_RESPONSE,
+                False,
             )
             return
         transport = client.transport
@@ -330,6 +386,7 @@ class Exchange:
             backend_tail,
             plan.route,
             info,
+            target,
         )
 
     def upstream_closed(self) -> None:
@@ -341,24 +398,17 @@ class Exchange:
             self._complete_response()  # a read-until-close body ends here
             self._flush()
             return
-        if self.in_head and not self.response_started and self._may_retry():
-            self.retried = True
-            self.parser = None
-            self._connect()
+        if self.in_head and not self.response_started:
+            if stale_connection(self):
+                self.retried = True
+                self.parser = None
+                self._connect()
+                return
+            self._attempt_failed(
+                502, "the backend closed the connection early", ERR_CLOSED, may_send_again(self)
+            )
             return
-        self._fail(502, "the backend closed the connection early", ERR_CLOSED)
-
-    def _may_retry(self) -> bool:
-        # Decision 11: a reused connection the backend closed before answering; only a request
-        # with no body can be sent again whole, and only an idempotent one may be.
-        plan = self.plan
-        return (
-            plan is not None
-            and self.reused
-            and not self.retried
-            and plan.body == BODY_NONE
-            and plan.method in IDEMPOTENT
-        )
+        self._attempt_failed(502, "the backend closed the connection early", ERR_CLOSED, False)
 
     def _release_upstream(self) -> None:
         conn, self.upstream = self.upstream, None
@@ -394,6 +444,7 @@ class Exchange:
         if 100 <= status < 200 and status != 101:
             self.interim = True
             if self.http11:
+                self.informed = True
                 self.out.append(interim_head(status, self.reason, self.headers))
             self.headers = []
             self.reason = b""
@@ -402,6 +453,11 @@ class Exchange:
             self.switching = True  # llhttp completes the message, then raises HttpParserUpgrade
             return
         self.status = status
+        plan = self.plan
+        if plan.route.group.passive:
+            response_status(self, status)
+        if plan.set_cookie is not None:
+            self.headers.append(plan.set_cookie)
         no_body = has_no_body(status, self.plan.method)
         keep_alive = self.keep_alive and not self.client.ctx.draining
         head, self.framing, self.keep_alive, self.delimited = final_head(
@@ -507,15 +563,30 @@ class Exchange:
 
     def _report(self, status: int) -> None:
         plan, ctx = self.plan, self.client.ctx
+        now = time.monotonic()
+        target = self.chosen
+        if target is not None:  # the last attempt's target
+            self.chosen = None
+            target.active -= 1
+            if status != CLIENT_CLOSED:
+                target.totals.request(status, now - self.attempt_at)
         ctx.telemetry.request(
             plan.route.host_name if plan is not None else OTHER_HOST,
             self.method,
             status,
-            time.monotonic() - self.started,
+            now - self.started,
             self.body_bytes,
             plan.client_ip if plan is not None else self.client.peer_ip,
             self.target,
         )
+
+    def attempt_over(self, status: int, kind: str) -> None:
+        """A failed attempt that goes on elsewhere: told and counted on its own target."""
+        self._report_upstream_error(kind, status)
+        target, self.chosen = self.chosen, None
+        if target is not None:
+            target.active -= 1
+            target.totals.request(status, time.monotonic() - self.attempt_at)
 
     def _report_upstream_error(self, kind: str, status: int) -> None:
         plan, ctx = self.plan, self.client.ctx

@@ -23,6 +23,7 @@ from charon.worker.http.headers import (
 )
 from charon.worker.http.target import check_target
 from charon.worker.routing import Route, Router
+from charon.worker.upstreams.cookie import find_cookie
 from charon.worker.websocket.handshake import (
     check_request,
     check_upgrade_alone,
@@ -31,6 +32,7 @@ from charon.worker.websocket.handshake import (
 
 if TYPE_CHECKING:
     from charon.worker.tlsinfo import TlsInfo
+    from charon.worker.upstreams.group import TargetGroup, TargetState
 
 BODY_NONE = 0
 BODY_LENGTH = 1
@@ -81,6 +83,10 @@ _SPECIAL = {
     b"x-remote-addr": _CLIENT_IP,
     b"client-ip": _CLIENT_IP,
 }
+# The fields a group's lb_policy reads (header_hash's header, cookie's Cookie) get kinds of their
+# own from here on when a group first needs them: set aside with the specials, and forwarded.
+_KEY_FIELD_FIRST = 100
+_SCAN = -1  # a key field that cannot be set aside (a client-address or underscored name)
 # _SPECIAL and the kinds of the other names seen, so that a request's fields cost one lookup
 # each, as before underscores were looked for (bytes' `in` is slow: it tries an int first).
 _kinds = dict(_SPECIAL)
@@ -108,6 +114,10 @@ class RequestPlan:
     path: bytes
     websocket_key: bytes | None  # set for a valid WebSocket handshake
     hsts: bytes | None = None  # Strict-Transport-Security for the response (over TLS only)
+    target: TargetState | None = None  # the target chosen (None: not chosen yet)
+    lb_key: bytes | None = None  # what the policy hashes or looks up (client IP, field, cookie)
+    tls: bool = False  # the client came over TLS (the sticky cookie is Secure)
+    set_cookie: tuple[bytes, bytes] | None = None  # the cookie policy's field for the response
 
 
 def plan_request(
@@ -119,8 +129,11 @@ def plan_request(
     tls: TlsInfo | None,
     router: Router,
     policy: ForwardedPolicy,
+    choose: bool = True,
 ) -> RequestPlan:
-    """`tls`: what the client's TLS connection negotiated; None on a plain listener."""
+    """`tls`: what the client's TLS connection negotiated; None on a plain listener.
+    `choose`: choose the target now (HttpError 503 if none can take it); else the plan's
+    target is left to `choose_target` (what the policy needs is kept in the plan)."""
     if version[0] != "1":
         raise HttpError(505, "only HTTP/1.x is supported")
     if method == b"CONNECT":
@@ -279,10 +292,84 @@ def plan_request(
     else:
         out.append(b"\r\n")
 
-    return RequestPlan(
+    plan = RequestPlan(
         route, method, b"".join(out), body, body_length, client_ip, path,
-        ws_key.strip() if websocket and ws_key else None, hsts,
+        ws_key.strip() if websocket and ws_key else None, hsts, route.group.single,
+        None, tls is not None,
     )
+    single = plan.target
+    if single is None or not single.health.checked_up:  # several targets, or one that is down
+        group = route.group
+        if group.key_ip:
+            plan.lb_key = client_ip.encode("latin-1")
+        elif group.key_field is not None:
+            plan.lb_key = _lb_key(group, specials, headers)
+        plan.target = None
+        if choose:
+            choose_target(plan)
+    return plan
+
+
+def choose_target(plan: RequestPlan) -> TargetState:
+    """The route's policy chooses the plan's target; HttpError 503 when none can take it."""
+    group = plan.route.group
+    target = group.choose(plan.lb_key)
+    if target is None:
+        raise HttpError(
+            503, "no backend available", close=False,
+            fields=b"Retry-After: %d\r\n" % group.retry_after(),
+            body=b"503 Service Unavailable: no backend available\n",
+        )
+    use_target(plan, target)
+    return target
+
+
+def use_target(plan: RequestPlan, target: TargetState) -> None:
+    """`target` serves the plan (chosen, or another after a failure); the cookie policy's
+    response names it unless the request's cookie did."""
+    plan.target = target
+    group = plan.route.group
+    if group.set_cookie:
+        plan.set_cookie = None if plan.lb_key == target.cookie else group.cookie_field(
+            target, plan.tls
+        )
+
+
+def _lb_key(
+    group: TargetGroup, specials: list[tuple[int, bytes]], headers: list[Header]
+) -> bytes | None:
+    """The value of the field the group's policy reads (the named header, or its cookie),
+    from the fields set aside in the one pass; None when the request has none."""
+    kind = group.key_special
+    field = group.key_field
+    assert field is not None
+    if kind == 0:
+        kind, new = _key_field_kind(field)
+        group.key_special = kind
+        if new:  # this request was walked before the field had a kind: found here, this once
+            kind = _SCAN
+    if kind == _SCAN:
+        values = [value for name, value in headers if name.lower() == field]
+    else:
+        values = [value for k, value in specials if k == kind]
+    if not values:
+        return None
+    if group.set_cookie:
+        return find_cookie(values, group.cookie_name)
+    return values[0].strip()
+
+
+def _key_field_kind(lname: bytes) -> tuple[int, bool]:
+    """The kind of a field an lb_policy reads, made one of the specials (forwarded as it
+    was) the first time; (kind, True) when it was made now."""
+    kind = _SPECIAL.get(lname)
+    if kind is not None:
+        return (kind, False) if kind != _CLIENT_IP else (_SCAN, False)
+    if lname.find(b"_") != -1:
+        return _SCAN, False
+    kind = _KEY_FIELD_FIRST + sum(1 for k in _SPECIAL.values() if k >= _KEY_FIELD_FIRST)
+    _SPECIAL[lname] = _kinds[lname] = kind
+    return kind, True
 
 
 def _to_https(name: bytes, port: bytes, path: bytes) -> HttpError:

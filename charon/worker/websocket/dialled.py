@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 import httptools
 
-from charon.events.schema import ERR_TIMEOUT
+from charon.events.schema import ERR_CLOSED, ERR_CONNECT, ERR_TIMEOUT
 from charon.worker.deadlines import CONNECT, FIRST_BYTE, NONE
 from charon.worker.http.adopted import Handover, adopt_client
 from charon.worker.tlspump import serve_http
@@ -52,17 +52,18 @@ class DialledTunnel(Tunnel):
     def __init__(self, ctx: WorkerContext, client_fd: int, handshake: Handshake) -> None:
         plan = handshake.plan
         info = TunnelInfo(plan.route.host_name, plan.client_ip, plan.path.decode("latin-1"), "")
-        super().__init__(ctx, client_fd, -1, plan.route, info, adopt=True)
+        super().__init__(ctx, client_fd, -1, plan.route, info, adopt=True, target=plan.target)
         self.handshake: Handshake | None = handshake  # None once open: an idle tunnel is small
 
     def begin(self, client_tail: bytes) -> None:
         assert self.handshake is not None
         ctx, plan = self.ctx, self.handshake.plan
-        upstream = plan.route.upstream
-        assert plan.websocket_key is not None
+        assert plan.websocket_key is not None and plan.target is not None
+        upstream = plan.target.upstream
+        self.count()  # an in-flight request on its target, then a tunnel
         self.dial(upstream.host, upstream.port, plan.head, client_tail)
         if self.dial_error:  # e.g. no fd left for the socket: the HTTP path tries again
-            self._hand_back(None)
+            self._hand_back(None, refused=False)
             return
         ctx.dialling.add(self)
         timeouts = plan.route.timeouts
@@ -93,7 +94,8 @@ class DialledTunnel(Tunnel):
             failure = (504, "the backend did not answer in time", ERR_TIMEOUT)
         left = due - time.monotonic()
         if left <= 0:
-            self._hand_back(failure)
+            # Nothing was sent before a connect timed out: another target may take it.
+            self._hand_back(failure, refused=connected_at is None)
             return
         if connected_at is None:
             left = min(left, timeouts.first_byte)  # it may connect any time from now
@@ -108,7 +110,9 @@ class DialledTunnel(Tunnel):
         plan = handshake.plan
         assert plan.websocket_key is not None
         try:
-            switching = _check_101(self.answer_head(), plan.websocket_key, plan.head)
+            switching = _check_101(
+                self.answer_head(), plan.websocket_key, plan.head, plan.set_cookie
+            )
         except Exception:  # a bug: the HTTP path takes the connection, never left waiting
             log.exception("checking a dialled 101 failed")
             switching = None
@@ -123,15 +127,19 @@ class DialledTunnel(Tunnel):
         ctx, plan = self.ctx, handshake.plan
         ctx.dialling.discard(self)
         self.info.subprotocol = subprotocol.decode("latin-1")
+        duration = time.monotonic() - handshake.started
         ctx.telemetry.request(
-            plan.route.host_name, plan.method, 101, time.monotonic() - handshake.started, 0,
-            plan.client_ip, handshake.target,
+            plan.route.host_name, plan.method, 101, duration, 0, plan.client_ip, handshake.target
         )
+        if self.target is not None:
+            self.target.totals.request(101, duration)
         self.running()
 
-    def _hand_back(self, failure: tuple[int, str, str] | None) -> None:
-        """The connection goes on as HTTP: with the backend's answer so far, or the failure
-        to answer; after a failed connect with nothing else, the HTTP path connects again."""
+    def _hand_back(self, failure: tuple[int, str, str] | None, refused: bool = True) -> None:
+        """The connection goes on as HTTP with the target dialled: with the backend's answer
+        so far, or the failure to answer. With nothing read (a failed connect, a close), the
+        HTTP path sends the request to another target, or connects again to a lone one;
+        `refused` False: the dial never began (a local failure), the same target is tried."""
         handshake, self.handshake = self.handshake, None
         if handshake is None:
             return  # handed back already (a deadline came first)
@@ -139,13 +147,19 @@ class DialledTunnel(Tunnel):
         ctx.dialling.discard(self)
         self.deadline_kind = NONE
         self._done = True
+        self.uncount()  # the HTTP path's exchange counts it again
         client_fd, backend_fd, answered = self.hand_back()
         if backend_fd >= 0 and (failure is not None or not answered):
             os.close(backend_fd)
             backend_fd = -1
-        handover = None
-        if failure is not None or backend_fd >= 0:
-            handover = Handover(backend_fd, answered, failure)
+        # Nothing came back: a connect that failed or timed out, a close before any answer.
+        refused = refused and backend_fd < 0 and (failure is None or self.connected_at is None)
+        if refused and failure is None:
+            if self.connected_at is None:
+                failure = (502, "cannot connect to the backend", ERR_CONNECT)
+            else:
+                failure = (502, "the backend closed the connection early", ERR_CLOSED)
+        handover = Handover(backend_fd, answered, failure, self.target, refused)
         session = self.take_tls(CLIENT)
         if session is not None:
             serve_http(ctx, client_fd, handshake.peer_ip, handshake.first_read, session, handover)
@@ -165,9 +179,12 @@ class _Fields:
         self.fields.append((name, value))
 
 
-def _check_101(head: bytes, key: bytes, request_head: bytes) -> tuple[bytes, bytes] | None:
+def _check_101(
+    head: bytes, key: bytes, request_head: bytes, set_cookie: tuple[bytes, bytes] | None
+) -> tuple[bytes, bytes] | None:
     """The 101 for the client and the subprotocol, if llhttp takes `head` as a whole 101 head
-    (the end the engine found: llhttp's) and switching_response accepts it; else None."""
+    (the end the engine found: llhttp's) and switching_response accepts it; else None.
+    `set_cookie`: the cookie policy's field, added to the client's 101."""
     fields = _Fields()
     parser = httptools.HttpResponseParser(fields)
     try:
@@ -179,4 +196,6 @@ def _check_101(head: bytes, key: bytes, request_head: bytes) -> tuple[bytes, byt
         return None
     else:
         return None  # llhttp's head does not end where the engine's does
+    if set_cookie is not None:
+        fields.fields.append(set_cookie)
     return switching_response(fields.fields, key, request_head)

@@ -33,6 +33,7 @@ from charon.worker.websocket.tlsbridge import TlsBridge
 if TYPE_CHECKING:
     from charon.worker.context import WorkerContext
     from charon.worker.routing import Route
+    from charon.worker.upstreams.group import TargetState
     from charon.worker.websocket._engine import Arrival
 
 log = logging.getLogger("charon.worker")
@@ -123,6 +124,9 @@ class Tunnel(_engine.Tunnel):
         "_pongs_at_ping",
         "_closed_by",
         "_done",
+        "target",
+        "counted",
+        "gauged",
     )
 
     def __init__(
@@ -133,6 +137,7 @@ class Tunnel(_engine.Tunnel):
         route: Route,
         info: TunnelInfo,
         adopt: bool = False,
+        target: TargetState | None = None,
     ) -> None:
         settings = route.websocket
         # The engine works on its own duplicates of the fds, or on these (adopt).
@@ -148,6 +153,25 @@ class Tunnel(_engine.Tunnel):
         self._pongs_at_ping = -1  # client pongs counted when the last ping went out; -1: none
         self._closed_by = ""
         self._done = False
+        self.target = target  # the route's target it goes to (re-matched by URL on reloads)
+        self.counted = False  # in target.active (least_conn, max_connections)
+        self.gauged = False  # in its target's open tunnels gauge
+
+    def count(self) -> None:
+        """It weighs on its target from now on until it ends (least_conn counts tunnels)."""
+        if not self.counted and self.target is not None:
+            self.counted = True
+            self.target.active += 1
+
+    def uncount(self) -> None:
+        target = self.target
+        if target is not None:
+            if self.counted:
+                self.counted = False
+                target.active -= 1
+            if self.gauged:
+                self.gauged = False
+                target.totals.tunnels -= 1
 
     def open(self, head: bytes, client_tail: bytes, backend_tail: bytes) -> None:
         """Start serving: the 101 head goes to the client first, then the tails (bytes read
@@ -165,6 +189,10 @@ class Tunnel(_engine.Tunnel):
         """The engine serves the tunnel from now on."""
         ctx = self.ctx
         ctx.tunnels.add(self)
+        self.count()
+        if self.target is not None:
+            self.gauged = True
+            self.target.totals.tunnels += 1
         if self.route.generation != ctx.router.generation:  # planned before a reload
             retarget(ctx, self, ctx.loop.time() + ctx.config.server.drain_timeout)
         self._arm_deadline()
@@ -225,6 +253,7 @@ class Tunnel(_engine.Tunnel):
         self._done = True
         self.deadline_kind = NONE
         self.ctx.tunnels.discard(self)
+        self.uncount()
         self.finish()
         if self.ctx.listeners is not None:
             self.ctx.listeners.closed_one()  # the client connection counted at accept
@@ -294,9 +323,20 @@ class Tunnel(_engine.Tunnel):
 
     # -- reloads (swap.py) -----------------------------------------------------------------
 
-    def retarget(self, route: Route) -> None:
-        """The reloaded config still routes here: its idle timeout and ping interval apply
+    def retarget(self, route: Route, target: TargetState | None = None) -> None:
+        """The reloaded config still routes here, to `target` (the reloaded route's state of
+        the same URL, which its counts move to): its idle timeout and ping interval apply
         from the next sweep on, its frame limit from the next client frame."""
+        old = self.target
+        if target is not None and old is not None and target is not old:
+            counted, gauged = self.counted, self.gauged
+            self.uncount()
+            self.target = target
+            if counted:
+                self.count()
+            if gauged:
+                self.gauged = True
+                target.totals.tunnels += 1
         self.route, self.settings = route, route.websocket
         self.max_frame_size = route.websocket.max_frame_size
         self._drain_at = 0.0
@@ -333,10 +373,11 @@ def open_tunnel(
     backend_tail: bytes,
     route: Route,
     info: TunnelInfo,
+    target: TargetState | None = None,
 ) -> None:
     """Hand both connections to a tunnel of the engine after a valid 101 (`head` is the 101
     for the client, not yet written; the tails are bytes read past the handshake)."""
-    args = (ctx, client, backend, head, client_tail, backend_tail, route, info)
+    args = (ctx, client, backend, head, client_tail, backend_tail, route, info, target)
     if client.get_write_buffer_size() or backend.get_write_buffer_size():
         _Drain(*args)  # the engine's bytes must follow what uvloop still holds
     else:
@@ -352,16 +393,18 @@ def _take_over(
     backend_tail: bytes,
     route: Route,
     info: TunnelInfo,
+    target: TargetState | None,
 ) -> None:
     bridge = None
     try:
         client_fd = client.get_extra_info("socket").fileno()
-        if route.upstream.tls:  # the engine gets a plaintext socketpair end (tlsbridge.py)
+        upstream = target.upstream if target is not None else route.upstream
+        if upstream.tls:  # the engine gets a plaintext socketpair end (tlsbridge.py)
             bridge = TlsBridge(ctx.loop, backend)
             backend_fd = bridge.engine_end.fileno()
         else:
             backend_fd = backend.get_extra_info("socket").fileno()
-        tunnel = Tunnel(ctx, client_fd, backend_fd, route, info)
+        tunnel = Tunnel(ctx, client_fd, backend_fd, route, info, target=target)
     except OSError as exc:  # e.g. out of fds for the duplicates
         log.warning("cannot open a WebSocket tunnel: %s", exc)
         if bridge is not None:
