@@ -81,9 +81,8 @@ def _killed_mid_request(port: int, record: Path, named: dict[str, Named], method
                         key: str) -> tuple[Response, str]:
     """Send `method /count/key` (the backend waits before answering), SIGKILL the backend that
     got it, return the client's answer and who was killed."""
-    body = b"payload" if method == "POST" else b""
-    data = (f"{method} /count/{key}?delay=3 HTTP/1.1\r\nHost: {DOMAIN}\r\n"
-            f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+    framing = "Content-Length: 7\r\n\r\npayload" if method == "POST" else "\r\n"
+    data = f"{method} /count/{key}?delay=3 HTTP/1.1\r\nHost: {DOMAIN}\r\n{framing}".encode()
     thread, out = _request_in_thread(port, data)
     wait_until(lambda: _records(record, key), 5, what=f"{key} to reach a backend")
     victim = _records(record, key)[0]
