@@ -1,11 +1,14 @@
 """Several backends behind one proxy host, end to end (issue 13), part two: 1,000 requests
-spread by weight the same way with 1 and 4 workers, a non-idempotent POST never sent twice
+spread by weight the same way with 1 and 4 workers, ip_hash moving only the new target's share
+when a reload adds one, a non-idempotent POST never sent twice
 when its target dies, a hung target taken out by the active check, and 503 with Retry-After
 when no target is left. Helpers: test_backends_e2e.py.
 """
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 import time
 from collections import Counter
@@ -16,6 +19,7 @@ from harness import running_charon, wait_until
 from httpwire import Client, Response
 from test_backends_e2e import DOMAIN, Named, fleet, get_once, hosts_toml, http_get
 from test_balance import _connections
+from test_reload import wait_reloads
 from test_websocket_handshake import RawWs, ws_request
 
 WEIGHTS = {"a": 1, "b": 1, "c": 1, "d": 2}
@@ -52,6 +56,33 @@ def test_thousand_requests_spread_by_weight(tmp_path: Path, workers: int) -> Non
             finally:
                 for c in clients:
                     c.close()
+
+
+# -- consistent hashing: a target added by a reload takes only its share --------------------
+
+
+def test_ip_hash_added_target_moves_only_its_share(tmp_path: Path) -> None:
+    ips = [f"10.3.{i // 250}.{i % 250 + 1}" for i in range(200)]
+
+    def where(port: int) -> dict[str, str]:
+        # A new connection per request: both workers answer, and must hash alike.
+        return {ip: get_once(port, extra=f"X-Forwarded-For: {ip}\r\n").body.decode()
+                for ip in ips}
+
+    with fleet(["a", "b", "c", "d", "e"]) as named:
+        four = hosts_toml([named[n] for n in "abcd"], "ip_hash")
+        with running_charon(tmp_path, four, workers=2,
+                            server_toml='trusted_proxies = ["127.0.0.1"]') as charon:
+            before = where(charon.port)
+            assert where(charon.port) == before, "the same address, another target"
+            five = hosts_toml([named[n] for n in "abcde"], "ip_hash")
+            charon.config_path.write_text(charon.config_path.read_text().replace(four, five))
+            os.kill(charon.pid, signal.SIGHUP)
+            wait_reloads(charon, 1)
+            after = where(charon.port)
+        moved = {ip: after[ip] for ip in ips if after[ip] != before[ip]}
+        assert set(moved.values()) == {"e"}, Counter(moved.values())
+        assert 20 <= len(moved) <= 60, f"{len(moved)} of 200 moved (1/5: 40)"
 
 
 # -- a POST is never sent twice --------------------------------------------------------------
