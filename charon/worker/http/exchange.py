@@ -22,9 +22,10 @@ from charon.worker.deadlines import (
     FIRST_BYTE,
     RESPONSE_IDLE,
 )
+from charon.worker.http import reports
 from charon.worker.http.bodyrate import body_wait
 from charon.worker.http.errors import CLIENT_CLOSED, HttpError, local_response
-from charon.worker.http.request import BODY_CHUNKED, BODY_NONE, RequestPlan, use_target
+from charon.worker.http.request import BODY_CHUNKED, BODY_NONE, RequestPlan
 from charon.worker.http.response import (
     OUT_CHUNKED,
     OUT_NONE,
@@ -33,8 +34,8 @@ from charon.worker.http.response import (
     has_no_body,
     interim_head,
 )
+from charon.worker.upstreams import retries
 from charon.worker.upstreams.retries import (
-    attempt_failed,
     may_send_again,
     response_status,
     stale_connection,
@@ -43,7 +44,6 @@ from charon.worker.websocket.handshake import switching_response
 from charon.worker.websocket.tunnel import TunnelInfo, open_tunnel
 
 if TYPE_CHECKING:
-    from charon.worker.http.adopted import Handover
     from charon.worker.http.client import ClientConnection
     from charon.worker.upstreams.connecting import Connecting
     from charon.worker.upstreams.connection import UpstreamConnection
@@ -52,7 +52,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("charon.worker")
 
 PENDING_BODY_LIMIT = 256 * 1024  # request body held while the backend connection opens
-OTHER_HOST = "_other"  # the host label of requests that matched no proxy host
 
 
 class Exchange:
@@ -133,7 +132,7 @@ class Exchange:
         if conn is not None:
             self._attach(conn, reused=True)
         else:
-            self._connect()
+            self.connect()
 
     def client_lost(self) -> None:
         if not self.finished:  # logged and counted, as nginx does: 499 if nothing was answered
@@ -151,15 +150,15 @@ class Exchange:
             if self.connecting is not None:
                 self.connecting.cancel()
                 self.connecting = None
-            self._attempt_failed(
+            self.attempt_failed(
                 504, "the backend did not accept the connection in time", ERR_TIMEOUT
             )
         elif kind == FIRST_BYTE:
-            self._attempt_failed(504, "the backend did not answer in time", ERR_TIMEOUT, False)
+            self.attempt_failed(504, "the backend did not answer in time", ERR_TIMEOUT, False)
         elif kind == BODY_IDLE:
             self._fail(408, "the request body stalled or came too slowly")
         else:  # RESPONSE_IDLE
-            self._attempt_failed(504, "the backend stalled", ERR_TIMEOUT, False)
+            self.attempt_failed(504, "the backend stalled", ERR_TIMEOUT, False)
 
     # -- request side ------------------------------------------------------------------------
 
@@ -209,7 +208,7 @@ class Exchange:
 
     # -- backend connection ----------------------------------------------------------------
 
-    def _connect(self) -> None:
+    def connect(self) -> None:
         assert self.plan is not None and self.chosen is not None
         self.client.set_deadline(CONNECT, self.plan.route.timeouts.connect)
         self.connecting = connecting = self.chosen.pool.connect(self)
@@ -223,31 +222,7 @@ class Exchange:
         self.chosen = target
         self.attempt_at = time.monotonic()
 
-    def _resume_handover(self, handover: Handover) -> None:
-        """Go on from where the front door's dial of a WebSocket handshake stopped, with the
-        target it dialled: a refused connect goes to another target (decision 11), a failure
-        is answered, or the backend's answer so far is read on its connection."""
-        plan, target = self.plan, handover.target
-        assert plan is not None and target is not None
-        use_target(plan, target)  # (this plan was made without a choice)
-        self.count(target)
-        failure = handover.failure
-        if failure is not None:
-            handover.close()
-            if not handover.refused:
-                self._attempt_failed(*failure, False)
-            elif failure[0] == 502 and len(plan.route.group.states) == 1:
-                self._connect()  # its one target: connected again, as without a front door
-            else:
-                self._attempt_failed(*failure)  # nothing was sent: another target may take it
-            return
-        if handover.backend_fd < 0:  # the dial never began
-            self._connect()
-            return
-        fd, handover.backend_fd = handover.backend_fd, -1
-        self.answered = handover.answered  # fed once attached (the first-byte deadline runs)
-        self.connecting = connecting = target.pool.connect(self, fd)
-        connecting.start()
+    _resume_handover = retries.resume_handover
 
     def upstream_connected(self, conn: UpstreamConnection) -> None:
         """The connection opened for this exchange is up (its `connection_made`): the request
@@ -273,18 +248,18 @@ class Exchange:
         if isinstance(exc, ssl.SSLError):
             assert self.chosen is not None
             log.warning("TLS with the backend %s failed: %s", self.chosen.url, exc)
-            self._attempt_failed(502, "TLS with the backend failed", ERR_TLS)
+            self.attempt_failed(502, "TLS with the backend failed", ERR_TLS)
             return
         if not isinstance(exc, OSError):
             log.error("connecting to the backend failed", exc_info=exc)
-        self._attempt_failed(502, "cannot connect to the backend", ERR_CONNECT)
+        self.attempt_failed(502, "cannot connect to the backend", ERR_CONNECT)
 
-    def _attempt_failed(self, status: int, detail: str, kind: str, resend: bool = True) -> None:
+    def attempt_failed(self, status: int, detail: str, kind: str, resend: bool = True) -> None:
         """The attempt on the target failed; `resend`: nothing of the request was sent, so it
         may go whole to another target (decision 11, retries.py) instead of being answered."""
-        if not self.finished and attempt_failed(self, status, kind, resend):
+        if not self.finished and retries.attempt_failed(self, status, kind, resend):
             self.parser = None
-            self._connect()
+            self.connect()
             return
         self._fail(status, detail, kind)
 
@@ -333,11 +308,11 @@ class Exchange:
             if self.plan is not None and self.plan.websocket_key is not None:
                 self._open_tunnel(data[exc.args[0] :])
                 return
-            self._attempt_failed(502, "the backend switched protocols unasked", ERR_BAD_RESPONSE,
+            self.attempt_failed(502, "the backend switched protocols unasked", ERR_BAD_RESPONSE,
                                  False)
         except httptools.HttpParserError:
             self.upstream_reusable = False
-            self._attempt_failed(502, "the backend sent an invalid response", ERR_BAD_RESPONSE,
+            self.attempt_failed(502, "the backend sent an invalid response", ERR_BAD_RESPONSE,
                                  False)
         self._flush()
         if self.response_done:
@@ -349,14 +324,13 @@ class Exchange:
         """The backend answered 101: check it, then hand both connections to the tunnel engine
         (which sends the 101 to the client itself, before any frame)."""
         plan, conn, client, target = self.plan, self.upstream, self.client, self.chosen
-        assert plan is not None and plan.websocket_key is not None and conn is not None
-        assert target is not None
+        assert plan is not None and plan.websocket_key is not None and conn and target
         if plan.set_cookie is not None:
             self.headers.append(plan.set_cookie)
         switching = switching_response(self.headers, plan.websocket_key, plan.head)
         if switching is None:
             self.upstream_reusable = False
-            self._attempt_failed(
+            self.attempt_failed(
                 502, "the backend's 101 is not a valid WebSocket handshake", ERR_BAD_RESPONSE,
                 False,
             )
@@ -371,23 +345,10 @@ class Exchange:
         self._report(101)
         conn.exchange = None
         self.upstream = None
-        info = TunnelInfo(
-            plan.route.host.name,
-            plan.client_ip,
-            plan.path.decode("latin-1"),
-            subprotocol.decode("latin-1"),
-        )
-        open_tunnel(
-            client.ctx,
-            transport,
-            conn.transport,
-            head,
-            client.become_tunnel(),
-            backend_tail,
-            plan.route,
-            info,
-            target,
-        )
+        info = TunnelInfo(plan.route.host.name, plan.client_ip, plan.path.decode("latin-1"),
+                          subprotocol.decode("latin-1"))
+        open_tunnel(client.ctx, transport, conn.transport, head, client.become_tunnel(),
+                    backend_tail, plan.route, info, target)
 
     def upstream_closed(self) -> None:
         """The backend closed or reset its connection while this exchange used it."""
@@ -402,13 +363,13 @@ class Exchange:
             if stale_connection(self):
                 self.retried = True
                 self.parser = None
-                self._connect()
+                self.connect()
                 return
-            self._attempt_failed(
+            self.attempt_failed(
                 502, "the backend closed the connection early", ERR_CLOSED, may_send_again(self)
             )
             return
-        self._attempt_failed(502, "the backend closed the connection early", ERR_CLOSED, False)
+        self.attempt_failed(502, "the backend closed the connection early", ERR_CLOSED, False)
 
     def _release_upstream(self) -> None:
         conn, self.upstream = self.upstream, None
@@ -559,39 +520,8 @@ class Exchange:
             self.client.exchange_finished(self, keep_alive and self.request_done)
         # else: request_complete() finishes it once the unread body has been dropped
 
-    # -- telemetry ---------------------------------------------------------------------------
+    # -- telemetry (reports.py) ----------------------------------------------------------------
 
-    def _report(self, status: int) -> None:
-        plan, ctx = self.plan, self.client.ctx
-        now = time.monotonic()
-        target = self.chosen
-        if target is not None:  # the last attempt's target
-            self.chosen = None
-            target.active -= 1
-            if status != CLIENT_CLOSED:
-                target.totals.request(status, now - self.attempt_at)
-        ctx.telemetry.request(
-            plan.route.host_name if plan is not None else OTHER_HOST,
-            self.method,
-            status,
-            now - self.started,
-            self.body_bytes,
-            plan.client_ip if plan is not None else self.client.peer_ip,
-            self.target,
-        )
-
-    def attempt_over(self, status: int, kind: str) -> None:
-        """A failed attempt that goes on elsewhere: told and counted on its own target."""
-        self._report_upstream_error(kind, status)
-        target, self.chosen = self.chosen, None
-        if target is not None:
-            target.active -= 1
-            target.totals.request(status, time.monotonic() - self.attempt_at)
-
-    def _report_upstream_error(self, kind: str, status: int) -> None:
-        plan, ctx = self.plan, self.client.ctx
-        if plan is not None:
-            ctx.telemetry.upstream_error(
-                plan.route.host_name, kind, status, plan.client_ip, self.target
-            )
-
+    _report = reports.report
+    attempt_over = reports.attempt_over
+    _report_upstream_error = reports.upstream_error

@@ -40,6 +40,7 @@ RANK_CACHE = 4096  # keys whose rendezvous ranking is kept (ip_hash, header_hash
 BUDGET_CAP = 100.0  # retry tokens a quiet group can save up
 RETRY_FLOOR = 3  # retries per second allowed whatever the budget says
 NO_TARGET_RETRY_AFTER = 10  # Retry-After when every target is drained
+RAMP_CHECK = 0.1  # seconds between looks for a target in its slow_start ramp
 
 
 def is_ip_literal(host: str) -> bool:
@@ -94,6 +95,7 @@ class TargetGroup:
         "key_field", "key_special", "cookie_name", "set_cookie", "by_url", "dialable",
         "requests", "_primaries", "_backups", "_cycle", "_cursor", "_clock", "_rng",
         "_ranks", "_by_cookie", "_hashed", "_tokens", "_seen", "_floor_at", "_floor_used",
+        "_ramp", "_ramp_checked",
     )
 
     def __init__(
@@ -118,6 +120,8 @@ class TargetGroup:
         self.slow_start = backends.slow_start if several else 0.0
         self._cycle = tuple(self._primaries[i] for i in cycle([s.weight for s in self._primaries]))
         self._cursor = 0
+        self._ramp = False
+        self._ramp_checked = -RAMP_CHECK
         self._clock = clock
         self._rng = rng or random.Random()
         self._ranks: dict[bytes, tuple[TargetState, ...]] = {}
@@ -156,6 +160,8 @@ class TargetGroup:
         self.requests += 1
         now = self._clock()
         schedule = self._cycle
+        if self.slow_start and self._ramping(now):
+            schedule = ()  # weights differ from the cycle's while a target ramps up
         if schedule:
             at = self._cursor
             state = schedule[at]
@@ -166,11 +172,20 @@ class TargetGroup:
                 health.checked_up
                 and now >= health.down_until
                 and (not state.cap or state.active < state.cap)
-                and (not self.slow_start or now - health.changed_at >= self.slow_start)
             ):
                 return state
-        # The cycle's target cannot take it (or ramps up): a full pick over those that can.
+        # The cycle's target cannot take it (or one ramps up): a full pick over those that can.
         return self._weighted(now, ())
+
+    def _ramping(self, now: float) -> bool:
+        """Whether a target is within its slow_start ramp (looked at every RAMP_CHECK s)."""
+        if now >= self._ramp_checked + RAMP_CHECK:
+            self._ramp_checked = now
+            slow = self.slow_start
+            self._ramp = any(
+                0 <= now - s.health.changed_at < slow for s in self._primaries + self._backups
+            )
+        return self._ramp
 
     def _weighted(self, now: float, skip: Sequence[TargetState]) -> TargetState | None:
         slow = self.slow_start

@@ -14,10 +14,11 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
-from charon.worker.http.request import BODY_NONE, IDEMPOTENT, use_target
+from charon.worker.http.request import BODY_LENGTH, BODY_NONE, IDEMPOTENT, use_target
 
 if TYPE_CHECKING:
     from charon.worker.context import WorkerContext
+    from charon.worker.http.adopted import Handover
     from charon.worker.http.exchange import Exchange
     from charon.worker.upstreams.group import TargetGroup, TargetState
 
@@ -26,12 +27,12 @@ log = logging.getLogger("charon.worker")
 
 def may_send_again(exchange: Exchange) -> bool:
     """Whether the request may go again whole after its backend closed before answering:
-    no body (nothing of it was streamed away), an idempotent method, and no interim response
-    relayed to the client yet."""
+    no body (nothing of it was streamed away; `Content-Length: 0` is none), an idempotent
+    method, and no interim response relayed to the client yet."""
     plan = exchange.plan
     return (
         plan is not None
-        and plan.body == BODY_NONE
+        and (plan.body == BODY_NONE or (plan.body == BODY_LENGTH and plan.length == 0))
         and plan.method in IDEMPOTENT
         and not exchange.informed
     )
@@ -93,3 +94,31 @@ def response_status(exchange: Exchange, status: int) -> None:
         note_failure(exchange.client.ctx, group, target)
     elif target.health.failures:
         target.health.succeeded()
+
+
+def resume_handover(exchange: Exchange, handover: Handover) -> None:
+    """The exchange goes on from where the front door's dial of its WebSocket handshake
+    stopped, with the target it dialled: a refused connect goes to another target, a failure
+    is answered, or the backend's answer so far is read on its connection (an Exchange
+    method)."""
+    plan, target = exchange.plan, handover.target
+    assert plan is not None and target is not None
+    use_target(plan, target)  # (this plan was made without a choice)
+    exchange.count(target)
+    failure = handover.failure
+    if failure is not None:
+        handover.close()
+        if not handover.refused:
+            exchange.attempt_failed(*failure, False)
+        elif failure[0] == 502 and len(plan.route.group.states) == 1:
+            exchange.connect()  # its one target: connected again, as without a front door
+        else:
+            exchange.attempt_failed(*failure)  # nothing was sent: another target may take it
+        return
+    if handover.backend_fd < 0:  # the dial never began
+        exchange.connect()
+        return
+    fd, handover.backend_fd = handover.backend_fd, -1
+    exchange.answered = handover.answered  # fed once attached (the first-byte deadline runs)
+    exchange.connecting = connecting = target.pool.connect(exchange, fd)
+    connecting.start()
