@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from harness import HOST, REPO, Backend, Charon, kill_pid, wait_until
+from harness import HOST, REPO, Backend, Charon, free_port, kill_pid, wait_until
 from test_metrics import scrape, value, wait_replaced
 from websockets.sync.client import connect as ws_connect
 
@@ -180,6 +180,11 @@ def test_respawned_worker_gets_current_verdicts(
         pids = {w["pid"] for w in sharing["workers"]}
         assert old[0] not in pids and len(pids - set(old)) == 1
         assert target_state(charon, a.url)["state"] == "down"  # the supervisor kept it
+        # Checks stop with the supervisor.
+        assert charon.stop() == 0
+        stopped = backend_hits(b)["requests"]
+        time.sleep(0.6)  # more than two intervals
+        assert backend_hits(b)["requests"] == stopped
     finally:
         charon.stop()
 
@@ -231,3 +236,94 @@ def reload_and_wait(charon: Charon, count: int) -> None:
     wait_until(lambda: ((charon.health() or {}).get("reloads") or {}).get("count") == count, 15,
                what="the reload")
     assert (charon.health() or {})["reloads"]["last_result"] == "success"
+
+
+# -- with the worker runtime: what the verdicts change for requests --------------------------------
+
+
+def get(port: int, host: str = APP) -> tuple[int, dict[str, str], bytes]:
+    """One GET on a fresh connection (so the listening socket picks the worker)."""
+    import http.client
+
+    conn = http.client.HTTPConnection(HOST, port, timeout=10)
+    try:
+        conn.request("GET", "/", headers={"Host": host, "User-Agent": "client"})
+        response = conn.getresponse()
+        return response.status, dict(response.getheaders()), response.read()
+    finally:
+        conn.close()
+
+
+def test_verdicts_steer_requests_and_all_down_is_503(
+    tmp_path: Path, backends: tuple[Backend, Backend]
+) -> None:
+    """A respawned worker sends nothing to the target the supervisor holds down (it had the
+    verdict before its first request); with every target down, each worker answers 503 with
+    Retry-After at once."""
+    a, b = backends
+    set_mode(a, "hang")
+    timeouts = '[timeouts]\nfirst_byte = "2s"\n'
+    charon = Charon(tmp_path, host_toml(a.url, b.url, extra=CHECK + "max_fails = 0\n"),
+                    workers=2, extra_toml=timeouts)
+    try:
+        charon.start()
+        wait_until(lambda: target_state(charon, a.url)["state"] == "down", 10, what="a down")
+        old = charon.worker_pids()
+        kill_pid(old[0])
+        wait_replaced(charon, old[0], 2)
+        for _ in range(20):
+            status, _, body = get(charon.port)
+            assert (status, body) == (200, b"ok")
+        assert backend_hits(a)["by_agent"].get("client", 0) == 0
+        assert backend_hits(b)["by_agent"]["client"] == 20
+
+        set_mode(b, "hang")
+        wait_until(lambda: target_state(charon, b.url)["state"] == "down", 10, what="b down")
+        wait_until(lambda: in_step(charon, 2), 5, what="both workers in step")
+        for _ in range(10):
+            status, headers, _ = get(charon.port)
+            assert status == 503 and int(headers["Retry-After"]) >= 1, (status, headers)
+        assert backend_hits(b)["by_agent"]["client"] == 20
+    finally:
+        charon.stop()
+
+
+def test_passive_mark_down_reaches_every_worker(tmp_path: Path) -> None:
+    """One worker's passive checks mark a dead target down; the supervisor tells the other
+    worker, which never tries it (its attempts stay as they were); the live log says which
+    worker marked it."""
+    b = Backend("health_backend.py")
+    dead = f"http://{HOST}:{free_port()}"
+    passive = 'max_fails = 1\nfail_timeout = "60s"\n'
+    charon = Charon(tmp_path, host_toml(dead, b.url, extra=passive), workers=2)
+    try:
+        charon.start()
+        while target_state(charon, dead)["state"] != "passive_down":
+            status, _, _ = get(charon.port)  # a connect failure is retried on b
+            assert status == 200
+        wait_until(lambda: in_step(charon, 2), 5, what="both workers told")
+        state = target_state(charon, dead)
+        assert not state["healthy"] and state["source"] == "passive"
+        assert "passive checks of worker" in state["reason"]
+        [record] = health_records(charon, 1)
+        assert record["target"] == dead and not record["healthy"]
+
+        def attempts(target: str) -> float:
+            samples = scrape(charon)
+            return sum(v for (name, labels), v in samples.items()
+                       if name == "charon_upstream_requests_total"
+                       and ("target", target) in labels)
+
+        # Every worker reports its counts once a second: wait for the failures made so far.
+        wait_until(lambda: attempts(dead) >= 1 and attempts(b.url) >= 1, 5, what="counts")
+        time.sleep(1.5)
+        failed, served = attempts(dead), attempts(b.url)
+        assert failed == 1  # the first failure marked it down everywhere
+        for _ in range(20):
+            assert get(charon.port)[0] == 200
+        wait_until(lambda: attempts(b.url) >= served + 20, 5, what="the 20 requests counted")
+        assert attempts(dead) == failed
+        assert value(scrape(charon), "charon_upstream_healthy", host=APP, target=dead) == 0
+    finally:
+        charon.stop()
+        b.stop()

@@ -47,6 +47,8 @@ MUST_SHOW = (
     "charon_websocket_messages_total", "charon_websocket_bytes_total",
     "charon_websocket_closes_total", "charon_worker_restarts_total",
     "charon_config_reloads_total", "charon_events_dropped_total",
+    "charon_upstream_healthy", "charon_upstream_requests_total",
+    "charon_upstream_response_seconds_bucket", "charon_upstream_tunnels_open",
 )
 
 
@@ -98,7 +100,9 @@ def test_dashboard_structure() -> None:
     for wanted in ("Request rate by host and status class", "Latency percentiles",
                    "Upstream errors", "Active WebSockets", "WebSocket messages/s",
                    "WebSocket bytes/s", "WebSocket close codes", "Workers and restarts",
-                   "Config reloads", "Dropped events"):
+                   "Config reloads", "Dropped events", "Target health",
+                   "Requests/s by target", "Target p95 response time",
+                   "WebSocket tunnels by target"):
         assert wanted in titles, f"no panel {wanted!r}"
     ids = [p["id"] for p in dashboard["panels"]]
     assert len(ids) == len(set(ids)), "panel ids must be unique"

@@ -46,7 +46,6 @@ from charon.worker.orphan import (
 from charon.worker.swap import apply_config
 from charon.worker.telemetry import Telemetry
 from charon.worker.tlsserver import take_ticket_secret, tls_listen_fds
-from charon.worker.upstreams.health import HealthBoard
 
 log = logging.getLogger("charon.worker")
 
@@ -116,9 +115,9 @@ class Worker:
         sweeper.start()
         control = None
         if self.control_fd >= 0:
-            # TODO(run13): the context's HealthBoard, once WorkerContext has one
-            board = HealthBoard(loop.time)
-            control = ControlChannel(loop, self.control_fd, partial(self._apply, ctx), board)
+            # Health verdicts come down the same channel; passive mark-downs go up it.
+            control = ControlChannel(loop, self.control_fd, partial(self._apply, ctx), ctx.health)
+            ctx.target_down = ctx.health.marked_down
             control.start()
         if orphaned(self.parent_pid):  # the supervisor died while we started
             self._orphaned()

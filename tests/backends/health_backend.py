@@ -11,8 +11,9 @@ Every request is read whole (head only: checks carry no body) and answered by th
 Control paths, answered whatever the mode:
   /_mode/<mode>  sets the mode, answers "ok"
   /_hits         JSON: {"requests": n, "websocket": n, "hosts": [Host of each, last 20],
-                 "agents": [User-Agent of each, last 20], "most_open": the most connections
-                 open at once (control ones included)} of every request but control ones
+                 "agents": [User-Agent of each, last 20], "by_agent": {User-Agent: count},
+                 "most_open": the most connections open at once (control ones included)}
+                 of every request but control ones
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import ssl
 
 GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 state: dict[str, object] = {"mode": "ok", "requests": 0, "websocket": 0, "hosts": [],
-                            "agents": [], "open": 0, "most_open": 0}
+                            "agents": [], "by_agent": {}, "open": 0, "most_open": 0}
 
 
 def response(status: int, body: bytes, close: bool = False) -> bytes:
@@ -56,10 +57,15 @@ async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> 
                 continue
             if target == "/_hits":
                 writer.write(response(200, json.dumps({
-                    k: state[k] for k in ("requests", "websocket", "hosts", "agents", "most_open")
+                    k: state[k]
+                    for k in ("requests", "websocket", "hosts", "agents", "by_agent", "most_open")
                 }).encode()))
                 continue
             state["requests"] += 1  # type: ignore[operator]
+            agents = state["by_agent"]
+            assert isinstance(agents, dict)
+            agent = fields.get("user-agent", "")
+            agents[agent] = agents.get(agent, 0) + 1
             for name, value in (("hosts", fields.get("host", "")),
                                 ("agents", fields.get("user-agent", ""))):
                 seen = state[name]

@@ -96,9 +96,6 @@ class HealthBoard:
         if self.reporter is not None:
             self.reporter(key, until - self._clock())
 
-    def verdicts(self) -> dict[TargetKey, tuple[bool, float]]:
-        """(checked up, passive mark-down left in seconds) of every target known here."""
-        now = self._clock()
-        return {
-            key: (h.checked_up, max(h.down_until - now, 0.0)) for key, h in self._targets.items()
-        }
+    def marked_down(self, health: TargetHealth) -> None:
+        """`health.failed` returned True: report it (WorkerContext.target_down)."""
+        self.report_down(health.key, health.down_until)
