@@ -24,16 +24,20 @@ HOST = "127.0.0.1"
 
 
 _handed_out: set[int] = set()
+# Under pytest-xdist each test process takes only the ports of its own residue class: two
+# processes never hand out the same free port (one would bind what the other just checked).
+_XDIST_INDEX = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0")[2:] or 0)
+_XDIST_COUNT = max(1, int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
 
 
 def free_port() -> int:
     """A port nothing listens on, never one this process handed out before (a port released
     after the check can come back from the next bind to port 0)."""
-    for _ in range(100):
+    for _ in range(400):
         with socket.socket() as s:
             s.bind((HOST, 0))
             port = int(s.getsockname()[1])
-        if port not in _handed_out:
+        if port % _XDIST_COUNT == _XDIST_INDEX % _XDIST_COUNT and port not in _handed_out:
             _handed_out.add(port)
             return port
     raise RuntimeError("no fresh free port")
