@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -24,22 +25,29 @@ HOST = "127.0.0.1"
 
 
 _handed_out: set[int] = set()
-# Under pytest-xdist each test process takes only the ports of its own residue class: two
-# processes never hand out the same free port (one would bind what the other just checked).
+# Ports are drawn below Linux's ephemeral range (32768-60999 by default), so no outgoing
+# connection takes one, and under pytest-xdist each test process draws from its own slice:
+# two processes never hand out the same port.
+_PORTS_FIRST, _PORTS_LAST = 10000, 32000
 _XDIST_INDEX = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0")[2:] or 0)
 _XDIST_COUNT = max(1, int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+_SLICE = (_PORTS_LAST - _PORTS_FIRST) // _XDIST_COUNT
+_SLICE_FIRST = _PORTS_FIRST + (_XDIST_INDEX % _XDIST_COUNT) * _SLICE
 
 
 def free_port() -> int:
-    """A port nothing listens on, never one this process handed out before (a port released
-    after the check can come back from the next bind to port 0)."""
-    for _ in range(400):
+    """A port nothing listens on, never one this process handed out before."""
+    for _ in range(1000):
+        port = _SLICE_FIRST + random.randrange(_SLICE)
+        if port in _handed_out:
+            continue
         with socket.socket() as s:
-            s.bind((HOST, 0))
-            port = int(s.getsockname()[1])
-        if port % _XDIST_COUNT == _XDIST_INDEX % _XDIST_COUNT and port not in _handed_out:
-            _handed_out.add(port)
-            return port
+            try:
+                s.bind((HOST, port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
     raise RuntimeError("no fresh free port")
 
 
