@@ -33,6 +33,7 @@ from charon.worker.telemetry import TargetTotals
 from charon.worker.tlsinfo import TlsInfo
 from charon.worker.upstreams.cookie import cookie_key, cookie_value, find_cookie
 from charon.worker.upstreams.group import GroupMaker, TargetGroup, TargetState
+from charon.worker.upstreams.health import HealthBoard
 from charon.worker.upstreams.selection import stable_hash
 
 REPO = Path(__file__).resolve().parent.parent
@@ -239,6 +240,22 @@ def test_slow_start_ramps_a_recovered_target_up() -> None:
     assert 0.2 <= shares[1] <= 0.3
     assert 0.35 <= shares[2] <= 0.45
     assert shares[3] == 0.5
+
+
+def test_slow_start_does_not_ramp_targets_a_worker_sees_first() -> None:
+    """A fresh worker (or one a reload gave a new target) sends every target its full share at
+    once; a verdict saying a target came back 10 s ago ramps it from then, on every worker."""
+    clock = Clock()
+    group = make_group([target(1), target(2)], clock, slow_start=30.0)
+    assert picks(group, 1000) == Counter({0: 500, 1: 500})
+    board = group.states[0].health  # the TargetHealth objects come from the maker's board
+    assert board.changed_at == float("-inf")
+
+    fresh = HealthBoard(clock)
+    fresh.apply([["app.test", "http://10.0.0.3:2", True, 10.0, 0.0]])
+    assert fresh.health(("app.test", "http://10.0.0.3:2")).changed_at == clock.now - 10.0
+    fresh.apply([["app.test", "http://10.0.0.3:2", True, 50.0, 0.0]])  # known: unchanged
+    assert fresh.health(("app.test", "http://10.0.0.3:2")).changed_at == clock.now - 10.0
 
 
 def test_retry_goes_to_another_target_and_follows_the_hash_ranking() -> None:

@@ -9,6 +9,8 @@ import ipaddress
 import socket
 from dataclasses import dataclass, field
 
+from charon.config.rules import Rules
+
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 UpstreamKey = tuple[str, int, bool, bool, str | None]
 
@@ -125,6 +127,7 @@ class Location:
     backends: Backends
     timeouts: Timeouts
     websocket: WebSocketSettings
+    rules: Rules = Rules()  # the host's, with what the location sets itself
 
     @property
     def upstream(self) -> Upstream:
@@ -159,6 +162,7 @@ class ProxyHost:
     tls: HostTls | None = None  # None: served over TLS only with [tls] default_certificate
     force_https: bool = False  # plain http requests get 308 to https (ACME paths exempt)
     hsts: str | None = None  # Strict-Transport-Security value added over TLS
+    rules: Rules = Rules()  # access, auth, limits, header rules (issue 14)
 
     @property
     def name(self) -> str:
@@ -194,6 +198,13 @@ class ServerConfig:
     underscores_in_headers: bool = False
     limits: Limits = field(default_factory=Limits)
     tls_listen: tuple[ListenAddress, ...] = ()  # TLS listeners (bound like listen)
+    # Listeners (plain or TLS) whose connections must begin with a PROXY protocol v1/v2
+    # header; a reload may change this without rebinding them.
+    proxy_protocol: tuple[ListenAddress, ...] = ()
+    # Client TCP connections open at once over all workers (0: no cap), and per connection
+    # address (the TCP peer, or the PROXY header's source). Past them: see docs/limits.md.
+    max_connections: int = 0
+    max_connections_per_ip: int = 0
 
     @property
     def all_listen(self) -> tuple[ListenAddress, ...]:

@@ -14,9 +14,11 @@ from charon.config.model import (
     Upstream,
     WebSocketSettings,
 )
+from charon.config.rules import Rules
 from charon.worker.upstreams.group import GroupMaker, TargetGroup
 
 if TYPE_CHECKING:
+    from charon.worker.access.route import RouteRules, RulesMaker
     from charon.worker.upstreams.pool import UpstreamPool
 
 
@@ -33,6 +35,8 @@ class Route:
     host_name: str  # host.name, the label of logs and metrics
     generation: int  # the router's (see Router.generation)
     hsts: bytes | None = None  # host.hsts, ready for the response head (sent over TLS only)
+    rules: RouteRules | None = None  # access, auth, limits, header rules; None: none to apply
+    max_body_size: int = 0  # request body bytes past which the answer is 413 (0: no limit)
 
 
 # A proxy host's routes: (location prefix, route) longest first, and the host's own route.
@@ -51,6 +55,7 @@ class Router:
         https_port: int = 443,
         acme_state_dir: str | None = None,
         groups: GroupMaker | None = None,
+        rules: RulesMaker | None = None,
     ) -> None:
         # +1 per config applied in place: a tunnel whose route is older was planned before
         # the reload and is matched against this router when it opens (tunnel.py).
@@ -61,6 +66,8 @@ class Router:
         self.acme_state_dir = acme_state_dir
         # Makes each route's TargetGroup (pools, health, telemetry of its targets).
         self._groups = groups if groups is not None else GroupMaker(pool_for)
+        # Makes each route's RouteRules (None: rules are not applied, as in unit tests).
+        self._rules = rules
         self._exact: dict[bytes, HostRoutes] = {}  # filled from _exact_hosts as names are asked
         self._exact_hosts: dict[bytes, ProxyHost] = {}
         self._wildcards: dict[bytes, HostRoutes] = {}  # ".example.org" -> routes
@@ -87,7 +94,9 @@ class Router:
     def _routes(self, host: ProxyHost) -> HostRoutes:
         routes = self._built.get(id(host))
         if routes is None:
-            routes = self._built[id(host)] = _host_routes(host, self._groups, self.generation)
+            routes = self._built[id(host)] = _host_routes(
+                host, self._groups, self._rules, self.generation
+            )
         return routes
 
     def _lookup(self, name: bytes) -> HostRoutes | None:
@@ -160,6 +169,7 @@ def config_router(
     pool_for: Callable[[Upstream], UpstreamPool],
     generation: int = 0,
     groups: GroupMaker | None = None,
+    rules: RulesMaker | None = None,
 ) -> Router:
     """The router of `config`, with its TLS settings: the port force_https redirects to (the
     first TLS listener's) and the ACME state directory when a host gets certificates over ACME."""
@@ -172,21 +182,30 @@ def config_router(
         https_port=tls_listen[0].port if tls_listen else 443,
         acme_state_dir=config.tls.state_dir if auto else None,
         groups=groups,
+        rules=rules,
     )
 
 
-def _host_routes(host: ProxyHost, groups: GroupMaker, generation: int) -> HostRoutes:
+def _host_routes(
+    host: ProxyHost, groups: GroupMaker, rules_maker: RulesMaker | None, generation: int
+) -> HostRoutes:
     hsts = host.hsts.encode("latin-1") if host.hsts else None
     name = host.name
 
-    def route(backends: Backends, timeouts: Timeouts, websocket: WebSocketSettings) -> Route:
+    def route(
+        backends: Backends, timeouts: Timeouts, websocket: WebSocketSettings, rules: Rules
+    ) -> Route:
+        checks = None
+        if rules_maker is not None and not rules.bare:
+            checks = rules_maker.route_rules(rules, host, backends.name)
         return Route(
             host, backends.upstream, timeouts, websocket, backends,
-            groups.group(backends, name), name, generation, hsts,
+            groups.group(backends, name), name, generation, hsts, checks, rules.max_body_size,
         )
 
     locations = tuple(
-        (loc.path.encode("latin-1"), route(loc.backends, loc.timeouts, loc.websocket))
+        (loc.path.encode("latin-1"),
+         route(loc.backends, loc.timeouts, loc.websocket, loc.rules))
         for loc in host.locations
     )
-    return locations, route(host.backends, host.timeouts, host.websocket)
+    return locations, route(host.backends, host.timeouts, host.websocket, host.rules)

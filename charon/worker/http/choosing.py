@@ -21,6 +21,7 @@ def choose_target(plan: RequestPlan) -> TargetState:
     group = plan.route.group
     target = group.choose(plan.lb_key)
     if target is None:
+        plan.release()
         raise no_target(group)
     use_target(plan, target)
     return target

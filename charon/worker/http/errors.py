@@ -22,6 +22,7 @@ class HttpError(Exception):
         close: bool = True,
         fields: bytes = b"",
         body: bytes | None = None,
+        denied: str | None = None,
     ) -> None:
         super().__init__(f"{status} {detail}")
         self.status = status
@@ -29,12 +30,15 @@ class HttpError(Exception):
         self.close = close
         self.fields = fields
         self.body = body
+        # Why a rule refused the request (issue 14): acl, auth, rate, connections, body_size.
+        # It labels charon_requests_denied_total and the live log's record.
+        self.denied = denied
 
     def closing(self) -> HttpError:
         """The same answer, ending the connection."""
         if self.close:
             return self
-        return HttpError(self.status, self.detail, True, self.fields, self.body)
+        return HttpError(self.status, self.detail, True, self.fields, self.body, self.denied)
 
 
 _cache: dict[tuple[int, str, bool, bool], bytes] = {}

@@ -51,6 +51,9 @@ from charon.worker.websocket.handshake import (
 )
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from charon.worker.access.route import Wait
     from charon.worker.tlsinfo import TlsInfo
     from charon.worker.upstreams.group import TargetState
 
@@ -80,6 +83,18 @@ class RequestPlan:
     lb_key: bytes | None = None  # what the policy hashes or looks up (client IP, field, cookie)
     tls: bool = False  # the client came over TLS (the sticky cookie is Secure)
     set_cookie: tuple[bytes, bytes] | None = None  # the cookie policy's field for the response
+    # Left by the route's rules (worker/access/route.py): work to finish before sending, and
+    # counted resources to give back when the request or its tunnel ends.
+    waits: list[Wait] | None = None
+    leases: list[Callable[[], None]] | None = None
+
+    def release(self) -> None:
+        """Give back what the rules counted for this request (idempotent)."""
+        leases = self.leases
+        if leases:
+            self.leases = None
+            for lease in leases:
+                lease()
 
 
 def plan_request(
@@ -192,6 +207,9 @@ def plan_request(
         raise HttpError(404, "no proxy host for this name", close=False)
 
     body, body_length = _body_framing(length, te) if te or length is not None else _NO_BODY
+    if body == BODY_LENGTH and route.max_body_size and body_length > route.max_body_size:
+        # Before a byte of the body is read (a chunked body is cut where it passes it).
+        raise HttpError(413, "request body too large", denied="body_size")
     websocket = False
     if conn_values:
         tokens, dropped = parse_connection(conn_values)
@@ -259,6 +277,8 @@ def plan_request(
         ws_key.strip() if websocket and ws_key else None, hsts, route.group.single,
         None, tls is not None,
     )
+    if route.rules is not None:
+        route.rules.admit(plan, headers)
     single = plan.target
     if single is None or not single.health.checked_up:  # several targets, or one that is down
         group = route.group
@@ -272,6 +292,7 @@ def plan_request(
             return plan
         chosen = plan.target = group.choose(key)
         if chosen is None:
+            plan.release()
             raise no_target(group)
         if group.set_cookie and key != chosen.cookie:
             plan.set_cookie = chosen.cookie_fields[tls is not None]

@@ -15,6 +15,7 @@ Two things can take a target out of rotation:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -27,11 +28,14 @@ Verdict = Sequence[Any]
 class TargetHealth:
     __slots__ = ("key", "checked_up", "down_until", "changed_at", "failures", "first_failure")
 
-    def __init__(self, key: TargetKey, now: float) -> None:
+    def __init__(self, key: TargetKey) -> None:
         self.key = key
         self.checked_up = True  # the supervisor's verdict (active check or shared passive)
         self.down_until = 0.0  # loop time until which this worker's passive check keeps it out
-        self.changed_at = now  # when it last came back up (slow_start ramps from here)
+        # When it last came back up; slow_start ramps from there. A target first seen is not
+        # ramped (HAProxy's slowstart does not apply at start either): the supervisor's
+        # verdict sets a real time when it did come back recently.
+        self.changed_at = -math.inf
         self.failures = 0  # passive failures counted in the current window ...
         self.first_failure = 0.0  # ... which began then
 
@@ -69,7 +73,7 @@ class HealthBoard:
     def health(self, key: TargetKey) -> TargetHealth:
         health = self._targets.get(key)
         if health is None:
-            health = self._targets[key] = TargetHealth(key, self._clock())
+            health = self._targets[key] = TargetHealth(key)
         return health
 
     def apply(self, verdicts: Iterable[Verdict]) -> None:
@@ -78,9 +82,10 @@ class HealthBoard:
         durations (the supervisor's clock is not this loop's)."""
         now = self._clock()
         for name, url, up, since, down_for in verdicts:
+            first_seen = (name, url) not in self._targets
             health = self.health((name, url))
             up = bool(up)
-            if health.checked_up != up:
+            if health.checked_up != up or (first_seen and up):
                 health.checked_up = up
                 # slow_start ramps from when it came back, on every worker alike
                 health.changed_at = now - max(float(since), 0.0)
