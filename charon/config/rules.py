@@ -65,14 +65,16 @@ class RateLimit:
 @dataclass(frozen=True)
 class HeaderOps:
     """Field rules for one direction, applied in this order: remove, set (replaces every field
-    of that name), add (appends)."""
+    of that name), add (appends), default (added only when no field of that name is there:
+    the security_headers preset, so a backend's own value wins)."""
 
     set: tuple[tuple[str, str], ...] = ()
     add: tuple[tuple[str, str], ...] = ()
     remove: tuple[str, ...] = ()  # lowercase names
+    default: tuple[tuple[str, str], ...] = ()
 
     def __bool__(self) -> bool:
-        return bool(self.set or self.add or self.remove)
+        return bool(self.set or self.add or self.remove or self.default)
 
 
 @dataclass(frozen=True)
