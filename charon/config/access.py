@@ -298,11 +298,17 @@ def describe(rules_access: AccessList | None) -> str:
         return ""
     parts = []
     if rules_access.allow:
-        parts.append("allow " + ", ".join(map(str, rules_access.allow)))
+        parts.append("allow " + ", ".join(map(_network, rules_access.allow)))
     if rules_access.deny:
-        parts.append("deny " + ", ".join(map(str, rules_access.deny)))
+        parts.append("deny " + ", ".join(map(_network, rules_access.deny)))
     names = f" ({', '.join(rules_access.names)})" if rules_access.names else ""
     return "; ".join(parts) + names
+
+
+def _network(network: IPNetwork) -> str:
+    """ "10.0.0.0/8", or "10.0.0.66" for one address."""
+    whole = network.prefixlen == network.max_prefixlen
+    return str(network.network_address) if whole else str(network)
 
 
 def describe_basic(auth: BasicAuth) -> str:

@@ -90,42 +90,66 @@ def _rules(table: Table, zone: str, context: Context, inherited: HostRules,
 
 
 def listing_lines(config: Config) -> list[str]:
-    """For `charon check`: each host or location with rules, then one line per rule."""
-    lines: list[str] = []
+    """For `charon check`: the server's limits, then each host with rules and one line per
+    rule, then each location whose rules differ from its host's, with what differs."""
+    lines = _server_lines(config)
     for host in config.hosts:
-        named = [(host.name, host.rules)]
-        named += [(loc.backends.name, loc.rules) for loc in host.locations]
-        for name, rules in named:
-            described = describe(rules)
-            if described:
-                lines.append(f"{name}: rules")
-                lines.extend(f"  {line}" for line in described)
+        own = describe(host.rules, host.hsts)
+        if own:
+            lines.append(f"{host.name}: rules")
+            lines.extend(f"  {key}: {text}" for key, text in own.items())
+        for location in host.locations:
+            rules = describe(location.rules, host.hsts)
+            for key in limits.HOST_ONLY_KEYS:
+                rules.pop(key, None)  # counted by the host: nothing of the location's own
+            changed = {key: text for key, text in rules.items() if own.get(key) != text}
+            changed |= {key: "off" for key in own if key not in rules and key not in
+                        limits.HOST_ONLY_KEYS}
+            if changed:
+                lines.append(f"{location.backends.name}: rules as its host's, except")
+                lines.extend(f"  {key}: {text}" for key, text in changed.items())
     return lines
 
 
-def describe(rules: Rules) -> list[str]:
-    """One line per rule that is not the default ("access: allow 10.0.0.0/8 (office)")."""
-    lines = []
+def _server_lines(config: Config) -> list[str]:
+    server = config.server
+    parts = []
+    if server.proxy_protocol:
+        parts.append("proxy_protocol on " + ", ".join(map(str, server.proxy_protocol)))
+    for key in ("max_connections", "max_connections_per_ip"):
+        if getattr(server, key):
+            parts.append(f"{key} {getattr(server, key)}")
+    return [f"server: {'; '.join(parts)}"] if parts else []
+
+
+def describe(rules: Rules, hsts: str | None = None) -> dict[str, str]:
+    """Each rule that is not the default, by key ("access": "allow 10.0.0.0/8 (office)")."""
+    lines: dict[str, str] = {}
     if rules.access is not None:
-        lines.append(f"access: {access.describe(rules.access)}")
+        lines["access"] = access.describe(rules.access)
     if rules.basic_auth is not None:
-        lines.append(f"basic_auth: {access.describe_basic(rules.basic_auth)}")
+        lines["basic_auth"] = access.describe_basic(rules.basic_auth)
     if rules.forward_auth is not None:
         auth = rules.forward_auth
         copy = f", copy {', '.join(auth.copy_headers)}" if auth.copy_headers else ""
-        lines.append(f"forward_auth: {auth.url} (timeout {auth.timeout:g}s{copy})")
-    for key, limits_list in (("rate_limit", rules.rate_limits),
-                             ("websocket_rate_limit", rules.websocket_rate_limits)):
-        lines.extend(f"{key}: {limits.describe_rate(limit)}" for limit in limits_list)
+        lines["forward_auth"] = f"{auth.url} (timeout {auth.timeout:g}s{copy})"
+    for key, rates in (("rate_limit", rules.rate_limits),
+                       ("websocket_rate_limit", rules.websocket_rate_limits)):
+        if rates:
+            lines[key] = "; ".join(map(limits.describe_rate, rates))
     for key in ("websocket_max_messages_per_second", *limits.HOST_ONLY_KEYS):
         if getattr(rules, key):
-            lines.append(f"{key}: {getattr(rules, key)}")
+            lines[key] = str(getattr(rules, key))
     if rules.max_body_size != Rules().max_body_size:
-        lines.append(f"max_body_size: {limits.describe_size(rules.max_body_size)}")
+        lines["max_body_size"] = limits.describe_size(rules.max_body_size)
     for key in ("request_headers", "response_headers"):
-        ops = getattr(rules, key)
+        ops = dataclasses.replace(getattr(rules, key), default=())
         if ops:
-            lines.append(f"{key}: {headerrules.describe(ops)}")
+            lines[key] = headerrules.describe(ops)
     if rules.host_header is not None:
-        lines.append(f"host_header: {rules.host_header}")
+        lines["host_header"] = rules.host_header
+    if rules.security_headers:
+        fields = [f"{name}: {value}" for name, value in rules.response_headers.default]
+        fields += [f"Strict-Transport-Security: {hsts} (over TLS)"] if hsts else []
+        lines["security_headers"] = ", ".join(fields) or "every field off"
     return lines
