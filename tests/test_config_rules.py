@@ -16,7 +16,15 @@ import bcrypt
 import pytest
 from argon2 import PasswordHasher
 
-from charon.config import ConfigError, hostrules, limits, load_config, load_config_text
+from charon.config import (
+    ConfigError,
+    access,
+    headerrules,
+    hostrules,
+    limits,
+    load_config,
+    load_config_text,
+)
 from charon.config.model import Config, ListenAddress, Upstream
 from charon.config.rules import (
     DEFAULT_MAX_BODY_SIZE,
@@ -484,3 +492,11 @@ def test_check_lists_the_rules_of_hosts_and_locations(tmp_path: Path) -> None:
         "    forward_auth: http://127.0.0.1:9091/v (timeout 5s)",
         "    access: off",
     ]
+
+
+def test_docs_reference_names_every_key() -> None:
+    for doc, keys in (("access.md", (*access.KEYS, *headerrules.KEYS)),
+                      ("limits.md", (*limits.KEYS, *limits.SERVER_KEYS))):
+        text = (ROOT / "docs" / doc).read_text()
+        reference = text[text.index("## Reference: every key"):]
+        assert [key for key in keys if f"`{key}" not in reference] == [], doc
