@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 import uvloop
 from harness import HOST, Backend
+from test_websocket_handshake import client_frame, ws_request
 
 from charon.config.loader import load_config_text
 from charon.config.model import ProxyHost
@@ -197,3 +198,25 @@ def test_a_failing_wait_is_a_500(backend: Backend) -> None:
             writer.close()
 
     run(go)
+
+
+def test_a_websocket_handshake_waits_then_opens() -> None:
+    ws_backend = Backend("ws_backend.py")
+
+    async def go() -> None:
+        async with Worker(ws_backend, after(0.1)) as w:
+            reader, writer = await asyncio.open_connection(HOST, w.port)
+            writer.write(ws_request("/echo", HOST))
+            head = await reader.readuntil(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 101 "), head
+            writer.write(client_frame(0x1, b"hi"))
+            frame = await reader.readexactly(4)
+            assert frame == b"\x81\x02hi"
+            writer.write(client_frame(0x8, b"\x03\xe8"))
+            writer.close()
+            assert w.calls == [b"/echo"]
+
+    try:
+        run(go)
+    finally:
+        ws_backend.stop()
