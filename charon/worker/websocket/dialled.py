@@ -53,6 +53,7 @@ class DialledTunnel(Tunnel):
     def __init__(self, ctx: WorkerContext, client_fd: int, handshake: Handshake) -> None:
         plan = handshake.plan
         info = TunnelInfo(plan.route.host_name, plan.client_ip, plan.path.decode("latin-1"), "")
+        info.release = plan.release
         super().__init__(ctx, client_fd, -1, plan.route, info, adopt=True, target=plan.target)
         self.handshake: Handshake | None = handshake  # None once open: an idle tunnel is small
 
@@ -157,6 +158,7 @@ class DialledTunnel(Tunnel):
         self.deadline_kind = NONE
         self._done = True
         self.uncount()  # the HTTP path's exchange counts it again
+        handshake.plan.release()  # (and its plan takes its limits' counts again)
         error = self.dial_error  # (the engine's errno, while it still holds the dial)
         client_fd, backend_fd, answered = self.hand_back()
         if backend_fd >= 0 and (failure is not None or not answered):
