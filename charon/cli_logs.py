@@ -270,10 +270,12 @@ class _Printer:
         if kind == "request":
             status = r.get("status")
             tint = _STATUS_COLORS.get(status // 100, "") if isinstance(status, int) else ""
+            denied = r.get("denied")
             return (
                 f"{head}{where} {clean(r.get('method', '?'))} {clean(r.get('path', ''))} "
                 f"{self.arrow} {self.paint(tint, clean(status))} "
                 f"{seconds(r.get('duration'))} {size(r.get('response_bytes'))}"
+                + (f" denied={clean(denied)}" if denied else "")
             )
         if kind == "ws_open":
             proto = r.get("subprotocol")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import msgpack
 
 from charon.events.publisher import RequestColumns, _array_header
-from charon.events.schema import FIELDS, REQUEST, WS_OPEN, unpack_records
+from charon.events.schema import REQUEST, REQUEST_COLUMNS, WS_OPEN, unpack_records
 
 
 def _batch(columns: RequestColumns, events: list[tuple]) -> bytes:
@@ -18,7 +18,7 @@ def _batch(columns: RequestColumns, events: list[tuple]) -> bytes:
 
 
 def _add(columns: RequestColumns, record: tuple) -> None:
-    for name, value in zip(FIELDS[REQUEST], record, strict=True):
+    for (name, _), value in zip(REQUEST_COLUMNS, record, strict=True):
         getattr(columns, name).append(value)
 
 

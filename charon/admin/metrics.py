@@ -65,6 +65,8 @@ USUAL_FAILURES = (
 DIRECTIONS = ("in", "out")
 RELOAD_RESULTS = ("success", "error")
 METHODS = KNOWN_METHODS | {"OTHER"}
+DENIED_REASONS = ("acl", "auth", "rate", "connections", "body_size")
+NO_HOST = "-"  # the host label of refusals before any request (server connection caps)
 
 Totals = dict[tuple[str, ...], float]
 
@@ -150,6 +152,10 @@ COUNTERS: dict[str, tuple[str, tuple[str, ...]]] = {
     "charon_websocket_closes": (
         "WebSocket tunnels closed, by close code (3xxx/4xxx: application codes).",
         ("host", "code")),
+    "charon_requests_denied": (
+        "Requests refused by a host's rules, by reason: acl (access list, 403), auth (401, or "
+        "forward auth's answer), rate (429), connections (503: a count, or the server's "
+        "connection caps, host \"-\"), body_size (413).", ("host", "reason")),
     "charon_tls_handshakes": (
         "TLS handshakes on the TLS listeners by result: full, resumed (a session ticket), "
         "failed, timeout ([tls] handshake_timeout), unknown_name (an SNI name with no "
@@ -208,6 +214,7 @@ class MetricsSection:
                 ("charon_upstream_errors", [(host, *pair) for pair in USUAL_FAILURES]),
                 ("charon_websocket_messages", [(host, d) for d in DIRECTIONS]),
                 ("charon_websocket_bytes", [(host, d) for d in DIRECTIONS]),
+                ("charon_requests_denied", [(host, r) for r in DENIED_REASONS]),
             ):
                 totals = self.counters[name]
                 for key in keys:
@@ -298,6 +305,9 @@ class MetricsSection:
         _add(c["charon_websocket_bytes"],
              ((host(h), d if d in DIRECTIONS else OTHER, n)
               for h, d, n in deltas.get("ws_bytes", ())))
+        _add(c["charon_requests_denied"],
+             ((h if h == NO_HOST else host(h), r if r in DENIED_REASONS else OTHER, n)
+              for h, r, n in deltas.get("denied", ())))
         _add(c["charon_tls_handshakes"],
              ((r if r in TLS_RESULTS else OTHER, n) for r, n in deltas.get("tls_handshakes", ())))
         _add(c["charon_websocket_closes"],

@@ -40,8 +40,11 @@ DROPPED = "dropped"  # made by the supervisor from a worker's METRICS (see admin
 UPSTREAM_HEALTH = "upstream_health"  # from the supervisor itself: a target's health changed
 
 FIELDS: dict[str, tuple[str, ...]] = {
+    # denied: why a rule refused it (acl, auth, rate, connections, body_size); only in the
+    # records of refused requests, which travel as whole events, not in the batch's columns
     REQUEST: (
         "time", "host", "method", "status", "duration", "response_bytes", "client_ip", "path",
+        "denied",
     ),
     WS_OPEN: ("time", "host", "client_ip", "path", "subprotocol"),
     WS_CLOSE: (
@@ -77,8 +80,8 @@ ERR_CLOSED = "closed"
 ERR_TLS = "tls"  # the TLS handshake with an https:// backend failed (its certificate, mostly)
 
 
-# The columns of a batch's REQUEST records, in the order of FIELDS[REQUEST], with how each is
-# packed: an array typecode for numbers, "" for text joined with NUL.
+# The columns of a batch's REQUEST records, in the order of FIELDS[REQUEST] (all but `denied`),
+# with how each is packed: an array typecode for numbers, "" for text joined with NUL.
 REQUEST_COLUMNS: tuple[tuple[str, str], ...] = (
     ("time", "d"), ("host", ""), ("method", ""), ("status", "H"), ("duration", "d"),
     ("response_bytes", "Q"), ("client_ip", ""), ("path", ""),

@@ -2,7 +2,8 @@
 
 A request that failed at the backend (a 502 or 504, or a response cut short) ends its line with
 why: `upstream=127.0.0.1:9 phase=connect reason=refused message="connection refused"` (the same
-keys in JSON).
+keys in JSON). A request a rule refused ends its line with why: `denied=acl` (auth, rate,
+connections, body_size; `"denied"` in JSON).
 
 Lines are buffered and written every FLUSH_INTERVAL (one write per batch, with O_APPEND so the
 workers' batches never interleave mid-line); `reopen` (on SIGUSR1) lets logrotate move the file.
@@ -51,6 +52,7 @@ class AccessLog:
     def request(
         self, host: str, method: str, path: str, status: int, duration: float,
         response_bytes: int, client_ip: str, failure: UpstreamFailure | None = None,
+        denied: str | None = None,
     ) -> None:
         now = time.time()
         if self.as_json:
@@ -61,6 +63,8 @@ class AccessLog:
             if failure is not None:
                 entry.update(upstream=failure.address, phase=failure.phase,
                              reason=failure.reason, message=failure.error)
+            if denied is not None:
+                entry["denied"] = denied
             line = json.dumps(entry, ensure_ascii=False)
         else:
             stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now))
@@ -73,6 +77,8 @@ class AccessLog:
                     f" upstream={failure.address} phase={failure.phase} "
                     f"reason={failure.reason} message=\"{_printable(failure.error)}\""
                 )
+            if denied is not None:
+                line += f" denied={denied}"
         self._buffer.append(line)
         self._size += len(line)
         if self._size >= MAX_BUFFER:

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from charon.config.model import Config, Upstream, UpstreamKey
+from charon.worker.access.maker import AccessMaker
 from charon.worker.http.headers import ForwardedPolicy
 from charon.worker.http.sendwatch import SendWatch
 from charon.worker.routing import config_router
@@ -67,7 +68,9 @@ class WorkerContext:
             loop.time,
             self.resolver,
         )
-        self.router = config_router(config, self.pool, groups=self.groups)
+        # Each route's checks (access lists, limits, auth), for this router and each reload's.
+        self.rules = AccessMaker(self)
+        self.router = config_router(config, self.pool, groups=self.groups, rules=self.rules)
         self.tls_pumps: set[TlsPump] = set()  # TLS connections the HTTP path serves
         self.tls_rotation: TicketKeyRotation | None = None  # set when serving TLS
 

@@ -78,7 +78,8 @@ def _plan(
     info = TlsInfo(*tls.info()) if tls is not None else None  # (421 compares its SNI name)
     try:
         plan = plan_request(
-            method, target, "1.1", fields, peer_ip, info, ctx.router, ctx.forwarded, False
+            method, target, "1.1", fields, peer_ip, info, ctx.router, ctx.forwarded, False,
+            admit=False,
         )
         # The target is chosen only for a handshake dialled here: the HTTP path would choose
         # again (a round robin would then skip one).
@@ -87,8 +88,23 @@ def _plan(
             return None
         if group.named and not all(state.pool.addresses for state in group.named):
             return None  # a name not resolved yet: uvloop resolves it on the HTTP path
+        # The route's rules run once per request: here for a handshake dialled here (its
+        # counts go with it, also when handed back), else on the HTTP path. A refusal goes
+        # there too, which refuses it again (a refusal takes nothing) and answers it.
+        rules = plan.route.rules
+        if rules is not None:
+            if rules.may_wait:
+                return None
+            rules.admit(plan, fields)
+            if plan.waits:  # (a check that may wait should have said so)
+                plan.release()
+                return None
         if plan.target is None:
-            choose_target(plan)
+            try:
+                choose_target(plan)
+            except HttpError:
+                plan.release()
+                raise
     except HttpError:
         return None
     return plan
@@ -107,6 +123,7 @@ def _dial(
     except Exception:
         # The tunnel owns the fd once made: dropping it closes the connection, unanswered.
         log.exception("the front door could not dial a handshake's backend")
+        plan.release()
         if tunnel is not None:
             ctx.dialling.discard(tunnel)
             tunnel.uncount()

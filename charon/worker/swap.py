@@ -38,7 +38,7 @@ def apply_config(ctx: WorkerContext, config: Config) -> int:
             pools[key] = pool
     for pool in old_pools.values():
         pool.retire()  # in-flight exchanges still hold it: they close, not release
-    router = config_router(config, ctx.pool, ctx.router.generation + 1, ctx.groups)
+    router = config_router(config, ctx.pool, ctx.router.generation + 1, ctx.groups, ctx.rules)
     server = config.server
     ctx.config = config
     ctx.router = router

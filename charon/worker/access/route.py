@@ -26,6 +26,13 @@ Wait = Callable[["RequestPlan"], Awaitable["HttpError | None"]]
 
 
 class RouteRules(Protocol):
+    # Forward the client's Authorization field (False: basic auth without
+    # forward_authorization consumed it).
+    keeps_authorization: bool
+    # `admit` may leave plan.waits: the front door leaves the request to the HTTP path
+    # without admitting it, so it is admitted once, there.
+    may_wait: bool
+
     def admit(self, plan: RequestPlan, headers: list[Header]) -> None:
         """Decide on `plan` (the client's fields in `headers`); raise HttpError to refuse."""
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from charon.worker.http.client import ClientConnection
@@ -29,7 +30,7 @@ log = logging.getLogger("charon.worker")
 class Handover:
     """What the engine did for the first request of a connection it hands over."""
 
-    __slots__ = ("backend_fd", "answered", "failure", "target", "refused")
+    __slots__ = ("backend_fd", "answered", "failure", "target", "refused", "leases")
 
     def __init__(
         self,
@@ -38,6 +39,7 @@ class Handover:
         failure: tuple[int, str, UpstreamFailure] | None = None,
         target: TargetState | None = None,
         refused: bool = False,
+        leases: list[Callable[[], None]] | None = None,
     ) -> None:
         self.backend_fd = backend_fd  # the request went out on it; -1: none
         self.answered = answered  # what the backend sent on it so far
@@ -46,9 +48,15 @@ class Handover:
         # Nothing came back (a failed or timed out connect, a close before any answer): the
         # request may go to another target (decision 11), with `failure` if none takes it.
         self.refused = refused
+        # What the front door's admission of the request counted (its plan's leases): the
+        # HTTP path's plan of it takes them (it is not admitted twice).
+        self.leases = leases
 
     def close(self) -> None:
         """Unused after all (the client left first): the backend connection is cut."""
+        leases, self.leases = self.leases, None
+        for lease in leases or ():
+            lease()
         if self.backend_fd >= 0:
             os.close(self.backend_fd)
             self.backend_fd = -1

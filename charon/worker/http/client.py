@@ -283,6 +283,7 @@ class ClientConnection(SlicedFeed):
                 self.ctx.router,
                 self.ctx.forwarded,
                 self.handover is None,  # else the front door's target is kept (exchange.py)
+                self.handover is None,  # else the front door admitted it (door.py)
             )
         except HttpError as error:
             if error.close:
@@ -296,6 +297,8 @@ class ClientConnection(SlicedFeed):
             if plan.body != BODY_NONE and parser.should_upgrade():
                 # llhttp skips the body of an upgrade request; it would be read as a new request.
                 raise HttpError(400, "an upgrade request cannot carry a body")
+            if self.handover is not None:  # what the front door's admission counted
+                plan.leases, self.handover.leases = self.handover.leases, None
             exchange = Exchange(self, plan, version == "1.1", keep_alive, None, method, target)
         if self.lines.head_done(
             len(method) + len(target), exchange.plan, self._headers, self._header_size

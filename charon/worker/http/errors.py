@@ -33,12 +33,17 @@ class HttpError(Exception):
         # Why a rule refused the request (issue 14): acl, auth, rate, connections, body_size.
         # It labels charon_requests_denied_total and the live log's record.
         self.denied = denied
+        # Who was refused, for the record: set when the request got as far as its route.
+        self.host: str | None = None
+        self.client_ip: str | None = None
 
     def closing(self) -> HttpError:
         """The same answer, ending the connection."""
         if self.close:
             return self
-        return HttpError(self.status, self.detail, True, self.fields, self.body, self.denied)
+        error = HttpError(self.status, self.detail, True, self.fields, self.body, self.denied)
+        error.host, error.client_ip = self.host, self.client_ip
+        return error
 
 
 _cache: dict[tuple[int, str, bool, bool], bytes] = {}

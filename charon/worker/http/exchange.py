@@ -8,6 +8,7 @@ and written once.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import ssl
 import time
@@ -21,7 +22,7 @@ from charon.worker.deadlines import (
     FIRST_BYTE,
     RESPONSE_IDLE,
 )
-from charon.worker.http import reports
+from charon.worker.http import reports, waits
 from charon.worker.http.bodyrate import body_wait
 from charon.worker.http.errors import CLIENT_CLOSED, HttpError, local_response
 from charon.worker.http.request import BODY_CHUNKED, BODY_NONE, RequestPlan
@@ -62,7 +63,7 @@ class Exchange:
         "connecting", "finished", "parser", "reason", "headers", "in_head", "interim", "framing",
         "delimited", "response_started", "response_done", "upstream_reusable", "out", "reused",
         "retried", "switching", "answered", "received", "chosen", "tried", "attempt_at",
-        "informed", "failure",
+        "informed", "failure", "waiting",
     )
 
     def __init__(
@@ -113,6 +114,7 @@ class Exchange:
         self.attempt_at = self.started  # when the attempt under way chose its target
         self.informed = False  # a 1xx went to the client: the request is not sent again
         self.failure: UpstreamFailure | None = None  # why the last attempt failed
+        self.waiting: asyncio.Task[HttpError | None] | None = None  # the plan's waits (rules)
 
     # -- lifecycle, driven by the client connection ------------------------------------------
 
@@ -127,6 +129,14 @@ class Exchange:
             self.client.handover = None
             self._resume_handover(handover)
             return
+        if self.plan.waits:
+            waits.begin(self, self.plan)
+            return
+        self.send()
+
+    def send(self) -> None:
+        """Send the planned request: on an idle connection to its target, or a new one."""
+        assert self.plan is not None
         target = self.chosen = self.plan.target
         assert target is not None  # (plan_request chose it: no handover)
         target.active += 1  # until _report (attempt_at is `started`)
@@ -141,6 +151,8 @@ class Exchange:
             self._report(self.status if self.response_started else CLIENT_CLOSED)
         self.finished = True
         self.parser = None  # (see _release_upstream)
+        if self.waiting is not None:
+            waits.cancel(self)
         if self.connecting is not None:
             self.connecting.cancel()
         if self.upstream is not None and not self.response_done:
@@ -148,6 +160,9 @@ class Exchange:
             self.upstream = None
 
     def on_deadline(self, kind: int) -> None:
+        if self.waiting is not None:
+            waits.timed_out(self)
+            return
         if kind == BODY_IDLE:
             self._fail(408, "the request body stalled or came too slowly")
             return
@@ -513,6 +528,8 @@ class Exchange:
             return
         if failure is not None:
             self._report_upstream_error(failure, status)
+        if self.waiting is not None:
+            waits.cancel(self)
         if self.connecting is not None:
             self.connecting.cancel()
             self.connecting = None
@@ -548,6 +565,7 @@ class Exchange:
         self._answer_locally(HttpError(413, "request body too large", denied="body_size"))
 
     def _answer_locally(self, error: HttpError) -> None:
+        self.error = error  # (its `denied` goes in the request's record: reports.py)
         head_only = self.method == b"HEAD"  # (also without a plan: a 404 has none)
         keep_alive = self.keep_alive and not error.close and not self.client.ctx.draining
         transport = self.client.transport

@@ -14,6 +14,8 @@ from charon.worker.http.headers import CACHE_LIMIT
 (UNDERSCORED, PLAIN, HOST, CONNECTION, UPGRADE, LENGTH, TE, XFF, XFP, XFH, FORWARDED,
  VIA, DROP, CLIENT_IP, MAX_FORWARDS, WS_KEY, WS_VERSION) = range(-2, 15)
 FORWARDED_TOO = WS_KEY
+# Set aside, and forwarded unless the route's basic auth consumes it (request.py).
+AUTHORIZATION = -3
 SPECIAL = {
     b"host": HOST,
     b"content-length": LENGTH,
@@ -34,6 +36,7 @@ SPECIAL = {
     b"sec-websocket-key": WS_KEY,
     b"sec-websocket-version": WS_VERSION,
     b"max-forwards": MAX_FORWARDS,
+    b"authorization": AUTHORIZATION,
     # Client addresses other proxies and CDNs set: a client could claim any address with them.
     # X-Real-IP is always the proxy's own (decision 6's client IP).
     b"x-real-ip": DROP,

@@ -30,15 +30,23 @@ def report(exchange: Exchange, status: int) -> None:
         target.active -= 1
         if status != CLIENT_CLOSED:
             target.totals.request(status, now - exchange.attempt_at)
+    error = exchange.error
+    if plan is not None:
+        host, client_ip = plan.route.host_name, plan.client_ip
+    elif error is not None and error.host is not None:  # refused by its route's rules
+        host, client_ip = error.host, error.client_ip or exchange.client.peer_ip
+    else:
+        host, client_ip = OTHER_HOST, exchange.client.peer_ip
     exchange.client.ctx.telemetry.request(
-        plan.route.host_name if plan is not None else OTHER_HOST,
+        host,
         exchange.method,
         status,
         now - exchange.started,
         exchange.body_bytes,
-        plan.client_ip if plan is not None else exchange.client.peer_ip,
+        client_ip,
         exchange.target,
         exchange.failure,
+        error.denied if error is not None else None,
     )
 
 

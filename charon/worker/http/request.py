@@ -16,6 +16,7 @@ from charon.worker.http.acme_challenge import challenge_answer
 from charon.worker.http.choosing import lb_key, no_target
 from charon.worker.http.errors import HttpError
 from charon.worker.http.fieldkinds import (
+    AUTHORIZATION,
     CLIENT_IP,
     CONNECTION,
     FORWARDED,
@@ -87,6 +88,7 @@ class RequestPlan:
     # counted resources to give back when the request or its tunnel ends.
     waits: list[Wait] | None = None
     leases: list[Callable[[], None]] | None = None
+    authorization: bytes | None = None  # the client's Authorization field (for basic auth)
 
     def release(self) -> None:
         """Give back what the rules counted for this request (idempotent)."""
@@ -107,10 +109,13 @@ def plan_request(
     router: Router,
     policy: ForwardedPolicy,
     choose: bool = True,
+    admit: bool = True,
 ) -> RequestPlan:
     """`tls`: what the client's TLS connection negotiated; None on a plain listener.
     `choose`: choose the target now (HttpError 503 if none can take it); else the plan's
-    target is left to `choose_target` (what the policy needs is kept in the plan)."""
+    target is left to `choose_target` (what the policy needs is kept in the plan).
+    `admit`: run the route's rules (False: the caller runs `route.rules.admit` itself, or the
+    front door already did for this request)."""
     if version[0] != "1":
         raise HttpError(505, "only HTTP/1.x is supported")
     if method == b"CONNECT":
@@ -152,6 +157,7 @@ def plan_request(
     xff: list[bytes] | None = None
     forwarded: list[bytes] | None = None
     via: list[bytes] | None = None
+    authorization: list[bytes] | None = None
     for kind, value in specials:
         if kind == HOST:
             host_values.append(value)
@@ -179,6 +185,8 @@ def plan_request(
             via = [*via, value] if via else [value]
         elif kind == MAX_FORWARDS:
             max_forwards = _max_forwards(value, max_forwards)
+        elif kind == AUTHORIZATION:
+            authorization = [*authorization, value] if authorization else [value]
 
     if len(host_values) == 1 and target[:1] == b"/":  # origin-form: the usual case
         host_value = host_values[0].strip()
@@ -209,12 +217,14 @@ def plan_request(
     body, body_length = _body_framing(length, te) if te or length is not None else _NO_BODY
     if body == BODY_LENGTH and route.max_body_size and body_length > route.max_body_size:
         # Before a byte of the body is read (a chunked body is cut where it passes it).
-        raise HttpError(413, "request body too large", denied="body_size")
+        raise _denied(HttpError(413, "request body too large", denied="body_size"), route, None)
     websocket = False
     if conn_values:
         tokens, dropped = parse_connection(conn_values)
         if dropped:  # Connection names more fields to drop (rare): the ordinary fields again
             out = _ordinary(headers, dropped, underscores, trusted)
+            if b"authorization" in dropped:
+                authorization = None
         # HTTP/1.0 has no Upgrade (RFC 9110 7.8): served as plain HTTP, the field dropped.
         websocket = b"upgrade" in tokens and version == "1.1" and is_websocket_upgrade(upgrade)
         if websocket:
@@ -259,6 +269,16 @@ def plan_request(
             b"X-Forwarded-For: ", peer, b"\r\nX-Forwarded-Proto: ", scheme,
             b"\r\nX-Forwarded-Host: ", host_value, b"\r\nX-Real-IP: ", peer, b"\r\n",
         )
+    rules = route.rules
+    if authorization is not None:
+        if rules is not None:
+            if len(authorization) > 1:  # which one would the backend believe?
+                raise _denied(HttpError(400, "several Authorization fields"), route, client_ip)
+            if rules.keeps_authorization:
+                out += (b"Authorization: ", authorization[0], b"\r\n")
+        else:
+            for value in authorization:
+                out += (b"Authorization: ", value, b"\r\n")
     if via:
         out += (b"Via: ", b", ".join(via), b", 1.1 charon\r\n")
     else:
@@ -277,8 +297,13 @@ def plan_request(
         ws_key.strip() if websocket and ws_key else None, hsts, route.group.single,
         None, tls is not None,
     )
-    if route.rules is not None:
-        route.rules.admit(plan, headers)
+    if rules is not None:
+        plan.authorization = authorization[0] if authorization else None
+        if admit:
+            try:
+                rules.admit(plan, headers)
+            except HttpError as error:
+                raise _denied(error, route, client_ip) from None
     single = plan.target
     if single is None or not single.health.checked_up:  # several targets, or one that is down
         group = route.group
@@ -297,6 +322,13 @@ def plan_request(
         if group.set_cookie and key != chosen.cookie:
             plan.set_cookie = chosen.cookie_fields[tls is not None]
     return plan
+
+
+def _denied(error: HttpError, route: Route, client_ip: str | None) -> HttpError:
+    """`error` with the host (and client IP) its record and the denied metric are under."""
+    error.host = route.host_name
+    error.client_ip = client_ip
+    return error
 
 
 def _to_https(name: bytes, port: bytes, path: bytes) -> HttpError:

@@ -168,7 +168,8 @@ class DialledTunnel(Tunnel):
         refused = refused and backend_fd < 0 and (failure is None or self.connected_at is None)
         if refused and failure is None:
             failure = _dial_failure(error, self.connected_at is not None)
-        handover = Handover(backend_fd, answered, failure, self.target, refused)
+        leases, handshake.plan.leases = handshake.plan.leases, None
+        handover = Handover(backend_fd, answered, failure, self.target, refused, leases)
         session = self.take_tls(CLIENT)
         if session is not None:
             serve_http(ctx, client_fd, handshake.peer_ip, handshake.first_read, session, handover)
