@@ -88,7 +88,7 @@ class LimitChecks:
         self.counted = bool(rules.max_connections or rules.max_connections_per_ip
                             or rules.max_websockets or rules.max_websockets_per_ip)
 
-    def admit(self, plan: RequestPlan) -> None:
+    def admit(self, plan: RequestPlan, headers: object = None) -> None:
         """Take the plan's counts and tokens, or raise HttpError (503, 429)."""
         websocket = plan.websocket_key is not None
         ip = plan.client_ip.encode()

@@ -158,7 +158,6 @@ class DialledTunnel(Tunnel):
         self.deadline_kind = NONE
         self._done = True
         self.uncount()  # the HTTP path's exchange counts it again
-        handshake.plan.release()  # (and its plan takes its limits' counts again)
         error = self.dial_error  # (the engine's errno, while it still holds the dial)
         client_fd, backend_fd, answered = self.hand_back()
         if backend_fd >= 0 and (failure is not None or not answered):
