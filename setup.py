@@ -13,7 +13,8 @@ setup(
             sources=[
                 f"charon/worker/websocket/engine/{name}.c"
                 for name in (
-                    "sockets", "walk", "door", "head", "dial", "tls", "engine_type", "tunnel_type"
+                    "sockets", "walk", "door", "head", "dial", "tls", "engine_type", "tunnel_type",
+                    "atomics",
                 )
             ],
             # The engine terminates TLS itself (tls.c): OpenSSL, as Python's ssl module uses.

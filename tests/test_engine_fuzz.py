@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 FUZZ = Path(__file__).parent / "fuzz"
-TARGETS = {"fuzz_head": 3, "fuzz_tunnel": 6, "fuzz_dial": 4, "fuzz_door": 4, "fuzz_tls": 4}  # s
+TARGETS = {"fuzz_head": 3, "fuzz_tunnel": 6, "fuzz_dial": 4, "fuzz_door": 4, "fuzz_tls": 4,
+           "fuzz_atomics": 2}  # s
 
 
 def fuzzer_runtime() -> str | None:

@@ -39,6 +39,8 @@ from charon.supervisor.runtime import RuntimeFile
 from charon.supervisor.sockets import ListenError, bind_listener
 from charon.supervisor.systemd import Notifier, inherited_listeners, take_inherited
 from charon.supervisor.workers import ReloadFailure, Slot, WorkerProcess
+from charon.worker.limits import table as limits_table
+from charon.worker.limits.counts import give_back
 from charon.worker.listeners import create_table
 
 log = logging.getLogger("charon.supervisor")
@@ -91,6 +93,11 @@ class Arbiter:
         self.stopping = False
         self._announced_ready = False
         self.balance_fd = create_table()  # connection counts the workers share
+        # Rate buckets and counts the workers share (worker/limits/); a worker's ledger slot
+        # is its own while it lives: reaped, its counts are given back.
+        self.limits_fd = limits_table.create_table()
+        self.limits = limits_table.SharedTable(os.dup(self.limits_fd))
+        self.ledgers: set[int] = set()
         self.generation = 0  # +1 per reload: each generation counts in its own table range
         self._reload_count = 0
         self._reload_last = ("", "")  # result, error
@@ -153,6 +160,7 @@ class Arbiter:
             pidfile.remove()
             self.runtime.remove()
             os.close(self.balance_fd)
+            os.close(self.limits_fd)
             for sock in self.listeners.values():
                 sock.close()
 
@@ -228,9 +236,13 @@ class Arbiter:
     ) -> WorkerProcess:
         assert self.receiver is not None
         fds = [self.listeners[address].fileno() for address in config.server.all_listen]
+        ledger = next((i for i in range(limits_table.LEDGER_SLOTS) if i not in self.ledgers), -1)
+        if ledger >= 0:
+            self.ledgers.add(ledger)
         proc = WorkerProcess(
             worker_id, text, config.path, fds, self.receiver.endpoint, self.log_format,
             self.balance_fd, generation, max(size, worker_id + 1), version or self.config_version,
+            self.limits_fd, ledger,
         )
         loop = asyncio.get_running_loop()
         loop.add_reader(proc.heartbeat_fd, self._on_heartbeat, proc)
@@ -248,6 +260,11 @@ class Arbiter:
             asyncio.get_running_loop().remove_reader(proc.control.fileno())
 
     def _forget(self, proc: WorkerProcess) -> None:
+        if proc.ledger >= 0 and proc.exit_code() is not None:
+            given = give_back(self.limits, proc.ledger)
+            if given:
+                log.info("gave back %d counts worker pid %d held", given, proc.pid)
+            self.ledgers.discard(proc.ledger)
         self.health.remove_worker(proc)
         loop = asyncio.get_running_loop()
         loop.remove_reader(proc.heartbeat_fd)

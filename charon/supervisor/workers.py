@@ -43,9 +43,12 @@ class WorkerProcess:
         generation: int = 0,
         generation_size: int = 1,
         config_version: int = 1,
+        limits_fd: int = -1,
+        ledger: int = -1,
     ) -> None:
         self.worker_id = worker_id
         self.generation = generation
+        self.ledger = ledger  # its slot of the shared limits table's ledgers (-1: none)
         read_fd, write_fd = os.pipe()
         os.set_blocking(read_fd, False)
         self.heartbeat_fd = read_fd
@@ -84,6 +87,10 @@ class WorkerProcess:
             str(os.getpid()),
             "--control-fd",
             str(child_control.fileno()),
+            "--limits-fd",
+            str(limits_fd),
+            "--ledger",
+            str(ledger),
         ]
         try:
             self.process = subprocess.Popen(
@@ -92,6 +99,7 @@ class WorkerProcess:
                 pass_fds=(
                     *fds, write_fd, child_control.fileno(),
                     *([balance_fd] if balance_fd >= 0 else []),
+                    *([limits_fd] if limits_fd >= 0 else []),
                 ),
                 close_fds=True,
                 env={**os.environ, TICKET_SECRET_ENV: TICKET_SECRET.hex()},

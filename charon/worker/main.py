@@ -36,6 +36,9 @@ from charon.worker.accesslog import AccessLog
 from charon.worker.context import WorkerContext
 from charon.worker.control import ControlChannel
 from charon.worker.deadlines import DeadlineSweeper
+from charon.worker.limits import table as limits_table
+from charon.worker.limits.checks import use_ledger
+from charon.worker.limits.counts import Ledger
 from charon.worker.listeners import Listeners, LoadTable
 from charon.worker.orphan import (
     ORPHAN_GRACE,
@@ -254,6 +257,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--generation-size", type=int, default=1)
     parser.add_argument("--supervisor-pid", type=int, default=0)
     parser.add_argument("--control-fd", type=int, default=-1, help="reloads in place")
+    parser.add_argument("--limits-fd", type=int, default=-1, help="shared rate limits, counts")
+    parser.add_argument("--ledger", type=int, default=-1, help="this worker's ledger slot")
     args = parser.parse_args(argv)
     # First: from here on the kernel tells us if the supervisor dies (see orphan.py).
     signal_on_supervisor_death()
@@ -269,6 +274,10 @@ def main(argv: list[str] | None = None) -> None:
     fds = [int(fd) for fd in args.listen_fds.split(",") if fd]
     os.set_blocking(args.heartbeat_fd, False)
     _raise_fd_limit()
+    if args.limits_fd >= 0:
+        limits_table.install(limits_table.SharedTable(args.limits_fd))
+        if args.ledger >= 0:
+            use_ledger(Ledger(limits_table.shared_table(), args.ledger))
     table = None
     if args.balance_fd >= 0:
         table = LoadTable(args.balance_fd, args.generation, args.worker_id, args.generation_size)

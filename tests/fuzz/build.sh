@@ -30,7 +30,7 @@ done
 for src in model driver; do
     $cc $cflags -c "$here/$src.c" -o "$out/obj/$src.o"
 done
-for target in fuzz_head fuzz_tunnel fuzz_dial fuzz_door fuzz_tls; do
+for target in fuzz_head fuzz_tunnel fuzz_dial fuzz_door fuzz_tls fuzz_atomics; do
     $cc $cflags -fsanitize=fuzzer "$here/$target.c" "$out"/obj/*.o \
         $pylink -lssl -lcrypto -lm -o "$out/$target"
 done

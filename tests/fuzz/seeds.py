@@ -81,6 +81,15 @@ def door_seeds() -> dict[str, bytes]:
     }
 
 
+def atomics_seeds() -> dict[str, bytes]:
+    """fuzz_atomics: words, offset, then (op, index, 8-byte values...) steps."""
+    step = bytes([0x41, 3]) + bytes(8) + (5).to_bytes(8, "big")  # a CAS that succeeds
+    add = bytes([2, 3]) + (-7 & (1 << 64) - 1).to_bytes(8, "big") + bytes(8)
+    return {"cas-add": bytes([8, 0]) + step + add + bytes([0, 3]) + bytes(16),
+            "bad-index": bytes([4, 0, 0, 0x85]) + bytes(16) + bytes([2, 0xC1]) + bytes(24),
+            "misaligned": bytes([4, 0x83, 0, 1]) + bytes(16)}
+
+
 def client_hello(name: str | None, alpn: list[str] | None, tls13: bool = True) -> bytes:
     """The first flight of Python's ssl client (a ClientHello) for the raw mode of fuzz_tls."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
@@ -128,7 +137,7 @@ def tls_seeds() -> dict[str, bytes]:
 
 def write(target: str, folder: Path) -> None:
     seeds = {"fuzz_tunnel": tunnel_seeds, "fuzz_dial": dial_seeds, "fuzz_door": door_seeds,
-             "fuzz_tls": tls_seeds,
+             "fuzz_tls": tls_seeds, "fuzz_atomics": atomics_seeds,
              "fuzz_head": lambda: {"handshake": HANDSHAKE, "101": SWITCHING}}[target]()
     folder.mkdir(parents=True, exist_ok=True)
     for name, data in seeds.items():

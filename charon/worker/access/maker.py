@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from charon.worker.access.acl import AclCheck
 from charon.worker.access.checks import Check, RouteChecks
+from charon.worker.limits.checks import limit_checks
 
 if TYPE_CHECKING:
     from charon.config.model import ProxyHost
@@ -26,7 +27,8 @@ def limits_checks(
 ) -> tuple[Check, ...]:
     """The counts (max_connections[_per_ip], max_websockets[_per_ip]), then the rate limits
     (rate_limit for requests, websocket_rate_limit for handshakes) of a route."""
-    return ()
+    checks = limit_checks(rules, host, zone)
+    return (checks.admit,) if checks is not None else ()
 
 
 def auth_checks(

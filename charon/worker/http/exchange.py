@@ -194,6 +194,10 @@ class Exchange:
         if self.plan.body == BODY_CHUNKED:
             pieces = [b"%x\r\n" % size, *pieces, b"\r\n"]
         self.received += size
+        limit = self.plan.route.max_body_size
+        if limit and self.received > limit:  # (a chunked body: a Content-Length was checked)
+            self._body_too_large()
+            return
         if self.upstream is not None:
             self.upstream.transport.writelines(pieces)
             self.client.set_deadline(
@@ -212,6 +216,8 @@ class Exchange:
         if self.client.exchanges and self.client.exchanges[0] is self:
             self._fail(error.status, error.detail)
         else:
+            if self.plan is not None:
+                self.plan.release()
             self.plan, self.error = None, error
 
     def request_complete(self) -> None:
@@ -377,6 +383,7 @@ class Exchange:
         self.upstream = None
         info = TunnelInfo(plan.route.host.name, plan.client_ip, plan.path.decode("latin-1"),
                           subprotocol.decode("latin-1"))
+        info.release = plan.release  # the tunnel holds the plan's counts until it closes
         open_tunnel(client.ctx, transport, conn.transport, head, client.become_tunnel(),
                     backend_tail, plan.route, info, target)
 
@@ -538,6 +545,24 @@ class Exchange:
             return
         self.out = []
         self._answer_locally(HttpError(status, detail, close=True))
+
+    def _body_too_large(self) -> None:
+        """A chunked body passed max_body_size: 413 if no byte of the response went out (the
+        backend's connection, which has part of the body, is closed), else the client is cut."""
+        self.pending = []
+        self.keep_alive = False
+        if self.response_started:
+            self._fail(413, "request body too large")
+            return
+        self.parser = None
+        if self.connecting is not None:
+            self.connecting.cancel()
+            self.connecting = None
+        if self.upstream is not None:
+            self.upstream.exchange = None
+            self.upstream.abort()
+            self.upstream = None
+        self._answer_locally(HttpError(413, "request body too large", denied="body_size"))
 
     def _answer_locally(self, error: HttpError) -> None:
         self.error = error  # (its `denied` goes in the request's record: reports.py)

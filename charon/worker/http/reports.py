@@ -21,6 +21,8 @@ def report(exchange: Exchange, status: int) -> None:
     """The exchange ended with `status` (once): its last attempt's target is counted too
     (not for a client that left: the target did not answer it)."""
     plan = exchange.plan
+    if plan is not None and status != 101:  # (a tunnel gives them back when it closes)
+        plan.release()
     now = time.monotonic()
     target = exchange.chosen
     if target is not None:

@@ -1,5 +1,7 @@
 # Stub of the C extension _engine.c (the WebSocket tunnel engine).
 
+from _typeshed import WriteableBuffer
+
 CLIENT: int
 BACKEND: int
 CLIENT_LOST: int
@@ -16,6 +18,12 @@ Arrival = tuple[int, str, bytes, SplitHead | None, TlsConn | None]
 Report = tuple[Tunnel, int, int]
 
 def split_head(data: bytes) -> SplitHead | None: ...
+
+# 64-bit words of a writable, 8-byte aligned buffer (an mmap of a memfd shared by the workers),
+# sequentially consistent; IndexError outside the buffer, ValueError if it is not aligned.
+def atomic_load(buffer: WriteableBuffer, index: int) -> int: ...
+def atomic_cas(buffer: WriteableBuffer, index: int, expected: int, new: int) -> bool: ...
+def atomic_add(buffer: WriteableBuffer, index: int, delta: int) -> int: ...  # the new value
 
 class Engine:
     def __init__(self, flush_limit: float = ...) -> None: ...

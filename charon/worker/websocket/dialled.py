@@ -53,6 +53,7 @@ class DialledTunnel(Tunnel):
     def __init__(self, ctx: WorkerContext, client_fd: int, handshake: Handshake) -> None:
         plan = handshake.plan
         info = TunnelInfo(plan.route.host_name, plan.client_ip, plan.path.decode("latin-1"), "")
+        info.release = plan.release
         super().__init__(ctx, client_fd, -1, plan.route, info, adopt=True, target=plan.target)
         self.handshake: Handshake | None = handshake  # None once open: an idle tunnel is small
 

@@ -44,7 +44,8 @@ _SIDE_NAMES = ("client", "backend")
 class TunnelInfo:
     """What the open and close events say about a tunnel."""
 
-    __slots__ = ("host", "client_ip", "path", "subprotocol", "opened_at", "opened_clock")
+    __slots__ = ("host", "client_ip", "path", "subprotocol", "opened_at", "opened_clock",
+                 "release")
 
     def __init__(self, host: str, client_ip: str, path: str, subprotocol: str) -> None:
         self.host = host
@@ -53,6 +54,13 @@ class TunnelInfo:
         self.subprotocol = subprotocol
         self.opened_at = time.time()
         self.opened_clock = time.monotonic()
+        # Gives back the counts its handshake's plan took (worker/limits/checks.py) at the end.
+        self.release: Callable[[], None] | None = None
+
+    def released(self) -> None:
+        release, self.release = self.release, None
+        if release is not None:
+            release()
 
 
 class TunnelEngine:
@@ -180,6 +188,7 @@ class Tunnel(_engine.Tunnel):
             self.start(head, backend_tail, client_tail)
         except OSError as exc:  # could not join the epoll set: the sockets close with self
             log.warning("cannot start a WebSocket tunnel: %s", exc)
+            self.info.released()
             if self.ctx.listeners is not None:
                 self.ctx.listeners.closed_one()
             return
@@ -255,6 +264,7 @@ class Tunnel(_engine.Tunnel):
         self.ctx.tunnels.discard(self)
         self.uncount()
         self.finish()
+        self.info.released()
         if self.ctx.listeners is not None:
             self.ctx.listeners.closed_one()  # the client connection counted at accept
         self.ctx.telemetry.websocket_close(self.info, self.summary())

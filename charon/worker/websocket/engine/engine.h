@@ -268,6 +268,11 @@ int lower_equals(const uint8_t *p, uint32_t n, const char *word);
 PyObject *head_tuple(const uint8_t *p, const SplitHead *h);
 PyObject *engine_split_head(PyObject *module, PyObject *arg);
 
+/* atomics.c: 64-bit words of a shared buffer (the workers' memfd tables) */
+PyObject *engine_atomic_load(PyObject *module, PyObject *const *args, Py_ssize_t nargs);
+PyObject *engine_atomic_cas(PyObject *module, PyObject *const *args, Py_ssize_t nargs);
+PyObject *engine_atomic_add(PyObject *module, PyObject *const *args, Py_ssize_t nargs);
+
 /* tunnel_type.c */
 int tunnel_ready(TunnelObject *t);
 

@@ -391,6 +391,12 @@ PyTypeObject EngineType = {
 static PyMethodDef module_methods[] = {
     {"split_head", (PyCFunction)engine_split_head, METH_O,
      "The front door's split of a handshake head: (method, target, fields, length) or None."},
+    {"atomic_load", (PyCFunction)(void (*)(void))engine_atomic_load, METH_FASTCALL,
+     "atomic_load(buffer, index): the 64-bit word at index of a writable buffer."},
+    {"atomic_cas", (PyCFunction)(void (*)(void))engine_atomic_cas, METH_FASTCALL,
+     "atomic_cas(buffer, index, expected, new): True if the word was expected and is now new."},
+    {"atomic_add", (PyCFunction)(void (*)(void))engine_atomic_add, METH_FASTCALL,
+     "atomic_add(buffer, index, delta): add delta to the word (wrapping); its new value."},
     {NULL, NULL, 0, NULL},
 };
 
