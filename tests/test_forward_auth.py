@@ -4,6 +4,7 @@ http_backend.py (which echoes the head it received) or ws_backend.py (WebSocket)
 
 from __future__ import annotations
 
+import base64
 import json
 import socket
 import urllib.request
@@ -11,6 +12,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import bcrypt
 import pytest
 from harness import HOST, Backend, Charon, free_port
 from test_websocket_handshake import Head, client_frame, ws_request
@@ -33,6 +35,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     ws = Backend("ws_backend.py")
     verify = f"{auth.url}/api/verify?from=charon"
     nowhere = f"http://{HOST}:{free_port()}/verify"  # nothing listens there
+    alice = bcrypt.hashpw(b"pw", bcrypt.gensalt(4)).decode()
     hosts = f"""
         [[hosts]]
         domains = ["app.test"]
@@ -43,6 +46,12 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
         domains = ["down.test"]
         upstream = "{http.url}"
         forward_auth = {{ url = "{nowhere}", copy_headers = ["Remote-User"] }}
+
+        [[hosts]]
+        domains = ["both.test"]
+        upstream = "{http.url}"
+        basic_auth = {{ users = {{ alice = "{alice}" }} }}
+        forward_auth = {{ url = "{verify}", copy_headers = {COPY} }}
 
         [[hosts]]
         domains = ["ws.test"]
@@ -191,6 +200,20 @@ def test_a_refusal_is_relayed_with_its_body_and_the_connection_goes_on(env: Env)
     sent = fields_of(question["headers"])
     assert sent["x-forwarded-method"] == ["POST"]
     assert "content-length" not in sent and "transfer-encoding" not in sent
+
+
+def test_basic_auth_first_and_its_password_goes_to_no_one_else(env: Env) -> None:
+    t = tag()
+    right = b"Authorization: Basic " + base64.b64encode(b"alice:pw") + b"\r\n"
+    wrong = b"Authorization: Basic " + base64.b64encode(b"alice:no") + b"\r\n"
+    assert fetch(env, "both.test", f"/echo?allow-{t}-wrong", wrong)[0].status == 401
+    assert asked(env, f"{t}-wrong") == []  # refused before the service is asked
+    head, body = fetch(env, "both.test", f"/echo?allow-{t}", right)
+    assert head.status == 200
+    upstream = fields_of(json.loads(body)["headers"])
+    assert upstream["remote-user"] == ["alice"] and "authorization" not in upstream
+    [question] = asked(env, t)
+    assert "authorization" not in fields_of(question["headers"])
 
 
 def test_auth_service_down_is_502(env: Env) -> None:

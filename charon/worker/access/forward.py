@@ -57,10 +57,13 @@ def tls_context() -> ssl.SSLContext:
 class ForwardAuthCheck:
     """The check of one route: leaves the question to the auth service in `plan.waits`."""
 
-    __slots__ = ("auth", "copy", "_host", "_line")
+    __slots__ = ("auth", "copy", "_host", "_line", "_not_sent")
 
-    def __init__(self, auth: ForwardAuth) -> None:
+    def __init__(self, auth: ForwardAuth, keeps_authorization: bool = True) -> None:
+        """`keeps_authorization` False: the route's basic auth used up the client's
+        Authorization (its password goes to no one else)."""
         self.auth = auth
+        self._not_sent = _NOT_SENT if keeps_authorization else _NOT_SENT | {b"authorization"}
         self.copy = tuple(dict.fromkeys(name.lower().encode("ascii") for name in auth.copy_headers))
         upstream = auth.upstream
         host = upstream.host if ":" not in upstream.host else f"[{upstream.host}]"
@@ -82,7 +85,7 @@ class ForwardAuthCheck:
 
     def question(self, plan: RequestPlan, headers: list[Header]) -> bytes:
         """The auth request's head (the client's fields read now: the plan keeps no list)."""
-        dropped = set(_NOT_SENT)
+        dropped = set(self._not_sent)
         host = b""
         for name, value in headers:
             lname = name.lower()

@@ -41,7 +41,9 @@ def auth_checks(
     if rules.basic_auth is not None:
         checks.append(BasicAuthCheck(rules.basic_auth))
     if rules.forward_auth is not None:
-        checks.append(ForwardAuthCheck(rules.forward_auth))
+        basic = rules.basic_auth
+        keeps = basic is None or basic.forward_authorization
+        checks.append(ForwardAuthCheck(rules.forward_auth, keeps))
     return tuple(checks)
 
 
