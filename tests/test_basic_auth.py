@@ -323,3 +323,66 @@ basic_auth = {{ users = {{ u = "{hashed}" }} }}
     done = subprocess.run([sys.executable, "-m", "charon", "check", str(config)],
                           capture_output=True, text=True, timeout=30, cwd=REPO)
     assert done.returncode == 0, done.stderr
+
+
+# -- the pieces alone (no process: the parsing, the failure budget, the hash checks) ----------
+
+
+def test_parse_credentials() -> None:
+    from charon.worker.access.basic import parse
+
+    def value(raw: bytes, scheme: bytes = b"Basic") -> bytes:
+        return scheme + b" " + base64.b64encode(raw)
+
+    assert parse(value(b"alice:pa:ss")) == ("alice", b"pa:ss")  # the first colon splits
+    assert parse(value(b"z\xc3\xab:p", b"bAsIc")) == ("zë", b"p")
+    assert parse(value(b":")) == ("", b"")
+    for bad in (value(b"alice"), value(b"\xff:x"), b"Basic", b"Basic !!!", b"Bearer x",
+                b"Basic YTpi YTpi", b""):
+        assert parse(bad) is None, bad
+
+
+def test_failure_budget() -> None:
+    from charon.worker.access.failures import LocalFailureCounter
+
+    counter = LocalFailureCounter(max_clients=2)
+    assert [counter.take("a", now=100.0) for _ in range(10)] == [0.0] * 10
+    assert counter.blocked("a", now=100.0) == pytest.approx(6.0)
+    assert counter.take("a", now=100.0) == pytest.approx(6.0)  # refused: not counted
+    assert counter.blocked("b", now=100.0) == 0.0  # per client
+    assert counter.blocked("a", now=106.0) == 0.0  # one failure forgiven per 6 s
+    assert counter.take("a", now=106.0) == 0.0
+    assert counter.take("a", now=106.0) > 0
+    counter.take("b", now=106.0)
+    counter.take("c", now=106.0)  # a third client: the oldest ("a") is forgotten
+    assert counter.blocked("a", now=106.0) == 0.0
+
+
+def test_verify_hash_kinds() -> None:
+    from charon.worker.access.basic import dummy_for, verify
+
+    long = b"p" * 80
+    hashed = bcrypt.hashpw(long[:72], bcrypt.gensalt(4)).decode()
+    assert verify(long, hashed)  # (bcrypt looks at 72 bytes, as htpasswd's hashes do)
+    assert verify(b"pw", bcrypt.hashpw(b"pw", bcrypt.gensalt(4)).decode().replace("$2b$", "$2y$"))
+    assert not verify(b"p\0w", hashed)
+    argon = FAST_ARGON2.hash("pw")
+    assert verify(b"pw", argon) and not verify(b"pW", argon)
+    dummy = dummy_for(hashed)  # same kind and cost
+    assert dummy.startswith("$2b$04$") and dummy_for(hashed) == dummy
+    assert argon2.extract_parameters(dummy_for(argon)) == argon2.extract_parameters(argon)
+
+
+def test_copied_fields_replace_the_clients() -> None:
+    from charon.worker.access.forward import with_fields
+
+    head = (b"GET / HTTP/1.1\r\nHost: a.test\r\nremote-user: mallory\r\nX-A: 1\r\n"
+            b"REMOTE-USER: eve\r\nVia: 1.1 charon\r\n\r\n")
+    names = (b"remote-user", b"remote-groups")
+    got = with_fields(head, names, [(b"Remote-User", b"alice"), (b"X-Other", b"1"),
+                                    (b"Remote-Groups", b"a,b")])
+    assert got == (b"GET / HTTP/1.1\r\nHost: a.test\r\nX-A: 1\r\nVia: 1.1 charon\r\n"
+                   b"Remote-User: alice\r\nRemote-Groups: a,b\r\n\r\n")
+    assert b"mallory" not in with_fields(head, names, []) and b"eve" not in with_fields(
+        head, names, [])
+    assert with_fields(head, (), [(b"Remote-User", b"alice")]) == head
