@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import json
 import socket
-import uuid
 import urllib.request
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any

@@ -49,6 +49,7 @@ MUST_SHOW = (
     "charon_config_reloads_total", "charon_events_dropped_total",
     "charon_upstream_healthy", "charon_upstream_requests_total",
     "charon_upstream_response_seconds_bucket", "charon_upstream_tunnels_open",
+    "charon_requests_denied_total",
 )
 
 
@@ -102,7 +103,7 @@ def test_dashboard_structure() -> None:
                    "WebSocket bytes/s", "WebSocket close codes", "Workers and restarts",
                    "Config reloads", "Dropped events", "Target health",
                    "Requests/s by target", "Target p95 response time",
-                   "WebSocket tunnels by target"):
+                   "WebSocket tunnels by target", "Denied requests"):
         assert wanted in titles, f"no panel {wanted!r}"
     ids = [p["id"] for p in dashboard["panels"]]
     assert len(ids) == len(set(ids)), "panel ids must be unique"

@@ -131,6 +131,7 @@ def basic_auth(table: Table, inherited: BasicAuth | None) -> BasicAuth | None:
     sub = InlineTable(table, "basic_auth", raw)
     sub.check_keys(_BASIC_KEYS)
     realm = sub.get("realm", _realm, DEFAULT_REALM)
+    forward = sub.get("forward_authorization", boolean, False)
     users: dict[str, str] = {}
     if "users" in sub.data:
         raw_users = sub.data["users"]
@@ -162,7 +163,7 @@ def basic_auth(table: Table, inherited: BasicAuth | None) -> BasicAuth | None:
     return BasicAuth(
         realm=realm,
         users=tuple(users.items()),
-        forward_authorization=sub.get("forward_authorization", boolean, False),
+        forward_authorization=forward,
         htpasswd=htpasswd,
     )
 

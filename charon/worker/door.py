@@ -88,23 +88,19 @@ def _plan(
             return None
         if group.named and not all(state.pool.addresses for state in group.named):
             return None  # a name not resolved yet: uvloop resolves it on the HTTP path
-        # The route's rules run once per request: here for a handshake dialled here (its
-        # counts go with it, also when handed back), else on the HTTP path. A refusal goes
-        # there too, which refuses it again (a refusal takes nothing) and answers it.
         rules = plan.route.rules
+        if rules is not None and rules.may_wait:
+            return None  # (basic or forward auth: the HTTP path waits for them)
+        if plan.target is None:
+            choose_target(plan)
+        # The route's rules run once per request, last: here for a handshake dialled here
+        # (its counts go with it, also when handed back), else on the HTTP path. A refusal
+        # goes there too, which refuses it again (a refusal takes nothing) and answers it.
         if rules is not None:
-            if rules.may_wait:
-                return None
             rules.admit(plan, fields)
             if plan.waits:  # (a check that may wait should have said so)
                 plan.release()
                 return None
-        if plan.target is None:
-            try:
-                choose_target(plan)
-            except HttpError:
-                plan.release()
-                raise
     except HttpError:
         return None
     return plan
