@@ -152,7 +152,7 @@ class BasicAuthCheck:
     """The check of one route (worker/access/checks.py): admit a remembered credential at once,
     leave any other to a wait; refuse a request without one."""
 
-    __slots__ = ("users", "dummy_of", "realm", "failures", "cache", "salt", "_unauthorized")
+    __slots__ = ("users", "dummy_of", "realm", "failures", "cache", "_hasher", "_unauthorized")
 
     def __init__(self, auth: BasicAuth, failures: FailureCounter | None = None) -> None:
         self.users = dict(auth.users)
@@ -160,7 +160,9 @@ class BasicAuthCheck:
         self.realm = auth.realm
         self.failures = failures or failure_counter()
         self.cache: OrderedDict[bytes, float] = OrderedDict()  # key -> when it expires
-        self.salt = secrets.token_bytes(16)  # (one route's credential is not another's)
+        # Keyed per process, salted per route (one route's credential is not another's);
+        # copied per request: cheaper than keying a new one.
+        self._hasher = hashlib.blake2b(digest_size=16, key=_KEY, salt=secrets.token_bytes(16))
         challenge = f'WWW-Authenticate: Basic realm="{auth.realm}", charset="UTF-8"\r\n'
         self._unauthorized = challenge.encode("ascii")
 
@@ -168,7 +170,9 @@ class BasicAuthCheck:
         value = plan.authorization
         if value is None:
             raise self.unauthorized()
-        key = hashlib.blake2b(value, digest_size=16, key=_KEY, salt=self.salt).digest()
+        hasher = self._hasher.copy()
+        hasher.update(value)
+        key = hasher.digest()
         cache = self.cache
         expires = cache.get(key)
         if expires is not None:
