@@ -6,6 +6,7 @@ client socket to 127.0.0.x (the failure budget is per client IP)."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import subprocess
@@ -386,3 +387,27 @@ def test_copied_fields_replace_the_clients() -> None:
     assert b"mallory" not in with_fields(head, names, []) and b"eve" not in with_fields(
         head, names, [])
     assert with_fields(head, (), [(b"Remote-User", b"alice")]) == head
+
+
+def test_verification_slots_are_bounded_and_given_back() -> None:
+    """A full queue refuses; a verification cancelled while queued (its client left) gives its
+    slot back as one that ran does."""
+    from charon.worker.access.basic import Verifier
+
+    hashed = bcrypt.hashpw(b"pw", bcrypt.gensalt(8)).decode()
+
+    async def run() -> None:
+        pool = Verifier(threads=1, max_waiting=3)
+        assert pool.reserve() and pool.reserve() and pool.reserve()
+        assert not pool.reserve()
+        first = asyncio.ensure_future(pool.check(b"pw", hashed, hashed))
+        second = asyncio.ensure_future(pool.check(b"no", hashed, hashed))
+        third = asyncio.ensure_future(pool.check(b"pw", None, hashed))
+        await asyncio.sleep(0)
+        second.cancel()  # (queued behind the first: the one thread is busy)
+        assert await first is True
+        assert await third is False  # an unknown user: never admitted
+        assert pool.waiting == 0
+        assert pool.reserve()
+
+    asyncio.run(run())

@@ -65,19 +65,23 @@ class Verifier:
         `hashed` None: an unknown user, verified against a dummy hash made `like` that one."""
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="charon-auth")
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, self._run, password, hashed, like)
+        future = self._pool.submit(_check, password, hashed, like)
+        # (Called once, when it ran or when a client that left cancelled it still queued.)
+        future.add_done_callback(self._release)
+        return await asyncio.wrap_future(future)
 
-    def _run(self, password: bytes, hashed: str | None, like: str) -> bool:
-        # (Given back in the thread: a cancelled wait must not leak its slot while it runs.)
-        try:
-            if hashed is None:
-                verify(password, dummy_for(like))  # (made here: hashing takes as long)
-                return False
-            return verify(password, hashed)
-        finally:
-            with self._lock:
-                self.waiting -= 1
+    def _release(self, _future: object) -> None:
+        with self._lock:
+            self.waiting -= 1
+
+
+def _check(password: bytes, hashed: str | None, like: str) -> bool:
+    # Made (once) whoever asks: the first attempt takes as long for a known user.
+    dummy = dummy_for(like)
+    if hashed is None:
+        verify(password, dummy)
+        return False
+    return verify(password, hashed)
 
 
 _verifier: Verifier | None = None
