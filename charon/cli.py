@@ -1,4 +1,4 @@
-"""The `charon` command: demo, run, check, reload, logs (`charon --help`)."""
+"""The `charon` command: demo, run, check, reload, logs, hash-password (`charon --help`)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import asyncio
 import sys
 from typing import NoReturn
 
-from charon import __version__, cli_demo, cli_logs, cli_reload, logsetup
+from charon import __version__, cli_demo, cli_hash, cli_logs, cli_reload, logsetup
 from charon.config import Config, ConfigError, load_config_text
 from charon.config.backends import listing_lines
 from charon.config.hostrules import listing_lines as rules_lines
@@ -74,6 +74,7 @@ def parser() -> argparse.ArgumentParser:
         help="start a new generation of workers (new code after an upgrade), as SIGUSR2 does",
     )
     cli_logs.add_parser(commands)
+    cli_hash.add_parser(commands)
     return top
 
 
@@ -84,6 +85,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(_check(args.path))
     if args.command == "logs":
         sys.exit(cli_logs.main(args))
+    if args.command == "hash-password":
+        sys.exit(cli_hash.main(args))
     if args.command == "reload":
         sys.exit(cli_reload.reload(
             _read(args.config)[0], args.pid, args.pidfile, args.restart_workers

@@ -35,7 +35,18 @@ def auth_checks(
     rules: Rules, host: ProxyHost, zone: str, ctx: WorkerContext | None
 ) -> tuple[Check, ...]:
     """Basic auth, then forward auth, of a route (they may leave `plan.waits`)."""
-    return ()
+    # (Imported for routes with auth only: bcrypt and argon2 load where they are needed.)
+    from charon.worker.access.basic import BasicAuthCheck
+    from charon.worker.access.forward import ForwardAuthCheck
+
+    checks: list[Check] = []
+    if rules.basic_auth is not None:
+        checks.append(BasicAuthCheck(rules.basic_auth))
+    if rules.forward_auth is not None:
+        basic = rules.basic_auth
+        keeps = basic is None or basic.forward_authorization
+        checks.append(ForwardAuthCheck(rules.forward_auth, keeps))
+    return tuple(checks)
 
 
 class AccessMaker:

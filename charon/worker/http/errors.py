@@ -91,9 +91,11 @@ def local_response(
             response = response[:cut] + extra + response[cut:]
         return response
     body = error.body or b""
+    fields = b"\n" + error.fields.lower()
     head = b"".join((
         b"HTTP/1.1 %d %s\r\n" % (error.status, HTTPStatus(error.status).phrase.encode()),
-        b"Content-Type: text/plain\r\n" if body else b"",
+        # (A relayed forward-auth answer brings its own.)
+        b"Content-Type: text/plain\r\n" if body and b"\ncontent-type:" not in fields else b"",
         b"Content-Length: %d\r\n" % len(body),
         b"Cache-Control: no-store\r\n",
         b"Connection: close\r\n" if close else b"Connection: keep-alive\r\n",
