@@ -43,6 +43,7 @@ from charon.worker.orphan import (
     orphaned,
     signal_on_supervisor_death,
 )
+from charon.worker.proxydoor import ProxyDoor, proxied_fds
 from charon.worker.swap import apply_config
 from charon.worker.telemetry import Telemetry
 from charon.worker.tlsserver import take_ticket_secret, tls_listen_fds
@@ -98,7 +99,10 @@ class Worker:
         tls_fds = tls_listen_fds(self.listen_fds, self.config)
         if tls_fds:
             ctx.serve_tls(secret)
-        listeners = Listeners(ctx.engine.engine, self.listen_fds, self.table, tls_fds)
+        listeners = Listeners(
+            ctx.engine.engine, self.listen_fds, self.table, tls_fds,
+            proxied_fds(self.listen_fds, self.config), ProxyDoor(ctx),
+        )
         listeners.start()
         ctx.listeners = listeners
         loop.add_signal_handler(signal.SIGTERM, self._request_stop, STOP)

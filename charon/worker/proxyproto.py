@@ -32,6 +32,11 @@ _V2_LENGTH = struct.Struct("!H")
 _ADDRESS_BLOCK = {0x1: 12, 0x2: 36, 0x3: 216}  # AF_INET, AF_INET6, AF_UNIX
 
 
+# Why a connection on a PROXY listener was closed (the metric's `reason` label): the parser's
+# reasons, then the reader's (worker/proxydoor.py).
+REASONS = ("missing", "malformed", "unsupported", "too_long", "timeout", "closed")
+
+
 class ProxyHeader(NamedTuple):
     source: str | None  # the client's IP (canonical text); None: keep the TCP peer's
     consumed: int  # bytes of the header, from the connection's first byte
