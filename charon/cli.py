@@ -10,6 +10,7 @@ from typing import NoReturn
 from charon import __version__, cli_demo, cli_logs, cli_reload, logsetup
 from charon.config import Config, ConfigError, load_config_text
 from charon.config.backends import listing_lines
+from charon.config.hostrules import listing_lines as rules_lines
 from charon.supervisor.arbiter import Arbiter
 from charon.supervisor.sockets import ListenError
 from charon.tls.listing import certificate_lines
@@ -125,7 +126,7 @@ def _check(path: str) -> int:
         print(exc, file=sys.stderr)
         return 1
     print(f"{path}: ok ({len(config.hosts)} proxy hosts)")
-    for line in certificate_lines(config) + listing_lines(config):
+    for line in certificate_lines(config) + listing_lines(config) + rules_lines(config):
         print(f"  {line}")
     return 0
 
