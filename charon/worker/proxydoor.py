@@ -61,11 +61,12 @@ def proxied_fds(fds: list[int], config: Config) -> frozenset[int]:
 class _Pending:
     """A connection whose PROXY header is not whole yet."""
 
-    __slots__ = ("sock", "peer", "tls", "got", "timer")
+    __slots__ = ("sock", "peer", "port", "tls", "got", "timer")
 
-    def __init__(self, sock: socket.socket, peer: str, tls: bool) -> None:
+    def __init__(self, sock: socket.socket, peer: str, port: int, tls: bool) -> None:
         self.sock = sock
         self.peer = peer  # the TCP peer (the balancer)
+        self.port = port
         self.tls = tls
         self.got = b""  # header bytes consumed so far
         self.timer: asyncio.TimerHandle | None = None
@@ -115,7 +116,7 @@ class ProxyDoor:
             listeners = self.ctx.listeners
             if listeners is not None:
                 listeners.opened(1)
-            pending = _Pending(sock, address[0], tls)
+            pending = _Pending(sock, address[0], address[1], tls)
             self.pending.add(pending)
             pending.timer = self.loop.call_later(
                 self.ctx.timeouts.header, self._fail, pending, "timeout",
@@ -185,8 +186,8 @@ class ProxyDoor:
             self.ctx.engine.engine.admit(fd, peer_ip, pending.tls)
         except Exception as exc:
             os.close(fd)
-            log.warning("cannot serve a connection from %s (PROXY header read): %s",
-                        pending.peer, exc)
+            log.warning("cannot serve a connection from %s port %d (PROXY header read): %s",
+                        pending.peer, pending.port, exc)
             self._uncount()
 
     def _fail(self, pending: _Pending, reason: str, detail: str) -> None:
@@ -194,7 +195,8 @@ class ProxyDoor:
             return
         self._forget(pending)
         pending.sock.close()
-        log.warning("PROXY protocol: connection from %s closed: %s", pending.peer, detail)
+        log.warning("PROXY protocol: connection from %s port %d closed: %s",
+                    pending.peer, pending.port, detail)
         self.ctx.telemetry.proxy_protocol_error(reason)
         self._uncount()
 
