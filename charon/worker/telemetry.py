@@ -103,9 +103,10 @@ class Telemetry:
         self.upstream_errors: Counter[tuple[str, str, str]] = Counter()  # host, kind, reason
         self.ws_closes: Counter[tuple[str, int]] = Counter()
         self.tls_handshakes: Counter[str] = Counter()  # by result (TLS_RESULTS)
-        self.proxy_protocol_errors: Counter[str] = Counter()  # by reason (proxyproto.REASONS)
         self.hosts: dict[str, HostTotals] = {}
         self.targets: dict[tuple[str, str], TargetTotals] = {}  # (host, target URL)
+        # PROXY listeners' connections closed for want of a header, by reason (proxyproto.py)
+        self.proxy_protocol_errors: Counter[str] = Counter()
 
     def tls_counts(self, counts: tuple[int, ...]) -> None:
         """The engine's handshake counts since the last call, in TLS_RESULTS order."""
@@ -114,7 +115,6 @@ class Telemetry:
                 self.tls_handshakes[result] += count
 
     def proxy_protocol_error(self, reason: str) -> None:
-        """A connection on a PROXY listener closed for want of a valid header."""
         self.proxy_protocol_errors[reason] += 1
 
     def target_totals(self, host: str, url: str) -> TargetTotals:
@@ -240,7 +240,6 @@ class Telemetry:
             ],
             "ws_closes": [[h, c, n] for (h, c), n in self.ws_closes.items()],
             "tls_handshakes": [[r, n] for r, n in self.tls_handshakes.items()],
-            "proxy_protocol_errors": [[r, n] for r, n in self.proxy_protocol_errors.items()],
             "http_durations": [[h, t.http_buckets, t.http_seconds] for h, t in hosts if t.requests],
             "ws_durations": [[h, t.ws_buckets, t.ws_seconds] for h, t in hosts if t.ws_closed],
             "upstream_requests": [
@@ -249,6 +248,7 @@ class Telemetry:
             "upstream_durations": [
                 [h, url, t.buckets, t.seconds] for (h, url), t in targets if t.codes
             ],
+            "proxy_protocol_errors": list(map(list, self.proxy_protocol_errors.items())),
         }
         gauges = {
             "ws_active": [[h, t.ws_active] for h, t in hosts if t.ws_active],
@@ -267,13 +267,11 @@ class Telemetry:
         if not publisher.send_now((METRICS, deltas, gauges)):
             return
         publisher.dropped_first = 0.0
-        for counter in (
-            self.requests, self.upstream_errors, self.ws_closes, self.tls_handshakes,
-            self.proxy_protocol_errors,
-        ):
+        for counter in (self.requests, self.upstream_errors, self.ws_closes, self.tls_handshakes):
             counter.clear()
         for totals in self.hosts.values():
             totals.clear()
         for target in self.targets.values():
             if target.codes:
                 target.clear()
+        self.proxy_protocol_errors.clear()
