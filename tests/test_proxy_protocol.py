@@ -257,10 +257,7 @@ def test_bad_headers_are_closed_unanswered_and_logged(env: Env, data: bytes, rea
 def test_a_silent_client_is_closed_after_the_header_timeout(env: Env) -> None:
     before = _errors(env, "timeout")
     with socket.create_connection((HOST, env.pp_port), timeout=HEADER_TIMEOUT + 5) as sock:
-        started = time.monotonic()
-        assert read_all(sock) == b""
-        waited = time.monotonic() - started
-    assert waited >= HEADER_TIMEOUT * 0.9
+        assert read_all(sock) == b""  # closed by the proxy (the read would time out first)
     wait_until(lambda: _errors(env, "timeout") > before, 5, what="the timeout count")
     assert "no whole header within" in env.charon.log()
 

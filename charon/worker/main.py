@@ -232,8 +232,12 @@ class Worker:
 def _owed(ctx: WorkerContext) -> bool:
     """Whether clients still wait on this worker: open connections, handshakes being dialled,
     and connections the front door accepted but has not handed over (waiting up to 0.5 s for
-    their first bytes; a worker that ended before then reset those whose request came late)."""
-    return bool(ctx.connections or ctx.dialling or ctx.engine.waiting)
+    their first bytes; a worker that ended before then reset those whose request came late),
+    PROXY listeners' connections whose header is being read."""
+    door = ctx.listeners.proxy_door if ctx.listeners is not None else None
+    return bool(
+        ctx.connections or ctx.dialling or ctx.engine.waiting or (door and door.pending)
+    )
 
 
 def _raise_fd_limit() -> None:

@@ -180,6 +180,9 @@ class ProxyDoor:
         self.loop.remove_reader(pending.sock.fileno())
 
     def _done(self, pending: _Pending, peer_ip: str) -> None:
+        # [server] max_connections_per_ip (limits14) is not checked here: an admitted
+        # connection reaches door.arrived as an engine-accepted one does, with `peer_ip` (the
+        # header's source) as its address, so a check made there covers PROXY listeners too.
         self._forget(pending)
         fd = pending.sock.detach()
         try:
@@ -204,8 +207,3 @@ class ProxyDoor:
         listeners = self.ctx.listeners
         if listeners is not None:
             listeners.closed_one()
-
-    def close(self) -> None:
-        """Stop accepting (the worker stops); headers being read may still finish."""
-        for fd in list(self.watched):
-            self.unwatch(fd)
