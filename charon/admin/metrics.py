@@ -45,6 +45,7 @@ from charon.events.schema import (
     METRICS,
     WORKER_EXIT,
 )
+from charon.worker.proxyproto import REASONS as PROXY_REASONS
 from charon.worker.telemetry import HTTP_BUCKETS, KNOWN_METHODS, TLS_RESULTS, WS_BUCKETS
 from charon.worker.upstreams.failure import REASONS
 
@@ -160,6 +161,10 @@ COUNTERS: dict[str, tuple[str, tuple[str, ...]]] = {
         "TLS handshakes on the TLS listeners by result: full, resumed (a session ticket), "
         "failed, timeout ([tls] handshake_timeout), unknown_name (an SNI name with no "
         "certificate and no default).", ("result",)),
+    "charon_proxy_protocol_errors": (
+        "Connections on PROXY protocol listeners closed for want of a valid header, by reason: "
+        "missing, malformed, unsupported, too_long, timeout (timeouts.header), closed (by the "
+        "peer before a whole header).", ("reason",)),
 }
 
 
@@ -310,6 +315,9 @@ class MetricsSection:
               for h, r, n in deltas.get("denied", ())))
         _add(c["charon_tls_handshakes"],
              ((r if r in TLS_RESULTS else OTHER, n) for r, n in deltas.get("tls_handshakes", ())))
+        _add(c["charon_proxy_protocol_errors"],
+             ((r if r in PROXY_REASONS else OTHER, n)
+              for r, n in deltas.get("proxy_protocol_errors", ())))
         _add(c["charon_websocket_closes"],
              ((host(h), close_code_label(code), n) for h, code, n in deltas.get("ws_closes", ())))
         self._add_histograms(self.http_hist, len(HTTP_BUCKETS), deltas.get("http_durations", ()))

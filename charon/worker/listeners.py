@@ -18,6 +18,7 @@ import struct
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from charon.worker.proxydoor import ProxyDoor
     from charon.worker.websocket._engine import Engine
 
 log = logging.getLogger("charon.worker")
@@ -75,8 +76,13 @@ class Listeners:
     def __init__(
         self, engine: Engine, fds: list[int], table: LoadTable | None,
         tls_fds: frozenset[int] = frozenset(),
+        proxied: frozenset[int] = frozenset(),
+        proxy_door: ProxyDoor | None = None,
     ) -> None:
         self.tls_fds = tls_fds  # the TLS listeners among fds
+        # The PROXY protocol listeners among fds: accepted by proxy_door, not the engine.
+        self.proxied = proxied
+        self.proxy_door = proxy_door
         self.engine = engine
         self.fds = fds  # ours (the supervisor keeps its own): closed when this worker stops
         self.table = table
@@ -87,7 +93,23 @@ class Listeners:
     def start(self) -> None:
         for fd in self.fds:
             os.set_blocking(fd, False)  # the front door takes until the queue is empty
-            self.engine.listen(fd, tls=fd in self.tls_fds)
+            if fd in self.proxied and self.proxy_door is not None:
+                self.proxy_door.watch(fd, tls=fd in self.tls_fds)
+            else:
+                self.engine.listen(fd, tls=fd in self.tls_fds)
+
+    def set_proxied(self, proxied: frozenset[int]) -> None:
+        """A reload in place changed which listeners take a PROXY header: the same sockets
+        are accepted on by the other side from now on (connections accepted before keep the
+        way they started)."""
+        if proxied == self.proxied:
+            return
+        if self.closed or self.paused:
+            self.proxied = proxied  # (start() uses it when accepting again)
+            return
+        self._stop_accepting()
+        self.proxied = proxied
+        self.start()
 
     def opened(self, count: int = 1) -> None:
         table = self.table
@@ -148,3 +170,5 @@ class Listeners:
     def _stop_accepting(self) -> None:
         for fd in self.fds:
             self.engine.unlisten(fd)
+            if self.proxy_door is not None:
+                self.proxy_door.unwatch(fd)

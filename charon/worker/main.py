@@ -46,6 +46,7 @@ from charon.worker.orphan import (
     orphaned,
     signal_on_supervisor_death,
 )
+from charon.worker.proxydoor import ProxyDoor, proxied_fds
 from charon.worker.swap import apply_config
 from charon.worker.telemetry import Telemetry
 from charon.worker.tlsserver import take_ticket_secret, tls_listen_fds
@@ -101,7 +102,10 @@ class Worker:
         tls_fds = tls_listen_fds(self.listen_fds, self.config)
         if tls_fds:
             ctx.serve_tls(secret)
-        listeners = Listeners(ctx.engine.engine, self.listen_fds, self.table, tls_fds)
+        listeners = Listeners(
+            ctx.engine.engine, self.listen_fds, self.table, tls_fds,
+            proxied_fds(self.listen_fds, self.config), ProxyDoor(ctx),
+        )
         listeners.start()
         ctx.listeners = listeners
         loop.add_signal_handler(signal.SIGTERM, self._request_stop, STOP)
@@ -231,8 +235,12 @@ class Worker:
 def _owed(ctx: WorkerContext) -> bool:
     """Whether clients still wait on this worker: open connections, handshakes being dialled,
     and connections the front door accepted but has not handed over (waiting up to 0.5 s for
-    their first bytes; a worker that ended before then reset those whose request came late)."""
-    return bool(ctx.connections or ctx.dialling or ctx.engine.waiting)
+    their first bytes; a worker that ended before then reset those whose request came late),
+    PROXY listeners' connections whose header is being read."""
+    door = ctx.listeners.proxy_door if ctx.listeners is not None else None
+    return bool(
+        ctx.connections or ctx.dialling or ctx.engine.waiting or (door and door.pending)
+    )
 
 
 def _raise_fd_limit() -> None:

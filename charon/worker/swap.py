@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 from charon.config.model import Config, Upstream
 from charon.worker.http.headers import ForwardedPolicy
+from charon.worker.proxydoor import proxied_fds
 from charon.worker.routing import config_router
 
 if TYPE_CHECKING:
@@ -48,6 +49,8 @@ def apply_config(ctx: WorkerContext, config: Config) -> int:
     # Certificates are read again (changed files, ACME's new ones): new handshakes use them,
     # open TLS connections keep the sessions they have.
     ctx.apply_tls(config)
+    if ctx.listeners is not None:  # which listeners take a PROXY header (no rebinding)
+        ctx.listeners.set_proxied(proxied_fds(ctx.listeners.fds, config))
     drain_at = ctx.loop.time() + server.drain_timeout
     return sum(not retarget(ctx, tunnel, drain_at) for tunnel in list(ctx.tunnels))
 

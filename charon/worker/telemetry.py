@@ -107,12 +107,17 @@ class Telemetry:
         self.denied: Counter[tuple[str, str]] = Counter()  # (host, reason): refused by a rule
         self.hosts: dict[str, HostTotals] = {}
         self.targets: dict[tuple[str, str], TargetTotals] = {}  # (host, target URL)
+        # PROXY listeners' connections closed for want of a header, by reason (proxyproto.py)
+        self.proxy_protocol_errors: Counter[str] = Counter()
 
     def tls_counts(self, counts: tuple[int, ...]) -> None:
         """The engine's handshake counts since the last call, in TLS_RESULTS order."""
         for result, count in zip(TLS_RESULTS, counts, strict=True):
             if count:
                 self.tls_handshakes[result] += count
+
+    def proxy_protocol_error(self, reason: str) -> None:
+        self.proxy_protocol_errors[reason] += 1
 
     def target_totals(self, host: str, url: str) -> TargetTotals:
         """The totals of target `url` under host label `host` (kept across reloads, so its
@@ -279,6 +284,7 @@ class Telemetry:
             "upstream_durations": [
                 [h, url, t.buckets, t.seconds] for (h, url), t in targets if t.codes
             ],
+            "proxy_protocol_errors": list(map(list, self.proxy_protocol_errors.items())),
         }
         gauges = {
             "ws_active": [[h, t.ws_active] for h, t in hosts if t.ws_active],
@@ -306,3 +312,4 @@ class Telemetry:
         for target in self.targets.values():
             if target.codes:
                 target.clear()
+        self.proxy_protocol_errors.clear()

@@ -1,7 +1,9 @@
 /* libFuzzer target: the front door (door.c) under a script of connections: accepted with a
  * first read of any bytes, silent ones that wait and then speak or expire, a full fd table,
- * and Engine.run() handing the arrivals (heads split) to Python, which closes them. At the
- * end every connection is closed exactly once. */
+ * connections Python accepted itself and admits (a PROXY listener's, plain or TLS: with no
+ * TlsServer set, admit refuses a TLS one and Python closes it), and Engine.run() handing the
+ * arrivals (heads split) to Python, which closes them. At the end every connection is closed
+ * exactly once. */
 
 #include "driver.h"
 #include "model.h"
@@ -90,6 +92,25 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         case 2:  /* time passes */
             expire_waiting(e, e->now + WAIT_LIMIT * (op >> 3));
             break;
+        case 4:
+            if (op & 8) {  /* Python admits a connection it accepted (bytes may follow) */
+                int fd = model_new_fd();
+                if (fd < 0)
+                    break;
+                n = take_bytes(&in, (size_t)take_byte(&in) & 0xff, &p);
+                if (n)
+                    model_give(fd, p, n);
+                PyObject *r = PyObject_CallMethod(engine, "admit", "isi", fd,
+                                                  op & 16 ? "2001:db8::1" : "192.0.2.1",
+                                                  (op & 32) != 0);
+                if (r == NULL) {
+                    PyErr_Clear();
+                    model_close(fd);  /* refused: still Python's */
+                }
+                Py_XDECREF(r);
+                break;
+            }
+            /* fall through */
         default:
             run_and_take(engine);
             break;

@@ -78,6 +78,9 @@ def door_seeds() -> dict[str, bytes]:
         "handshake": bytes([0, len(HANDSHAKE)]) + HANDSHAKE + b"\x03",
         "silent": b"\x00\x00" + bytes([1 | (0 << 3), 5]) + b"GET /" + b"\x03\x02\x12\x03",
         "many": b"\x08\x10GET / HTTP/1.1\r\n" + b"\x03" * 3,
+        # op 9 (| 16: IPv6, | 32: TLS): a PROXY listener's connection, admitted by Python
+        "admitted": bytes([9, len(HANDSHAKE)]) + HANDSHAKE + b"\x03" + bytes([9 | 16, 0, 3])
+        + b"\x02\x03" + bytes([9 | 32, 4]) + b"\x16\x03\x01\x00\x03",
     }
 
 

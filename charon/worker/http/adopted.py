@@ -88,9 +88,9 @@ def adopt_client(
     conn = ClientConnection(ctx)
     conn.first_read = first_read
     conn.handover = handover
+    conn.peer_ip = peer_ip  # (a PROXY listener's: the header's source, not the socket's peer)
     if tls is not None:
         conn.tls = tls
-        conn.peer_ip = peer_ip
     # connect_accepted_socket only waits for connection_made: stepped without a Task.
     coro = ctx.loop.connect_accepted_socket(lambda: conn, sock)
     Connecting(ctx.loop, coro, _adopted).start()

@@ -81,7 +81,7 @@ class ClientConnection(SlicedFeed):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
-        if self.tls is None:  # (a TLS connection's socket is a socketpair: adopt_client says)
+        if not self.peer_ip:  # (adopt_client says: a TLS socketpair, a PROXY header's source)
             peer = transport.get_extra_info("peername")
             self.peer_ip = peer[0] if peer else ""
         self.ctx.connections.add(self)  # (counted for accept back-off by the front door)

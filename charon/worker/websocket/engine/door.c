@@ -243,6 +243,31 @@ accept_ready(EngineObject *e, int listen_fd, int tls)
     }
 }
 
+/* A connection Python accepted itself and gives to the front door as if it had just been
+ * accepted here, with `peer` as its peer: one from a PROXY protocol listener, whose header
+ * Python read (and consumed exactly: the next byte is the client's first). It waits in the
+ * epoll set like a silent new connection (level-triggered: bytes already there are reported at
+ * once), so nothing is read here and no arrival is made outside run(). Python counted it when
+ * it accepted it: e->accepted is not raised, and goes down as usual if the engine closes it.
+ * 0, or -1 with the fd still the caller's. */
+int
+door_admit(EngineObject *e, int fd, const struct sockaddr_storage *peer, int tls)
+{
+    SSL *ssl = NULL;
+    if (tls) {
+        int one = 1;
+        setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+        ssl = tls_new_session(e, fd);
+        if (ssl == NULL)
+            return -1;
+    }
+    if (wait_first_read(e, fd, peer, ssl) < 0) {
+        tls_close(ssl, 1);  /* (no byte was sent on it: nothing goes out) */
+        return -1;
+    }
+    return 0;
+}
+
 /* A waiting connection is readable. */
 void
 first_read_ready(EngineObject *e, int fd)

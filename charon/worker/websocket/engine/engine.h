@@ -253,6 +253,7 @@ SSL *tls_conn_take(PyObject *conn);
 
 /* door.c */
 void accept_ready(EngineObject *e, int listen_fd, int tls);
+int door_admit(EngineObject *e, int fd, const struct sockaddr_storage *peer, int tls);
 void first_read_ready(EngineObject *e, int fd);
 void expire_waiting(EngineObject *e, double now);
 void free_waiting(EngineObject *e);

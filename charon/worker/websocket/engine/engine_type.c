@@ -2,6 +2,7 @@
 
 #include "engine.h"  /* first: Python.h before the system headers */
 
+#include <arpa/inet.h>
 #include <errno.h>
 #include <string.h>
 #include <sys/eventfd.h>
@@ -265,6 +266,40 @@ Engine_unlisten(EngineObject *e, PyObject *arg)
 }
 
 static PyObject *
+Engine_admit(EngineObject *e, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"fd", "peer_ip", "tls", NULL};
+    PyObject *arg;
+    const char *ip;
+    int tls = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "Os|p:admit", kwlist, &arg, &ip, &tls))
+        return NULL;
+    int fd;
+    if (!listen_arg(e, arg, &fd))
+        return NULL;
+    struct sockaddr_storage peer;
+    memset(&peer, 0, sizeof(peer));
+    struct sockaddr_in *in4 = (struct sockaddr_in *)&peer;
+    struct sockaddr_in6 *in6 = (struct sockaddr_in6 *)&peer;
+    if (inet_pton(AF_INET, ip, &in4->sin_addr) == 1)
+        peer.ss_family = AF_INET;
+    else if (inet_pton(AF_INET6, ip, &in6->sin6_addr) == 1)
+        peer.ss_family = AF_INET6;
+    else {
+        PyErr_SetString(PyExc_ValueError, "not an IP address");
+        return NULL;
+    }
+    if (tls && e->tls == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "no TlsServer for a TLS connection");
+        return NULL;
+    }
+    e->now = monotonic();  /* (its wait is timed from now, not from the last run) */
+    if (door_admit(e, fd, &peer, tls) < 0)
+        return PyErr_NoMemory();  /* (what is left: an allocation or epoll_ctl failing) */
+    Py_RETURN_NONE;
+}
+
+static PyObject *
 Engine_take_accept_error(EngineObject *e, PyObject *Py_UNUSED(ignored))
 {
     int err = e->accept_errno;
@@ -356,6 +391,11 @@ static PyMethodDef Engine_methods[] = {
      "The TlsServer for new TLS connections (None: they are closed)."},
     {"take_tls_counts", (PyCFunction)Engine_take_tls_counts, METH_NOARGS,
      "TLS handshakes since the last call: (full, resumed, failed, timeout, unknown_name)."},
+    {"admit", (PyCFunction)(void (*)(void))Engine_admit, METH_VARARGS | METH_KEYWORDS,
+     "admit(fd, peer_ip, tls=False): serve a connection accepted elsewhere (a PROXY protocol "
+     "listener's, its header consumed) as the front door serves its own, with peer_ip as its "
+     "peer; it is counted by the caller, not in run()'s accepted. The fd is the engine's once "
+     "this returns; on an exception it is still the caller's."},
     {"unlisten", (PyCFunction)Engine_unlisten, METH_O, "Stop accepting on this fd."},
     {"take_accept_error", (PyCFunction)Engine_take_accept_error, METH_NOARGS,
      "errno of an accept that ran out of fds or memory (its listening fd left the set), or 0."},
