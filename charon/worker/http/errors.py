@@ -34,11 +34,17 @@ class HttpError(Exception):
         # It labels charon_requests_denied_total and the live log's record.
         self.denied = denied
 
+    # More header lines for the answer, set where the route is known (its HSTS and the
+    # security_headers preset's fields: http/headerrules.py's own_fields).
+    extra = b""
+
     def closing(self) -> HttpError:
         """The same answer, ending the connection."""
         if self.close:
             return self
-        return HttpError(self.status, self.detail, True, self.fields, self.body, self.denied)
+        closing = HttpError(self.status, self.detail, True, self.fields, self.body, self.denied)
+        closing.extra = self.extra
+        return closing
 
 
 _cache: dict[tuple[int, str, bool, bool], bytes] = {}
