@@ -13,7 +13,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from charon.config import backends, syntax, tls, values
+from charon.config import backends, hostrules, limits, syntax, tls, values
 from charon.config.lines import KeyLines
 from charon.config.model import (
     AdminConfig,
@@ -29,6 +29,7 @@ from charon.config.model import (
     TlsConfig,
     WebSocketSettings,
 )
+from charon.config.rules import Rules
 from charon.config.table import ConfigError, Source, Table, address_list, array_of, boolean
 
 __all__ = ["ConfigError", "default_config", "load_config", "load_config_text"]
@@ -37,7 +38,7 @@ DEFAULT_LISTEN = ListenAddress("127.0.0.1", 8080)
 DEFAULT_ADMIN_LISTEN = ListenAddress("127.0.0.1", 9090)
 MAX_WORKERS = 64
 
-_TOP_KEYS = ("server", "admin", "timeouts", "tls", "hosts")
+_TOP_KEYS = ("server", "admin", "timeouts", "tls", "hosts", "access")
 _SERVER_KEYS = (
     "listen",
     "workers",
@@ -51,13 +52,17 @@ _SERVER_KEYS = (
     "underscores_in_headers",
     "limits",
     "tls_listen",
+    *limits.SERVER_KEYS,
 )
 _LIMIT_MINIMUMS = {"max_request_target": 256, "max_header_bytes": 1024, "max_header_count": 8}
 _TIMEOUT_KEYS = tuple(f.name for f in dataclasses.fields(Timeouts))
 _WEBSOCKET_KEYS = ("websocket_max_frame_size", "websocket_idle_timeout", "websocket_ping_interval")
-_LOCATION_KEYS = ("path", *backends.KEYS, "timeouts", *_WEBSOCKET_KEYS, *tls.LOCATION_KEYS)
+_LOCATION_KEYS = (
+    "path", *backends.KEYS, "timeouts", *_WEBSOCKET_KEYS, *tls.LOCATION_KEYS, *hostrules.KEYS
+)
 _HOST_KEYS = (
-    "domains", *backends.KEYS, "timeouts", "locations", *_WEBSOCKET_KEYS, *tls.HOST_KEYS
+    "domains", *backends.KEYS, "timeouts", "locations", *_WEBSOCKET_KEYS, *tls.HOST_KEYS,
+    *hostrules.KEYS,
 )
 _MIN_FRAME_SIZE = 126
 
@@ -113,7 +118,9 @@ def _config(root: Table) -> Config:
     tls.check_admin_overlap(root.table("server"), server, admin.listen)
     tls_config = tls.tls_config(root.table("tls"), server)
     timeouts = _timeouts(root.table("timeouts"), Timeouts())
-    hosts = _hosts(root, timeouts, server, tls_config)
+    rules = Rules(max_body_size=limits.default_body_size(root.table("server")))
+    context = hostrules.context(root, rules)
+    hosts = _hosts(root, timeouts, server, tls_config, context)
     return Config(root.source.path, server, admin, timeouts, hosts, tls_config)
 
 
@@ -121,6 +128,7 @@ def _server(table: Table) -> ServerConfig:
     table.check_keys(_SERVER_KEYS)
     default_workers = min(os.cpu_count() or 1, MAX_WORKERS)
     listen = _listen(table)
+    tls_listen = tls.tls_listen(table, listen)
     return ServerConfig(
         listen=listen,
         workers=table.get("workers", lambda v: values.integer(v, 1, MAX_WORKERS), default_workers),
@@ -135,7 +143,8 @@ def _server(table: Table) -> ServerConfig:
         ),
         underscores_in_headers=table.get("underscores_in_headers", boolean, False),
         limits=_limits(table.table("limits")),
-        tls_listen=tls.tls_listen(table, listen),
+        tls_listen=tls_listen,
+        **limits.server_settings(table, listen, tls_listen),
     )
 
 
@@ -249,13 +258,17 @@ def _websocket(table: Table, inherited: WebSocketSettings) -> WebSocketSettings:
 
 
 def _hosts(
-    root: Table, timeouts: Timeouts, server: ServerConfig, tls_config: TlsConfig
+    root: Table,
+    timeouts: Timeouts,
+    server: ServerConfig,
+    tls_config: TlsConfig,
+    context: hostrules.Context,
 ) -> tuple[ProxyHost, ...]:
     tables = root.tables("hosts")
     if not tables:
         raise root.error_at(("hosts",), "no [[hosts]]: nothing to proxy")
     seen: dict[str, int] = {}  # domain -> line of the host that has it
-    return tuple(_host(table, timeouts, seen, server, tls_config) for table in tables)
+    return tuple(_host(table, timeouts, seen, server, tls_config, context) for table in tables)
 
 
 def _host(
@@ -264,6 +277,7 @@ def _host(
     seen: dict[str, int],
     server: ServerConfig,
     tls_config: TlsConfig,
+    context: hostrules.Context,
 ) -> ProxyHost:
     table.check_keys(_HOST_KEYS)
     domains = _domains(table, seen)
@@ -271,7 +285,10 @@ def _host(
     host_backends = backends.backends(table, domains[0], backend_tls)
     host_timeouts = _timeouts(table.table("timeouts"), timeouts)
     websocket = _websocket(table, WebSocketSettings())
-    locations = _locations(table, host_backends, host_timeouts, websocket, backend_tls)
+    rules = hostrules.host_rules(table, host_backends.name, context)
+    locations = _locations(
+        table, host_backends, host_timeouts, websocket, backend_tls, (context, rules)
+    )
     every = backends.upstreams(host_backends, *(loc.backends for loc in locations))
     tls.check_backend_tls_used(table, every)
     # Last: reading and checking certificate files costs the most.
@@ -279,7 +296,8 @@ def _host(
     return ProxyHost(
         domains, host_backends, locations, host_timeouts, websocket,
         line=table.line,
-        tls=host_tls.tls, force_https=host_tls.force_https, hsts=host_tls.hsts,
+        tls=host_tls.tls, force_https=host_tls.force_https,
+        hsts=rules.hsts(table, host_tls.hsts), rules=rules.rules,
     )
 
 
@@ -304,6 +322,7 @@ def _locations(
     timeouts: Timeouts,
     websocket: WebSocketSettings,
     backend_tls: tls.BackendTls,
+    host_rules: tuple[hostrules.Context, hostrules.HostRules],
 ) -> tuple[Location, ...]:
     locations: list[Location] = []
     seen: dict[str, int] = {}  # path -> line of its location
@@ -325,6 +344,9 @@ def _locations(
             backends=location_backends,
             timeouts=_timeouts(table.table("timeouts"), timeouts),
             websocket=_websocket(table, websocket),
+            rules=hostrules.location_rules(
+                table, location_backends.name, *host_rules
+            ).rules,
         )
         locations.append(location)
     locations.sort(key=lambda location: len(location.path), reverse=True)

@@ -157,3 +157,19 @@ def address_list(table: Table, key: str) -> tuple[ListenAddress, ...]:
                 (*table.path, key, index), f"{table.label(key)}: {address} is listed twice"
             )
     return tuple(addresses)
+
+
+class InlineTable(Table):
+    """The inline table of `key` in `parent` (or its element `index` when `key` holds an array
+    of them): named "[[hosts]] rate_limit" or "[[hosts]] rate_limit[1]" in messages."""
+
+    def __init__(
+        self, parent: Table, key: str, data: dict[str, Any], index: int | None = None
+    ) -> None:
+        path = (*parent.path, key) if index is None else (*parent.path, key, index)
+        super().__init__(parent.source, path, data)
+        self._name = parent.label(key) if index is None else f"{parent.label(key)}[{index}]"
+
+    @property
+    def name(self) -> str:
+        return self._name
