@@ -38,14 +38,16 @@ def test_response_rules_remove_then_set_then_add_then_default() -> None:
     ops = HeaderOps(
         set=(("Cache-Control", "no-store"),),
         add=(("X-Tag", "a"),),
-        remove=("server", "x-tag"),
-        default=(("X-Frame-Options", "SAMEORIGIN"), ("Referrer-Policy", "no-referrer")),
+        remove=("server", "x-tag", "x-content-type-options"),
+        default=(("X-Frame-Options", "SAMEORIGIN"), ("Referrer-Policy", "no-referrer"),
+                 ("X-Content-Type-Options", "nosniff")),  # (removed: never added)
     )
     rules = header_rules(Rules(response_headers=ops))
     assert rules is not None and rules.response is not None
     backend = [
         (b"Server", b"x"), (b"cache-control", b"max-age=1"), (b"Cache-Control", b"public"),
         (b"X-Tag", b"backend"), (b"x-frame-options", b"DENY"), (b"Vary", b"Accept"),
+        (b"X-Content-Type-Options", b"nosniff"),
     ]
     assert rules.response.apply(backend) == [
         (b"x-frame-options", b"DENY"),  # the backend's own value wins over a default

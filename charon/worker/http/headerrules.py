@@ -59,7 +59,13 @@ class ResponseOps:
             _lower(n) for n in (*ops.remove, *(n for n, _ in ops.set)) if kept(n)
         )
         append = tuple(_field(n, v) for n, v in (*ops.set, *ops.add) if kept(n))
-        default = tuple((_lower(n), _field(n, v)) for n, v in ops.default if kept(n))
+        # A field the user removes stays out, the preset's default included.
+        removed = {_lower(n) for n in ops.remove}
+        default = tuple(
+            (_lower(n), _field(n, v))
+            for n, v in ops.default
+            if kept(n) and _lower(n) not in removed
+        )
         if not (drop or append or default):
             return None
         return cls(drop, append, default)
