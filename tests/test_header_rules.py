@@ -11,9 +11,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
-from harness import HOST, Backend, free_port, running_charon
+from harness import HOST, Backend, free_port
 from httpwire import Client, Response, get, request
 from test_websocket_handshake import ACCEPT, RawWs, ws_request
+from tlsca import Leaf, TestCA
+from tlsenv import client_context, running_tls_charon, tls_table
 
 from charon.config.model import Upstream
 from charon.config.rules import HeaderOps, Rules
@@ -124,6 +126,8 @@ def test_a_101_keeps_its_handshake_fields() -> None:
 @dataclass
 class Env:
     port: int
+    tls_port: int
+    ca: TestCA
     backend: Backend
     dead: int  # a port nothing listens on
 
@@ -138,7 +142,7 @@ RESPONSE_RULES = (
 )
 
 
-def _hosts(backend: Backend, dead: int) -> str:
+def _hosts(backend: Backend, dead: int, site: Leaf) -> str:
     up, gone = backend.url, f"http://{HOST}:{dead}"
     return f"""
         [[hosts]]
@@ -164,6 +168,7 @@ def _hosts(backend: Backend, dead: int) -> str:
         [[hosts]]
         domains = ["secure.test"]
         upstream = "{up}"
+        tls = {tls_table(site)}
         security_headers = true
         max_body_size = "1k"
 
@@ -187,11 +192,14 @@ def _hosts(backend: Backend, dead: int) -> str:
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
+    tmp = tmp_path_factory.mktemp("header-rules")
+    ca = TestCA(tmp / "ca")
+    site = ca.issue(["secure.test"], "site")
     backend = Backend("headers_backend.py", "--name", "one")
     try:
         dead = free_port()
-        with running_charon(tmp_path_factory.mktemp("header-rules"), _hosts(backend, dead)) as c:
-            yield Env(c.port, backend, dead)
+        with running_tls_charon(tmp, _hosts(backend, dead, site)) as charon:
+            yield Env(charon.port, charon.tls_port, ca, backend, dead)
     finally:
         backend.stop()
 
@@ -252,6 +260,23 @@ def test_security_headers_preset(env: Env) -> None:
     response = get(env.port, "secure.test", "/echo?h=X-Frame-Options:DENY")
     assert response.all("X-Frame-Options") == ["DENY"]
     assert response.all("X-Content-Type-Options") == ["nosniff"]
+
+
+def test_security_headers_over_tls_add_hsts(env: Env) -> None:
+    """HSTS is the host's (over TLS only), on proxied responses and the proxy's own answers."""
+    ctx = client_context(env.ca)
+    for data, status in (
+        (b"GET /echo HTTP/1.1\r\nHost: secure.test\r\n\r\n", 200),
+        (b"GET /dead/x HTTP/1.1\r\nHost: secure.test\r\n\r\n", 502),
+        (b"POST /echo HTTP/1.1\r\nHost: secure.test\r\nContent-Length: 5000\r\n\r\n", 413),
+    ):
+        with Client(env.tls_port) as client:
+            client.sock = ctx.wrap_socket(client.sock, server_hostname="secure.test")
+            client.send(data)
+            response = client.read_response()
+        assert response.status == status, response.head
+        assert response.all("Strict-Transport-Security") == ["max-age=31536000"]
+        assert response.all("X-Frame-Options") == ["SAMEORIGIN"]
 
 
 def test_security_headers_overridden_field_by_field(env: Env) -> None:
