@@ -15,6 +15,7 @@ from charon.config.model import (
     WebSocketSettings,
 )
 from charon.config.rules import Rules
+from charon.worker.http.headerrules import HeaderRules, header_rules
 from charon.worker.upstreams.group import GroupMaker, TargetGroup
 
 if TYPE_CHECKING:
@@ -37,6 +38,7 @@ class Route:
     hsts: bytes | None = None  # host.hsts, ready for the response head (sent over TLS only)
     rules: RouteRules | None = None  # access, auth, limits, header rules; None: none to apply
     max_body_size: int = 0  # request body bytes past which the answer is 413 (0: no limit)
+    headers: HeaderRules | None = None  # request/response header rules, host_header; None: none
 
 
 # A proxy host's routes: (location prefix, route) longest first, and the host's own route.
@@ -201,6 +203,7 @@ def _host_routes(
         return Route(
             host, backends.upstream, timeouts, websocket, backends,
             groups.group(backends, name), name, generation, hsts, checks, rules.max_body_size,
+            header_rules(rules),
         )
 
     locations = tuple(

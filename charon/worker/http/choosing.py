@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 from charon.worker.http.errors import HttpError
 from charon.worker.http.fieldkinds import SCAN, key_field_kind
+from charon.worker.http.headerrules import follow_target
 from charon.worker.http.headers import Header
 from charon.worker.upstreams.cookie import find_cookie
 
@@ -39,8 +40,11 @@ def use_target(plan: RequestPlan, target: TargetState) -> None:
     """`target` serves the plan (chosen, or another after a failure); the cookie policy's
     response names it unless the request's cookie did."""
     plan.target = target
-    if plan.route.group.set_cookie:
+    route = plan.route
+    if route.group.set_cookie:
         plan.set_cookie = None if plan.lb_key == target.cookie else target.cookie_fields[plan.tls]
+    if route.headers is not None and route.headers.host_upstream:
+        follow_target(plan, target)  # a retry's target: the Host names it
 
 
 def lb_key(

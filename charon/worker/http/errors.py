@@ -37,12 +37,16 @@ class HttpError(Exception):
         self.host: str | None = None
         self.client_ip: str | None = None
 
+    # More header lines for the answer, set where the route is known (its HSTS and the
+    # security_headers preset's fields: http/headerrules.py's own_fields).
+    extra = b""
+
     def closing(self) -> HttpError:
         """The same answer, ending the connection."""
         if self.close:
             return self
         error = HttpError(self.status, self.detail, True, self.fields, self.body, self.denied)
-        error.host, error.client_ip = self.host, self.client_ip
+        error.host, error.client_ip, error.extra = self.host, self.client_ip, self.extra
         return error
 
 

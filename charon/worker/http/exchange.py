@@ -25,6 +25,7 @@ from charon.worker.deadlines import (
 from charon.worker.http import reports, waits
 from charon.worker.http.bodyrate import body_wait
 from charon.worker.http.errors import CLIENT_CLOSED, HttpError, local_response
+from charon.worker.http.headerrules import own_fields
 from charon.worker.http.request import BODY_CHUNKED, BODY_NONE, RequestPlan
 from charon.worker.http.response import (
     OUT_CHUNKED,
@@ -363,7 +364,10 @@ class Exchange:
         assert plan is not None and plan.websocket_key is not None and conn and target
         if plan.set_cookie is not None:
             self.headers.append(plan.set_cookie)
-        switching = switching_response(self.headers, plan.websocket_key, plan.head)
+        rules = plan.route.headers
+        switching = switching_response(
+            self.headers, plan.websocket_key, plan.head, rules.switching if rules else None
+        )
         if switching is None:
             self.upstream_reusable = False
             self.attempt_failed(
@@ -462,6 +466,9 @@ class Exchange:
             response_status(self, status)
         if plan.set_cookie is not None:
             self.headers.append(plan.set_cookie)
+        rules = plan.route.headers
+        if rules is not None and rules.response is not None:
+            self.headers = rules.response.apply(self.headers)
         no_body = has_no_body(status, self.plan.method)
         keep_alive = self.keep_alive and not self.client.ctx.draining
         head, self.framing, self.keep_alive, self.delimited = final_head(
@@ -570,8 +577,9 @@ class Exchange:
         keep_alive = self.keep_alive and not error.close and not self.client.ctx.draining
         transport = self.client.transport
         if transport is not None and not transport.is_closing():
-            hsts = self.plan.hsts if self.plan is not None else None
-            extra = b"Strict-Transport-Security: " + hsts + b"\r\n" if hsts else b""
+            plan = self.plan
+            # (Refused while planning, a request has no plan: the error carries them.)
+            extra = own_fields(plan.hsts, plan.route.headers) if plan is not None else error.extra
             response = local_response(error, not keep_alive, head_only, extra)
             transport.write(response)
             # Logged with what was sent (its body, as relayed responses count theirs).

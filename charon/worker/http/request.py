@@ -37,6 +37,7 @@ from charon.worker.http.fieldkinds import (
     XFP,
     kind_of,
 )
+from charon.worker.http.headerrules import follow_target, own_fields
 from charon.worker.http.headers import (
     ForwardedPolicy,
     Header,
@@ -217,7 +218,9 @@ def plan_request(
     body, body_length = _body_framing(length, te) if te or length is not None else _NO_BODY
     if body == BODY_LENGTH and route.max_body_size and body_length > route.max_body_size:
         # Before a byte of the body is read (a chunked body is cut where it passes it).
-        raise _denied(HttpError(413, "request body too large", denied="body_size"), route, None)
+        refused = HttpError(413, "request body too large", denied="body_size")
+        refused.extra = own_fields(route.hsts if tls is not None else None, route.headers)
+        raise _denied(refused, route, None)
     websocket = False
     if conn_values:
         tokens, dropped = parse_connection(conn_values)
@@ -283,6 +286,9 @@ def plan_request(
         out += (b"Via: ", b", ".join(via), b", 1.1 charon\r\n")
     else:
         out.append(b"Via: 1.1 charon\r\n")
+    header_rules = route.headers
+    if header_rules is not None:  # (a route without header rules: None)
+        out = header_rules.upstream_fields(out)
     if body == BODY_LENGTH:
         out += (b"Content-Length: ", length or b"0", b"\r\n\r\n")
     elif body == BODY_CHUNKED:
@@ -303,6 +309,7 @@ def plan_request(
             try:
                 rules.admit(plan, headers)
             except HttpError as error:
+                error.extra = own_fields(hsts, header_rules)
                 raise _denied(error, route, client_ip) from None
     single = plan.target
     if single is None or not single.health.checked_up:  # several targets, or one that is down
@@ -318,9 +325,13 @@ def plan_request(
         chosen = plan.target = group.choose(key)
         if chosen is None:
             plan.release()
-            raise no_target(group)
+            refused = no_target(group)
+            refused.extra = own_fields(hsts, header_rules)
+            raise refused
         if group.set_cookie and key != chosen.cookie:
             plan.set_cookie = chosen.cookie_fields[tls is not None]
+    if header_rules is not None and header_rules.host_upstream and plan.target is not None:
+        follow_target(plan, plan.target)
     return plan
 
 

@@ -28,6 +28,7 @@ from charon.worker.websocket.tunnel import Tunnel, TunnelInfo
 
 if TYPE_CHECKING:
     from charon.worker.context import WorkerContext
+    from charon.worker.http.headerrules import ResponseOps
     from charon.worker.http.request import RequestPlan
     from charon.worker.upstreams.failure import UpstreamFailure
 
@@ -118,8 +119,10 @@ class DialledTunnel(Tunnel):
         plan = handshake.plan
         assert plan.websocket_key is not None
         try:
+            rules = plan.route.headers
             switching = _check_101(
-                self.answer_head(), plan.websocket_key, plan.head, plan.set_cookie
+                self.answer_head(), plan.websocket_key, plan.head, plan.set_cookie,
+                rules.switching if rules is not None else None,
             )
         except Exception:  # a bug: the HTTP path takes the connection, never left waiting
             log.exception("checking a dialled 101 failed")
@@ -203,11 +206,13 @@ class _Fields:
 
 
 def _check_101(
-    head: bytes, key: bytes, request_head: bytes, set_cookie: tuple[bytes, bytes] | None
+    head: bytes, key: bytes, request_head: bytes, set_cookie: tuple[bytes, bytes] | None,
+    rules: ResponseOps | None = None,
 ) -> tuple[bytes, bytes] | None:
     """The 101 for the client and the subprotocol, if llhttp takes `head` as a whole 101 head
     (the end the engine found: llhttp's) and switching_response accepts it; else None.
-    `set_cookie`: the cookie policy's field, added to the client's 101."""
+    `set_cookie`: the cookie policy's field, added to the client's 101; `rules`: the route's
+    response header rules for a 101."""
     fields = _Fields()
     parser = httptools.HttpResponseParser(fields)
     try:
@@ -221,4 +226,4 @@ def _check_101(
         return None  # llhttp's head does not end where the engine's does
     if set_cookie is not None:
         fields.fields.append(set_cookie)
-    return switching_response(fields.fields, key, request_head)
+    return switching_response(fields.fields, key, request_head, rules)

@@ -12,6 +12,7 @@ except ImportError:  # a Python built without it
     from hashlib import sha1
 
 from charon.worker.http.errors import HttpError
+from charon.worker.http.headerrules import ResponseOps
 from charon.worker.http.headers import Header, parse_connection
 
 _GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
@@ -62,7 +63,7 @@ _NOT_RELAYED = frozenset(
 
 
 def switching_response(
-    headers: list[Header], key: bytes, request_head: bytes
+    headers: list[Header], key: bytes, request_head: bytes, rules: ResponseOps | None = None
 ) -> tuple[bytes, bytes] | None:
     """A backend's 101 (its header fields) for the handshake with `key`, whose request went to
     the backend as `request_head`.
@@ -70,7 +71,8 @@ def switching_response(
     None when it does not complete the handshake the client asked for (RFC 6455 4.1: the
     client would fail the connection: a subprotocol or an extension it did not offer
     included); else the 101 for the client, with the backend's end-to-end headers (protocol,
-    extensions), and the subprotocol.
+    extensions), and the subprotocol. `rules`: the route's response header rules (for a 101:
+    none naming a Sec-WebSocket-* field), applied to the fields relayed.
     """
     upgrade = accept = None
     conn: list[bytes] = []
@@ -111,6 +113,9 @@ def switching_response(
         _values(request_head, b"sec-websocket-extensions")
     ):
         return None
+    if rules is not None:
+        relayed = [(n, v) for n, v in headers if n.lower() not in _NOT_RELAYED]
+        out[1:] = [b"".join(n + b": " + v + b"\r\n" for n, v in rules.apply(relayed))]
     out.append(b"\r\n")
     return b"".join(out), subprotocol
 
