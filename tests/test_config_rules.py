@@ -39,8 +39,18 @@ from charon.config.rules import (
 ROOT = Path(__file__).resolve().parent.parent
 HEAD = '[[hosts]]\ndomains = ["app.example.com"]\nupstream = "http://127.0.0.1:3000"\n'
 LOC = '[[hosts.locations]]\npath = "/api/"\nupstream = "http://127.0.0.1:3001"\n'
-BCRYPT = bcrypt.hashpw(b"alice's secret", bcrypt.gensalt(4)).decode()
-ARGON2 = PasswordHasher(time_cost=1, memory_cost=8, parallelism=1).hash("bob's secret")
+# Fixed (made once by the libraries; checked against them below): test IDs contain them, and
+# pytest-xdist needs every process to collect the same IDs.
+BCRYPT = "$2b$04$bMZzOBfbL6DdXwKceXM0oeWKLz7ZNdTHkk6/.hWS/yy5RPUwMCVAS"
+ARGON2 = (
+    "$argon2id$v=19$m=8,t=1,p=1$1MmwBmYkkjL2840PsO0j5A$"
+    "OOZ+c2xvXUTtEIy/eyJLOAAJQJsd135hFwsnaRnRocA"
+)
+
+
+def test_the_fixed_hashes_are_the_libraries_own() -> None:
+    assert bcrypt.checkpw(b"alice's secret", BCRYPT.encode())
+    assert PasswordHasher().verify(ARGON2, "bob's secret")
 PRESET = (
     ("X-Content-Type-Options", "nosniff"),
     ("Referrer-Policy", "strict-origin-when-cross-origin"),

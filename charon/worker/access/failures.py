@@ -1,9 +1,9 @@
 """Failed authentication attempts per client IP: a bucket of 10 failures refilled one per 6 s.
 
-The design keeps this bucket in the rate table shared by every worker (limits14's
-`charon.worker.limits.rates.FailureCounter`, the same two methods). Until that table is wired
-in, `LocalFailureCounter` keeps it per worker: a client spread over N workers gets up to N
-times the budget. `failure_counter()` is the one place that chooses.
+The bucket lives in the rate table shared by every worker (`limits.rates.FailureCounter`), so a
+client spreading its guesses over connections (and so workers) gets the same 10.
+`LocalFailureCounter` is the same budget within one process (kept for tests of the budget
+alone). `failure_counter()` is the one place that chooses.
 """
 
 from __future__ import annotations
@@ -59,9 +59,10 @@ _counter: FailureCounter | None = None
 
 
 def failure_counter() -> FailureCounter:
-    """The worker's counter. To share it across workers once limits14's table is in:
-    `from charon.worker.limits.rates import FailureCounter as Shared; _counter = Shared()`."""
+    """The worker's counter: in the table the workers share."""
     global _counter
     if _counter is None:
-        _counter = LocalFailureCounter()
+        from charon.worker.limits.rates import FailureCounter as SharedFailureCounter
+
+        _counter = SharedFailureCounter()
     return _counter
