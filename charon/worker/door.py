@@ -89,8 +89,8 @@ def _plan(
         if group.named and not all(state.pool.addresses for state in group.named):
             return None  # a name not resolved yet: uvloop resolves it on the HTTP path
         rules = plan.route.rules
-        if rules is not None and rules.may_wait:
-            return None  # (basic or forward auth: the HTTP path waits for them)
+        if rules is not None and rules.would_wait(plan):
+            return None  # (forward auth, or a credential to verify: the HTTP path waits)
         if plan.target is None:
             choose_target(plan)
         # The route's rules run once per request, last: here for a handshake dialled here

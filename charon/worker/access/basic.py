@@ -211,6 +211,15 @@ class BasicAuthCheck:
         else:
             plan.waits.append(check)
 
+    def remembers(self, value: bytes | None) -> bool:
+        """`value` (an Authorization field) is a credential verified and still remembered."""
+        if value is None:
+            return False
+        hasher = self._hasher.copy()
+        hasher.update(value)
+        expires = self.cache.get(hasher.digest())
+        return expires is not None and expires > time.monotonic()
+
     def remember(self, key: bytes) -> None:
         cache = self.cache
         cache[key] = time.monotonic() + CACHE_TTL

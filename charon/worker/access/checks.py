@@ -32,7 +32,7 @@ class RouteChecks:
     """The `RouteRules` of one route: `admit` is its one check itself when it has one (an
     access list costs its own call, nothing more), else a loop over them."""
 
-    __slots__ = ("admit", "checks", "keeps_authorization", "may_wait", "rules")
+    __slots__ = ("admit", "checks", "keeps_authorization", "may_wait", "remembers", "rules")
 
     def __init__(
         self,
@@ -40,6 +40,7 @@ class RouteChecks:
         checks: Sequence[Check],
         keeps_authorization: bool = True,
         may_wait: bool = False,
+        remembers: Callable[[bytes | None], bool] | None = None,
     ) -> None:
         self.rules = rules  # the route's rules as configured (header rules, tunnel caps)
         self.checks = tuple(checks)
@@ -48,10 +49,21 @@ class RouteChecks:
         # A check may leave `plan.waits` (basic or forward auth): the front door leaves such a
         # request to the HTTP path without admitting it (it is admitted there, once).
         self.may_wait = may_wait
+        # With may_wait: whether a request's Authorization is one basic auth remembers (it
+        # will not wait); None: any request may wait (forward auth).
+        self.remembers = remembers
         if len(self.checks) == 1:
             self.admit: Admit = self.checks[0]
         else:  # (none: rules that change the request or the tunnel but admit every one)
             self.admit = _all(self.checks) if self.checks else _anyone
+
+
+    def would_wait(self, plan: RequestPlan) -> bool:
+        """`admit` may leave `plan.waits` for this request (the front door leaves it to the
+        HTTP path without admitting it)."""
+        if not self.may_wait:
+            return False
+        return self.remembers is None or not self.remembers(plan.authorization)
 
 
 def _anyone(plan: RequestPlan, headers: list[Header]) -> None:

@@ -74,4 +74,15 @@ class AccessMaker:
         keeps = basic is None or basic.forward_authorization
         if not checks and keeps and rules.bare:
             return None
-        return RouteChecks(rules, checks, keeps_authorization=keeps, may_wait=waits)
+        remembers = None
+        if waits and rules.forward_auth is None:
+            # Basic auth alone waits only for a credential it has not verified yet: the front
+            # door may dial a handshake carrying a remembered one.
+            from charon.worker.access.basic import BasicAuthCheck
+
+            basic_check = checks[-1]  # (basic auth is the last check when it is the only auth)
+            assert isinstance(basic_check, BasicAuthCheck)
+            remembers = basic_check.remembers
+        return RouteChecks(
+            rules, checks, keeps_authorization=keeps, may_wait=waits, remembers=remembers
+        )

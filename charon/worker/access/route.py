@@ -36,6 +36,9 @@ class RouteRules(Protocol):
     def admit(self, plan: RequestPlan, headers: list[Header]) -> None:
         """Decide on `plan` (the client's fields in `headers`); raise HttpError to refuse."""
 
+    def would_wait(self, plan: RequestPlan) -> bool:
+        """`admit` may leave plan.waits for this one (a credential not verified yet)."""
+
 
 class RulesMaker(Protocol):
     def route_rules(self, rules: Rules, host: ProxyHost, zone: str) -> RouteRules | None:

@@ -56,13 +56,14 @@ class Lease:
 class _Rate:
     __slots__ = ("table", "key", "interval", "burst", "by_ip")
 
-    def __init__(self, limit: RateLimit, zone: str) -> None:
+    def __init__(self, limit: RateLimit, zone: str, kind: bytes) -> None:
         self.by_ip = limit.by != "host"
         self.table: RateTable = rates.per_ip() if self.by_ip else rates.per_host()
         self.interval = max(1, round(limit.per * 1e6 / limit.requests))
         self.burst = max(1, limit.burst)
-        self.key = b"%s\0%s\0%d\0%d\0%d\0" % (
-            (limit.zone or zone).encode(), limit.by.encode(), limit.requests,
+        # `kind`: requests and handshakes never share a bucket, even with equal numbers.
+        self.key = b"%s\0%s\0%s\0%d\0%d\0%d\0" % (
+            kind, (limit.zone or zone).encode(), limit.by.encode(), limit.requests,
             round(limit.per * 1000), self.burst,
         )
 
@@ -81,8 +82,8 @@ class LimitChecks:
     def __init__(self, rules: Rules, host: ProxyHost, zone: str) -> None:
         self.host = host.name.encode()
         self.rules = rules
-        self.rates = [_Rate(limit, zone) for limit in rules.rate_limits]
-        self.ws_rates = [_Rate(limit, zone) for limit in rules.websocket_rate_limits]
+        self.rates = [_Rate(limit, zone, b"r") for limit in rules.rate_limits]
+        self.ws_rates = [_Rate(limit, zone, b"w") for limit in rules.websocket_rate_limits]
         self.by_ip = counts.per_ip(ledger=_ledger)
         self.by_host = counts.per_host(ledger=_ledger)
         self.counted = bool(rules.max_connections or rules.max_connections_per_ip

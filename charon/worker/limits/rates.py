@@ -31,6 +31,9 @@ MAX_TOLERANCE = HALF // 2  # burst * interval is capped (50 days): comparisons s
 FINGERPRINTS = (1 << 19) - 1  # fingerprints are 1..2^19-1 (a zero word is an empty one)
 MAX_TRIES = 16
 _SET = struct.Struct(f"{layout.WAYS}q")
+_WORD = struct.Struct("q")
+WAY_MASK = layout.WAYS - 1  # (WAYS is a power of two)
+KNOWN_KEYS = 4096  # keys whose place is remembered per table (hashing costs 1 µs)
 
 
 def now_us() -> int:
@@ -50,10 +53,17 @@ class RateTable:
         self.map = shared.map
         self.first = first
         self.sets = sets
+        self._known: dict[bytes, tuple[int, int]] = {}
 
     def _where(self, key: bytes) -> tuple[int, int]:
-        h = self.shared.hash(key)
-        return self.first + (h % self.sets) * layout.WAYS, (h >> 32) % FINGERPRINTS + 1
+        where = self._known.get(key)
+        if where is None:
+            h = self.shared.hash(key)
+            where = self.first + (h % self.sets) * layout.WAYS, (h >> 32) % FINGERPRINTS + 1
+            if len(self._known) >= KNOWN_KEYS:
+                self._known.clear()  # (a flood of addresses: start again, bounded)
+            self._known[key] = where
+        return where
 
     def take(self, key: bytes, interval: int, burst: int, now: int | None = None) -> float:
         """One token of `key`'s bucket (`interval` microseconds per token, `burst` tokens):
@@ -61,28 +71,45 @@ class RateTable:
         base, fp = self._where(key)
         tolerance = min(interval * burst, MAX_TOLERANCE)
         mark = fp << TIME_BITS
+        shared = self.map
+        # The usual case first: the key's bucket in its home way (one word read, one CAS).
+        home = base + (fp & WAY_MASK)
+        word = _WORD.unpack_from(shared, home * layout.WORD)[0]
+        if word >> TIME_BITS == fp:
+            t = now_us() if now is None else now
+            ahead = ((word - t + HALF) & TIME_MASK) - HALF
+            new_ahead = ahead + interval if ahead > 0 else interval
+            if new_ahead > tolerance:
+                return (new_ahead - tolerance) / 1e6
+            if atomic_cas(shared, home, word, mark | ((t + new_ahead) & TIME_MASK)):
+                return 0.0
+        home_way = fp & WAY_MASK
         for _ in range(MAX_TRIES):
             t = now_us() if now is None else now
-            words = _SET.unpack_from(self.map, base * layout.WORD)
+            words = _SET.unpack_from(shared, base * layout.WORD)
             way = -1
             tat = t
-            spare = -1
-            spare_ahead = 0
+            spare = 0
+            spare_rank = float("inf")
             for i, word in enumerate(words):
                 ahead = _ahead(word & TIME_MASK, t) if word else 0
                 if word >> TIME_BITS == fp:
                     if ahead > 0:
                         way, tat = i, word & TIME_MASK
                         break
-                    spare, spare_ahead = i, -HALF  # its own expired word: the best spare
-                elif spare < 0 or ahead < spare_ahead:
-                    spare, spare_ahead = i, ahead
+                    rank = -2.0  # its own expired bucket
+                elif ahead <= 0:  # free (empty or expired): the home way first, so the next
+                    rank = -1.0 if i == home_way else 0.0  # take finds it with one read
+                else:
+                    rank = float(ahead)  # in use: the one closest to full is evicted
+                if rank < spare_rank:
+                    spare, spare_rank = i, rank
             if way < 0:
                 way = spare
             new_ahead = _ahead(tat, t) + interval if _ahead(tat, t) > 0 else interval
             if new_ahead > tolerance:
                 return (new_ahead - tolerance) / 1e6
-            if atomic_cas(self.map, base + way, words[way], mark | ((t + new_ahead) & TIME_MASK)):
+            if atomic_cas(shared, base + way, words[way], mark | ((t + new_ahead) & TIME_MASK)):
                 return 0.0
         return 0.0
 
