@@ -35,6 +35,7 @@ import datetime
 import http.client
 import importlib.util
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -213,14 +214,20 @@ def measure_http(args: argparse.Namespace, v: Variant, ours: list) -> Run:  # ty
                        check=False)
     before, cpus0, t0 = wsbench.all_ticks(), wsbench.cpu_busy_ticks(), time.monotonic()
     cpu0 = proxy.cpu_seconds(pids)  # type: ignore[attr-defined]
+    wrk0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     out = subprocess.run(wrk_argv(args.duration), capture_output=True, text=True,
                          timeout=args.duration + 60, check=False)
+    wrk1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu1 = proxy.cpu_seconds(pids)  # type: ignore[attr-defined]
     after, cpus1, t1 = wsbench.all_ticks(), wsbench.cpu_busy_ticks(), time.monotonic()
     mine = {os.getpid(), *pids}
     for m in ours:
         mine.update(m.pids())
     run.others, _, top = wsbench.others_use(before, after, cpus0, cpus1, mine, t1 - t0)
+    # wrk started inside the window, so others_use counts it as someone else's short-lived
+    # process: take its own CPU (and taskset's) back out
+    wrk_s = (wrk1.ru_utime - wrk0.ru_utime) + (wrk1.ru_stime - wrk0.ru_stime)
+    run.others = max(0.0, run.others - wrk_s / (t1 - t0))
     if out.returncode != 0:
         run.errors = f"wrk exited {out.returncode}: {out.stderr.strip()[:200]}"
         return run
