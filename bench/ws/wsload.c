@@ -15,6 +15,8 @@
  * Build: gcc -O2 -o wsload wsload.c (see the Makefile).
  *
  * `echo --inflight N` keeps N messages in flight per connection (default 1).
+ * `--header "Name: value"` (client modes, repeatable) adds a field to every upgrade request,
+ * e.g. an Authorization for a host behind basic auth (bench/access.py).
  *
  * wsload-tls (the same file built with -DWSLOAD_TLS, linked with OpenSSL; `make wsload-tls`)
  * also takes wss://127.0.0.1:P/ URLs: the client modes then speak TLS (certificates are not
@@ -625,6 +627,7 @@ static int mode;
 static int opt_port;
 static char opt_path[1024] = "/";
 static char opt_host[256] = "";
+static char opt_headers[1024] = ""; /* --header lines, each ending in CRLF */
 static int opt_conns = 100;
 static size_t opt_size = 32;
 static double opt_duration = 10, opt_warmup = -1, opt_hold = 20, opt_rate = 2000;
@@ -840,11 +843,11 @@ static void send_handshake(cconn *c, uint64_t now) {
     char key[32];
     base64(raw, 16, key);
     ws_accept(key, strlen(key), c->accept);
-    char req[2048];
+    char req[4096];
     int n = snprintf(req, sizeof req,
                      "GET %s HTTP/1.1\r\nHost: %s\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                     "Sec-WebSocket-Key: %s\r\nSec-WebSocket-Version: 13\r\n\r\n",
-                     opt_path, opt_host, key);
+                     "Sec-WebSocket-Key: %s\r\nSec-WebSocket-Version: 13\r\n%s\r\n",
+                     opt_path, opt_host, key, opt_headers);
     c->state = C_HS;
     cli_send(c, (const uint8_t *)req, (size_t)n, now);
 }
@@ -1448,6 +1451,7 @@ static void usage(void) {
             "              [--warmup 1]\n"
             "  wsload idle --url ws://127.0.0.1:P/ [--host H] [--conns 9000] [--hold 20]\n"
             "              [--rate 2000]\n"
+            "  (client modes: [--header \"Name: value\"], repeatable)\n"
             "  wsload selftest\n");
     exit(2);
 }
@@ -1470,6 +1474,15 @@ static int selftest(void) {
     return ok ? 0 : 1;
 }
 
+static void add_header(const char *line) {
+    const char *colon = strchr(line, ':');
+    if (!colon || colon == line || strpbrk(line, "\r\n") || strcspn(line, " \t") < (size_t)(colon - line))
+        die("--header must be \"Name: value\" on one line (got %s)", line);
+    size_t used = strlen(opt_headers);
+    if (used + strlen(line) + 3 > sizeof opt_headers) die("--header: too many or too long");
+    snprintf(opt_headers + used, sizeof opt_headers - used, "%s\r\n", line);
+}
+
 int main(int argc, char **argv) {
     if (argc < 2) usage();
     const char *cmd = argv[1];
@@ -1489,6 +1502,7 @@ int main(int argc, char **argv) {
         else if (!strcmp(a, "--hold")) opt_hold = atof(v);
         else if (!strcmp(a, "--rate")) opt_rate = atof(v);
         else if (!strcmp(a, "--inflight")) opt_inflight = atoi(v);
+        else if (!strcmp(a, "--header")) add_header(v);
 #ifdef WSLOAD_TLS
         else if (!strcmp(a, "--sni")) snprintf(opt_sni, sizeof opt_sni, "%s", v);
         else if (!strcmp(a, "--resume")) opt_resume = atoi(v);
