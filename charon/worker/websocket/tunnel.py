@@ -28,6 +28,7 @@ from charon.worker.websocket.frames import (
     close_frame,
     ping_frame,
 )
+from charon.worker.websocket.msgcap import message_cap
 from charon.worker.websocket.tlsbridge import TlsBridge
 
 if TYPE_CHECKING:
@@ -213,6 +214,9 @@ class Tunnel(_engine.Tunnel):
         if self.route.generation != ctx.router.generation:  # planned before a reload
             retarget(ctx, self, ctx.loop.time() + ctx.config.server.drain_timeout)
         self._arm_deadline()
+        cap = message_cap(self.route)
+        if cap:
+            ctx.message_watch.watch(self, cap)
         self.ctx.telemetry.websocket_open(self.info)
         if self.ctx.closing_tunnels:
             self.shutdown()  # the handshake finished after this worker closed its tunnels
@@ -355,6 +359,8 @@ class Tunnel(_engine.Tunnel):
             if gauged:
                 self.gauged = True
                 target.totals.tunnels += 1
+        if message_cap(route) or message_cap(self.route):
+            self.ctx.message_watch.watch(self, message_cap(route))
         self.route, self.settings = route, route.websocket
         self.max_frame_size = route.websocket.max_frame_size
         self._drain_at = 0.0
