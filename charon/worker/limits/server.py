@@ -2,7 +2,7 @@
 the front door (door.py) for every connection the engine hands over (plain, TLS, PROXY).
 
 The total is the sum of every worker's open client connections in the accept back-off table
-(listeners.py's LoadTable, all generations: 256 words, about a microsecond to add up), so it
+(listeners.py's LoadTable, all generations: 256 words, about 2 us to add up), so it
 counts connections from their accept on, those that have not sent a byte yet included. The
 per-address count is a shared count (counts.py, key `s\\0` + address): its word index is the
 connection's *seat*, carried with the connection to wherever it ends (`Listeners.closed_one`)
