@@ -41,7 +41,7 @@ from charon.supervisor.systemd import Notifier, inherited_listeners, take_inheri
 from charon.supervisor.workers import ReloadFailure, Slot, WorkerProcess
 from charon.worker.limits import table as limits_table
 from charon.worker.limits.counts import give_back
-from charon.worker.listeners import create_table
+from charon.worker.listeners import clear_slot, create_table, slot_of
 
 log = logging.getLogger("charon.supervisor")
 
@@ -260,6 +260,8 @@ class Arbiter:
             asyncio.get_running_loop().remove_reader(proc.control.fileno())
 
     def _forget(self, proc: WorkerProcess) -> None:
+        if proc.exit_code() is not None and not self._slot_shared(proc):
+            clear_slot(self.balance_fd, proc.generation, proc.worker_id)
         if proc.ledger >= 0 and proc.exit_code() is not None:
             given = give_back(self.limits, proc.ledger)
             if given:
@@ -271,6 +273,16 @@ class Arbiter:
         if proc.control.fileno() >= 0:
             loop.remove_reader(proc.control.fileno())
         proc.close()
+
+    def _slot_shared(self, proc: WorkerProcess) -> bool:
+        """Another live worker writes the same accept-table slot (generations wrap around)."""
+        live = [slot.process for slot in self.slots] + self.retiring
+        return any(
+            other is not None and other is not proc and other.exit_code() is None
+            and slot_of(other.generation, other.worker_id) == slot_of(proc.generation,
+                                                                      proc.worker_id)
+            for other in live
+        )
 
     def _announce(self) -> None:
         """Tell systemd once every worker of the first generation serves."""

@@ -19,6 +19,7 @@ from charon.worker.upstreams.group import GroupMaker
 from charon.worker.upstreams.health import HealthBoard, TargetHealth
 from charon.worker.upstreams.pool import UpstreamPool
 from charon.worker.upstreams.resolver import Resolver
+from charon.worker.websocket.msgcap import MessageWatch
 from charon.worker.websocket.tunnel import TunnelEngine
 
 if TYPE_CHECKING:
@@ -49,6 +50,7 @@ class WorkerContext:
         self.tunnels: set[Tunnel] = set()
         self.dialling: set[DialledTunnel] = set()  # handshakes the front door took, until 101
         self.engine = TunnelEngine(loop)  # every tunnel's sockets, on one epoll set
+        self.message_watch = MessageWatch(self)  # websocket_max_messages_per_second
         self.send_watch = SendWatch(loop)
         self.telemetry = telemetry
         self.listeners: Listeners | None = None  # set once serving

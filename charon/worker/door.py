@@ -21,6 +21,8 @@ from charon.worker.http.adopted import adopt_client
 from charon.worker.http.choosing import choose_target
 from charon.worker.http.errors import HttpError
 from charon.worker.http.request import BODY_NONE, RequestPlan, plan_request
+from charon.worker.limits.server import NO_SEAT, REFUSED
+from charon.worker.limits.server import admit as admit_connection
 from charon.worker.tlsinfo import TlsInfo
 from charon.worker.tlspump import serve_http
 from charon.worker.websocket._engine import CLIENT
@@ -40,7 +42,14 @@ def arrived(ctx: WorkerContext, arrivals: list[Arrival] | None, accepted: int) -
         ctx.listeners.opened(accepted)
     if arrivals is None:
         return
+    server = ctx.config.server
+    capped = server.max_connections or server.max_connections_per_ip
     for fd, peer_ip, first_read, head, tls in arrivals:
+        seat = NO_SEAT  # its [server] max_connections_per_ip count, given back when it ends
+        if capped:
+            seat = admit_connection(ctx, fd, peer_ip, tls is not None)
+            if seat == REFUSED:
+                continue
         if head is not None and not ctx.draining:
             try:
                 plan = _plan(ctx, peer_ip, head, tls)
@@ -48,17 +57,17 @@ def arrived(ctx: WorkerContext, arrivals: list[Arrival] | None, accepted: int) -
                 log.exception("the front door could not plan a handshake; the HTTP path takes it")
                 plan = None
             if plan is not None:
-                _dial(ctx, fd, peer_ip, first_read, head, plan, tls)
+                _dial(ctx, fd, peer_ip, first_read, head, plan, tls, seat)
                 continue
         try:
             if tls is not None:
-                serve_http(ctx, fd, peer_ip, first_read, tls)
+                serve_http(ctx, fd, peer_ip, first_read, tls, seat=seat)
             else:
-                adopt_client(ctx, fd, peer_ip, first_read)
+                adopt_client(ctx, fd, peer_ip, first_read, seat=seat)
         except Exception:  # (its socket object, if made, closes the fd when dropped)
             log.exception("cannot hand an accepted connection to the HTTP path")
             if ctx.listeners is not None:
-                ctx.listeners.closed_one()
+                ctx.listeners.closed_one(seat)
 
 
 def _plan(
@@ -108,11 +117,12 @@ def _plan(
 
 def _dial(
     ctx: WorkerContext, fd: int, peer_ip: str, first_read: bytes, head: SplitHead,
-    plan: RequestPlan, tls: TlsConn | None,
+    plan: RequestPlan, tls: TlsConn | None, seat: int,
 ) -> None:
     tunnel = None
     try:
         tunnel = DialledTunnel(ctx, fd, Handshake(plan, head[1], peer_ip, first_read))
+        tunnel.info.seat, seat = seat, NO_SEAT  # the tunnel gives it back from now on
         if tls is not None:
             tunnel.attach_tls(CLIENT, tls)
         tunnel.begin(first_read[head[3]:])
@@ -123,5 +133,6 @@ def _dial(
         if tunnel is not None:
             ctx.dialling.discard(tunnel)
             tunnel.uncount()
+            seat = tunnel.info.take_seat()
         if ctx.listeners is not None:
-            ctx.listeners.closed_one()
+            ctx.listeners.closed_one(seat)

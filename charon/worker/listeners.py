@@ -17,6 +17,8 @@ import os
 import struct
 from typing import TYPE_CHECKING
 
+from charon.worker.limits.server import release as release_seat
+
 if TYPE_CHECKING:
     from charon.worker.proxydoor import ProxyDoor
     from charon.worker.websocket._engine import Engine
@@ -41,6 +43,18 @@ def create_table() -> int:
     return fd
 
 
+def clear_slot(fd: int, generation: int, worker_id: int) -> None:
+    """The supervisor's part: a worker that exited counts no connection any more (a SIGKILL
+    leaves its last count; [server] max_connections adds up every slot)."""
+    os.pwrite(fd, bytes(_SLOT.size), slot_of(generation, worker_id) * _SLOT.size)
+
+
+def slot_of(generation: int, worker_id: int) -> int:
+    """A worker's slot in the table: each generation of workers has a range of its own."""
+    return (generation * GENERATION_SLOTS) % TABLE_SLOTS + worker_id % GENERATION_SLOTS
+
+
+_ALL = struct.Struct(f"{TABLE_SLOTS}q")
 GENERATION_SLOTS = 64  # each generation of workers (see reload) has its own range of slots
 
 
@@ -51,7 +65,7 @@ class LoadTable:
         self._map = mmap.mmap(fd, TABLE_SIZE)
         os.close(fd)
         self.first = (generation * GENERATION_SLOTS) % TABLE_SLOTS
-        self.slot = self.first + worker_id % GENERATION_SLOTS
+        self.slot = slot_of(generation, worker_id)
         self.workers = max(1, min(workers, GENERATION_SLOTS))
         self._mean_format = struct.Struct(f"{self.workers}q")
         self.count = 0
@@ -64,6 +78,10 @@ class LoadTable:
     def write(self, count: int) -> None:
         self.count = count
         _SLOT.pack_into(self._map, self.slot * _SLOT.size, count)
+
+    def total(self) -> int:
+        """Open client connections of every worker, all generations ([server] max_connections)."""
+        return sum(_ALL.unpack_from(self._map, 0))
 
     def mean(self) -> float:
         return sum(self._mean_format.unpack_from(self._map, self.first * _SLOT.size)) / self.workers
@@ -126,7 +144,10 @@ class Listeners:
             # Others' counts move too: look again soon, or two workers could both stay paused.
             self.loop.call_later(PAUSED_RECHECK, self._recheck)
 
-    def closed_one(self) -> None:
+    def closed_one(self, seat: int = -1) -> None:
+        """A client connection ended; `seat`: its [server] max_connections_per_ip count."""
+        if seat >= 0:
+            release_seat(seat)
         table = self.table
         if table is None:
             return

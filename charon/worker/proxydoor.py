@@ -180,7 +180,7 @@ class ProxyDoor:
         self.loop.remove_reader(pending.sock.fileno())
 
     def _done(self, pending: _Pending, peer_ip: str) -> None:
-        # [server] max_connections_per_ip (limits14) is not checked here: an admitted
+        # [server] max_connections_per_ip (limits/server.py) is not checked here: an admitted
         # connection reaches door.arrived as an engine-accepted one does, with `peer_ip` (the
         # header's source) as its address, so a check made there covers PROXY listeners too.
         self._forget(pending)

@@ -39,9 +39,10 @@ class TlsPump(_engine.Tunnel):
 
 def serve_http(
     ctx: WorkerContext, fd: int, peer_ip: str, first_read: bytes, conn: TlsConn,
-    handover: Handover | None = None,
+    handover: Handover | None = None, seat: int = -1,
 ) -> None:
-    """Hand a TLS connection (`fd` with its session `conn`) to the HTTP path."""
+    """Hand a TLS connection (`fd` with its session `conn`) to the HTTP path (`seat`: see
+    adopt_client)."""
     info = TlsInfo(*conn.info())
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
@@ -59,4 +60,4 @@ def serve_http(
         theirs.close()
         raise
     ctx.tls_pumps.add(pump)
-    adopt_client(ctx, theirs.detach(), peer_ip, first_read, handover, tls=info)
+    adopt_client(ctx, theirs.detach(), peer_ip, first_read, handover, tls=info, seat=seat)

@@ -32,6 +32,8 @@ class RouteRules(Protocol):
     # `admit` may leave plan.waits: the front door leaves the request to the HTTP path
     # without admitting it, so it is admitted once, there.
     may_wait: bool
+    # The route's rules as configured (what applies after admission: the tunnel's caps).
+    rules: Rules
 
     def admit(self, plan: RequestPlan, headers: list[Header]) -> None:
         """Decide on `plan` (the client's fields in `headers`); raise HttpError to refuse."""

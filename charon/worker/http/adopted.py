@@ -69,9 +69,11 @@ def adopt_client(
     first_read: bytes,
     handover: Handover | None = None,
     tls: TlsInfo | None = None,
+    seat: int = -1,
 ) -> None:
     """Serve `fd` as an HTTP client connection. `tls`: it is a TLS connection's plaintext
-    socketpair end (tlspump.py), so its peer address is `peer_ip`, not the socket's."""
+    socketpair end (tlspump.py), so its peer address is `peer_ip`, not the socket's. `seat`:
+    its [server] max_connections_per_ip count, given back when it closes."""
     if tls is not None:
         family = socket.AF_UNIX
     else:
@@ -83,11 +85,12 @@ def adopt_client(
         if handover is not None:
             handover.close()
         if ctx.listeners is not None:
-            ctx.listeners.closed_one()
+            ctx.listeners.closed_one(seat)
         return
     conn = ClientConnection(ctx)
     conn.first_read = first_read
     conn.handover = handover
+    conn.seat = seat
     conn.peer_ip = peer_ip  # (a PROXY listener's: the header's source, not the socket's peer)
     if tls is not None:
         conn.tls = tls

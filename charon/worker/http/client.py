@@ -46,7 +46,7 @@ class ClientConnection(SlicedFeed):
         "ctx", "transport", "parser", "peer_ip", "exchanges", "deadline", "deadline_kind",
         "closing", "_paused", "write_paused", "_url", "_url_size", "_headers", "_header_size",
         "_in_head", "_held", "_max_header_bytes", "_max_header_count", "first_read", "handover",
-        "lines", "_head_read", "_max_head_read", "_limits", "tls", "dropped",
+        "lines", "_head_read", "_max_head_read", "_limits", "tls", "dropped", "seat",
     )
 
     def __init__(self, ctx: WorkerContext) -> None:
@@ -76,6 +76,7 @@ class ClientConnection(SlicedFeed):
         self.dropped = 0  # bytes read and dropped while closing
         self.tls: TlsInfo | None = None  # what a TLS connection negotiated (None: plain)
         self.lines = RequestLines()  # where each request line is, to refuse extra spaces
+        self.seat = -1  # [server] max_connections_per_ip count (limits/server.py); -1: none
 
     # -- asyncio.Protocol ------------------------------------------------------------------
 
@@ -201,7 +202,8 @@ class ClientConnection(SlicedFeed):
         self.ctx.connections.discard(self)
         self.ctx.send_watch.remove(self)
         if self.ctx.listeners is not None:
-            self.ctx.listeners.closed_one()
+            seat, self.seat = self.seat, -1
+            self.ctx.listeners.closed_one(seat)
         self.deadline_kind = NONE
         self.closing = True
         while self.exchanges:

@@ -388,6 +388,7 @@ class Exchange:
         info = TunnelInfo(plan.route.host.name, plan.client_ip, plan.path.decode("latin-1"),
                           subprotocol.decode("latin-1"))
         info.release = plan.release  # the tunnel holds the plan's counts until it closes
+        info.seat, client.seat = client.seat, -1  # and the connection's (limits/server.py)
         open_tunnel(client.ctx, transport, conn.transport, head, client.become_tunnel(),
                     backend_tail, plan.route, info, target)
 

@@ -140,6 +140,11 @@ def use_ledger(ledger: counts.Ledger | None) -> None:
     _ledger = ledger
 
 
+def current_ledger() -> counts.Ledger | None:
+    """This worker's ledger (None: counts taken are not written in one)."""
+    return _ledger
+
+
 def limit_checks(rules: Rules, host: ProxyHost, zone: str) -> LimitChecks | None:
     """The limits of a route (for the RulesMaker), None when it has none."""
     checks = LimitChecks(rules, host, zone)

@@ -173,10 +173,12 @@ class DialledTunnel(Tunnel):
         leases, handshake.plan.leases = handshake.plan.leases, None
         handover = Handover(backend_fd, answered, failure, self.target, refused, leases)
         session = self.take_tls(CLIENT)
+        seat = self.info.take_seat()  # the HTTP path gives it back from now on
         if session is not None:
-            serve_http(ctx, client_fd, handshake.peer_ip, handshake.first_read, session, handover)
+            serve_http(ctx, client_fd, handshake.peer_ip, handshake.first_read, session, handover,
+                       seat=seat)
             return
-        adopt_client(ctx, client_fd, handshake.peer_ip, handshake.first_read, handover)
+        adopt_client(ctx, client_fd, handshake.peer_ip, handshake.first_read, handover, seat=seat)
 
 
 def _dial_failure(error: int, connected: bool) -> tuple[int, str, UpstreamFailure]:

@@ -28,6 +28,7 @@ from charon.worker.websocket.frames import (
     close_frame,
     ping_frame,
 )
+from charon.worker.websocket.msgcap import message_cap
 from charon.worker.websocket.tlsbridge import TlsBridge
 
 if TYPE_CHECKING:
@@ -45,7 +46,7 @@ class TunnelInfo:
     """What the open and close events say about a tunnel."""
 
     __slots__ = ("host", "client_ip", "path", "subprotocol", "opened_at", "opened_clock",
-                 "release")
+                 "release", "seat")
 
     def __init__(self, host: str, client_ip: str, path: str, subprotocol: str) -> None:
         self.host = host
@@ -56,11 +57,19 @@ class TunnelInfo:
         self.opened_clock = time.monotonic()
         # Gives back the counts its handshake's plan took (worker/limits/checks.py) at the end.
         self.release: Callable[[], None] | None = None
+        # Its client connection's [server] max_connections_per_ip count (-1: none), given
+        # back with the connection (Listeners.closed_one).
+        self.seat = -1
 
     def released(self) -> None:
         release, self.release = self.release, None
         if release is not None:
             release()
+
+    def take_seat(self) -> int:
+        """The seat, once (whoever closes the client connection gives it back)."""
+        seat, self.seat = self.seat, -1
+        return seat
 
 
 class TunnelEngine:
@@ -190,7 +199,7 @@ class Tunnel(_engine.Tunnel):
             log.warning("cannot start a WebSocket tunnel: %s", exc)
             self.info.released()
             if self.ctx.listeners is not None:
-                self.ctx.listeners.closed_one()
+                self.ctx.listeners.closed_one(self.info.take_seat())
             return
         self.running()
 
@@ -205,6 +214,9 @@ class Tunnel(_engine.Tunnel):
         if self.route.generation != ctx.router.generation:  # planned before a reload
             retarget(ctx, self, ctx.loop.time() + ctx.config.server.drain_timeout)
         self._arm_deadline()
+        cap = message_cap(self.route)
+        if cap:
+            ctx.message_watch.watch(self, cap)
         self.ctx.telemetry.websocket_open(self.info)
         if self.ctx.closing_tunnels:
             self.shutdown()  # the handshake finished after this worker closed its tunnels
@@ -265,8 +277,8 @@ class Tunnel(_engine.Tunnel):
         self.uncount()
         self.finish()
         self.info.released()
-        if self.ctx.listeners is not None:
-            self.ctx.listeners.closed_one()  # the client connection counted at accept
+        if self.ctx.listeners is not None:  # the client connection counted at accept
+            self.ctx.listeners.closed_one(self.info.take_seat())
         self.ctx.telemetry.websocket_close(self.info, self.summary())
 
     def summary(self) -> dict[str, object]:
@@ -347,6 +359,8 @@ class Tunnel(_engine.Tunnel):
             if gauged:
                 self.gauged = True
                 target.totals.tunnels += 1
+        if message_cap(route) or message_cap(self.route):
+            self.ctx.message_watch.watch(self, message_cap(route))
         self.route, self.settings = route, route.websocket
         self.max_frame_size = route.websocket.max_frame_size
         self._drain_at = 0.0
@@ -419,7 +433,7 @@ def _take_over(
         log.warning("cannot open a WebSocket tunnel: %s", exc)
         if bridge is not None:
             bridge.discard()
-        _abandon(ctx, client, backend)
+        _abandon(ctx, client, backend, info)
         return
     client.set_protocol(_DETACHED)
     client.close()  # stops reading now; the fd itself is closed on the next turn
@@ -443,6 +457,9 @@ class _Drain(asyncio.Protocol):
     ) -> None:
         self.args = (ctx, client, backend, *rest)
         self.ctx = ctx
+        info = rest[4]  # (open_tunnel's order: head, tails, route, info, target)
+        assert isinstance(info, TunnelInfo)
+        self.info = info
         self.transports = (client, backend)
         self.done = False
         for transport in self.transports:
@@ -460,13 +477,15 @@ class _Drain(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.done:
             self.done = True
-            _abandon(self.ctx, *self.transports)
+            _abandon(self.ctx, *self.transports, self.info)
 
 
-def _abandon(ctx: WorkerContext, client: asyncio.Transport, backend: asyncio.Transport) -> None:
+def _abandon(
+    ctx: WorkerContext, client: asyncio.Transport, backend: asyncio.Transport, info: TunnelInfo
+) -> None:
     """No tunnel after all: both connections are cut (the client never got the 101)."""
     for transport in (client, backend):
         transport.set_protocol(_DETACHED)
         transport.abort()
-    if ctx.listeners is not None:
-        ctx.listeners.closed_one()  # the client connection counted at accept
+    if ctx.listeners is not None:  # the client connection counted at accept
+        ctx.listeners.closed_one(info.take_seat())
