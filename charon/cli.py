@@ -26,10 +26,19 @@ exit status:
 docs/operations.md in the source tree."""
 
 
+class _OneLineHelp(argparse.RawDescriptionHelpFormatter):
+    """Every command's help on its name's line (`hash-password` is longer than the default
+    column allows)."""
+
+    def __init__(self, prog: str) -> None:
+        super().__init__(prog, max_help_position=30)
+        self._action_max_length = 20  # (argparse measures subcommands 2 columns short)
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(
         prog="charon", description="Charon, a reverse proxy for HTTP and WebSocket.",
-        epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EXIT_CODES, formatter_class=_OneLineHelp,
     )
     top.add_argument("--version", action="version", version=f"charon {__version__}",
                      help="print the version and exit")

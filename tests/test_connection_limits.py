@@ -106,6 +106,8 @@ def test_websockets_counted_until_closed_and_after_a_worker_is_killed(tmp_path: 
         wait_until(lambda: handshake(charon.port) == 101, 5)
         for s in held:
             s.close()
+        # The places come back once each tunnel has seen its client close (not at once).
+        wait_until(lambda: handshake(charon.port) == 101, 5, what="the places given back")
         held = [open_websocket(charon.port) for _ in range(3)]
         assert handshake(charon.port) == 503
         for pid in charon.worker_pids():  # every holder dies: their counts come back

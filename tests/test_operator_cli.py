@@ -12,7 +12,7 @@ from harness import REPO
 
 import charon
 
-COMMANDS = ("demo", "run", "check", "reload", "logs")
+COMMANDS = ("demo", "run", "check", "reload", "logs", "hash-password")
 
 
 def charon_cli(*args: str) -> subprocess.CompletedProcess[str]:
