@@ -117,17 +117,11 @@ def _networks(table: Table, key: str) -> tuple[IPNetwork, ...]:
 
 def basic_auth(table: Table, inherited: BasicAuth | None) -> BasicAuth | None:
     """A table (see _BASIC_KEYS), or false: none (a location opening up its host's auth)."""
-    raw = table.data.get("basic_auth")
+    raw = table.table_or_false("basic_auth", '{ users = { alice = "$2b$..." } }')
     if raw is None:
         return inherited
     if raw is False:
         return None
-    if not isinstance(raw, dict):
-        raise table.error(
-            "basic_auth",
-            f'expected a table like {{ users = {{ alice = "$2b$..." }} }} or false, '
-            f"got {values.describe(raw)}",
-        )
     sub = InlineTable(table, "basic_auth", raw)
     sub.check_keys(_BASIC_KEYS)
     realm = sub.get("realm", _realm, DEFAULT_REALM)
@@ -243,17 +237,11 @@ def _read_htpasswd(table: Table, path: str) -> dict[str, str]:
 
 def forward_auth(table: Table, inherited: ForwardAuth | None) -> ForwardAuth | None:
     """`{ url, copy_headers, timeout }`, or false: none."""
-    raw = table.data.get("forward_auth")
+    raw = table.table_or_false("forward_auth", '{ url = "http://127.0.0.1:9091/api/verify" }')
     if raw is None:
         return inherited
     if raw is False:
         return None
-    if not isinstance(raw, dict):
-        raise table.error(
-            "forward_auth",
-            f'expected a table like {{ url = "http://127.0.0.1:9091/api/verify" }} or false, '
-            f"got {values.describe(raw)}",
-        )
     sub = InlineTable(table, "forward_auth", raw)
     sub.check_keys(_FORWARD_KEYS)
     url, upstream, path = sub.require("url", _auth_url)

@@ -210,16 +210,11 @@ def _statuses(table: Table, key: str, minimum: int, default: tuple[int, ...]) ->
 
 def _health_check(table: Table, inherited: HealthCheck | None) -> HealthCheck | None:
     """A table (its keys not set: the host's check's, or the defaults), or false: none."""
-    raw = table.data.get("health_check")
+    raw = table.table_or_false("health_check", '{ path = "/healthz" }')
     if raw is None:
         return inherited
     if raw is False:
         return None
-    if not isinstance(raw, dict):
-        raise table.error(
-            "health_check", f"expected a table like {{ path = \"/healthz\" }} or false, "
-            f"got {values.describe(raw)}"
-        )
     sub = table.table("health_check")
     sub.check_keys(_HEALTH_KEYS)
     base = inherited or HealthCheck()

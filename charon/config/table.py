@@ -8,7 +8,7 @@ import dataclasses
 import difflib
 from collections.abc import Callable, Collection
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 from charon.config import values
 from charon.config.lines import KeyLines, KeyPath
@@ -117,6 +117,18 @@ class Table:
             except ValueError as err:
                 raise self.error_at((*self.path, key, index), f"{self.label(key)}: {err}") from None
         return parsed
+
+    def table_or_false(self, key: str, example: str) -> dict[str, Any] | Literal[False] | None:
+        """An optional table a location may also turn off: its data, False (`key = false`), or
+        None (not set: inherited); anything else is an error showing `example`."""
+        raw = self.data.get(key)
+        if raw is None or isinstance(raw, dict):
+            return raw
+        if raw is False:
+            return False
+        raise self.error(
+            key, f"expected a table like {example} or false, got {values.describe(raw)}"
+        )
 
     def table(self, key: str) -> Table:
         """A sub-table (or inline table); an empty one when absent."""
