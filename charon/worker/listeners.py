@@ -11,15 +11,19 @@ mean, so some worker always accepts.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import mmap
 import os
+import socket
 import struct
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from charon.worker.limits.server import release as release_seat
 
 if TYPE_CHECKING:
+    from charon.config.model import ListenAddress
     from charon.worker.proxydoor import ProxyDoor
     from charon.worker.websocket._engine import Engine
 
@@ -30,6 +34,24 @@ PAUSE_SLACK = 8  # ... plus this many connections (no flapping at small numbers)
 RESUME_AT = 1.05  # accept again at or below this many times the mean plus RESUME_SLACK
 RESUME_SLACK = 2
 PAUSED_RECHECK = 0.05  # seconds between looks at the table while not accepting
+
+def fds_bound_to(fds: Iterable[int], addresses: Iterable[ListenAddress]) -> frozenset[int]:
+    """Which of the inherited listening `fds` are bound to one of `addresses` (by the socket's
+    own address: the supervisor passes them all alike, socket activation's included)."""
+    wanted = {(ipaddress.ip_address(a.host), a.port) for a in addresses}
+    if not wanted:
+        return frozenset()
+    found = set()
+    for fd in fds:
+        sock = socket.socket(fileno=fd)
+        try:
+            name = sock.getsockname()
+        finally:
+            sock.detach()
+        if isinstance(name, tuple) and (ipaddress.ip_address(name[0]), name[1]) in wanted:
+            found.add(fd)
+    return frozenset(found)
+
 
 _SLOT = struct.Struct("q")
 TABLE_SLOTS = 256

@@ -21,12 +21,12 @@ listening sockets stay, only who accepts on them changes.
 from __future__ import annotations
 
 import errno
-import ipaddress
 import logging
 import os
 import socket
 from typing import TYPE_CHECKING
 
+from charon.worker.listeners import fds_bound_to
 from charon.worker.proxyproto import MAX_HEADER, ProxyProtocolError, parse
 
 if TYPE_CHECKING:
@@ -43,19 +43,7 @@ ACCEPT_PAUSE = 1.0  # seconds without accepting after running out of fds
 
 def proxied_fds(fds: list[int], config: Config) -> frozenset[int]:
     """Which listening fds are `[server] proxy_protocol` addresses (by their bound address)."""
-    wanted = {(ipaddress.ip_address(a.host), a.port) for a in config.server.proxy_protocol}
-    if not wanted:
-        return frozenset()
-    found = set()
-    for fd in fds:
-        sock = socket.socket(fileno=fd)
-        try:
-            name = sock.getsockname()
-        finally:
-            sock.detach()
-        if isinstance(name, tuple) and (ipaddress.ip_address(name[0]), name[1]) in wanted:
-            found.add(fd)
-    return frozenset(found)
+    return fds_bound_to(fds, config.server.proxy_protocol)
 
 
 class _Pending:

@@ -17,16 +17,15 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
-import ipaddress
 import logging
 import os
 import secrets
-import socket
 import time
 from pathlib import Path
 
 from charon.config.model import Config, ProxyHost
 from charon.tls import paths
+from charon.worker.listeners import fds_bound_to
 from charon.worker.websocket._engine import TlsServer
 
 log = logging.getLogger("charon.worker")
@@ -197,16 +196,5 @@ class TicketKeyRotation:
 
 
 def tls_listen_fds(fds: list[int], config: Config) -> frozenset[int]:
-    """Which inherited listening fds are `[server] tls_listen` addresses (by their address:
-    the supervisor passes them all alike, socket activation's included)."""
-    wanted = {(ipaddress.ip_address(a.host), a.port) for a in config.server.tls_listen}
-    found = set()
-    for fd in fds:
-        sock = socket.socket(fileno=fd)
-        try:
-            name = sock.getsockname()
-        finally:
-            sock.detach()
-        if isinstance(name, tuple) and (ipaddress.ip_address(name[0]), name[1]) in wanted:
-            found.add(fd)
-    return frozenset(found)
+    """Which inherited listening fds are `[server] tls_listen` addresses."""
+    return fds_bound_to(fds, config.server.tls_listen)
