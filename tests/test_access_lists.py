@@ -16,7 +16,8 @@ from typing import Any
 
 import pytest
 from harness import HOST, Backend, Charon, free_port
-from test_websocket_handshake import Head, client_frame, ws_request
+from rawconn import RawConn
+from test_websocket_handshake import client_frame, ws_request
 
 
 @dataclass
@@ -85,53 +86,11 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
         backend.stop()
 
 
-class Conn:
+def connect(env: Env, source: str = "127.0.0.1") -> RawConn:
     """One raw client connection from a chosen source address."""
-
-    def __init__(self, env: Env, source: str = "127.0.0.1") -> None:
-        if ":" in source:
-            self.sock = socket.create_connection(("::1", env.port6), 5, (source, 0))
-        else:
-            self.sock = socket.create_connection((HOST, env.port), 5, (source, 0))
-        self.buf = bytearray()
-
-    def __enter__(self) -> Conn:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.sock.close()
-
-    def _fill(self) -> bool:
-        chunk = self.sock.recv(65536)
-        self.buf += chunk
-        return bool(chunk)
-
-    def response(self, request: bytes) -> tuple[Head, bytes]:
-        """Send `request`; the response's head and (Content-Length) body."""
-        self.sock.sendall(request)
-        while b"\r\n\r\n" not in self.buf:
-            if not self._fill():
-                raise EOFError(f"closed before a response: {bytes(self.buf)!r}")
-        end = self.buf.index(b"\r\n\r\n") + 4
-        raw = bytes(self.buf[:end])
-        del self.buf[:end]
-        lines = raw[:-4].decode("latin-1").split("\r\n")
-        fields = [(n.strip(), v.strip()) for n, _, v in (x.partition(":") for x in lines[1:])]
-        head = Head(int(lines[0].split(" ")[1]), fields, raw)
-        length = int(head.get("Content-Length") or 0)
-        while len(self.buf) < length and self._fill():
-            pass
-        body = bytes(self.buf[:length])
-        del self.buf[:length]
-        return head, body
-
-    def closed(self) -> bool:
-        """The proxy closes the connection (after what it sent)."""
-        self.sock.settimeout(5)
-        try:
-            return not self._fill()
-        except ConnectionResetError:
-            return True
+    if ":" in source:
+        return RawConn(socket.create_connection(("::1", env.port6), 5, (source, 0)))
+    return RawConn(socket.create_connection((HOST, env.port), 5, (source, 0)))
 
 
 def get(host: str, path: str, extra: bytes = b"") -> bytes:
@@ -149,7 +108,7 @@ def seen(env: Env, marker: str) -> list[dict[str, Any]]:
 
 def status_of(env: Env, host: str, path: str, source: str = "127.0.0.1",
               extra: bytes = b"") -> int:
-    with Conn(env, source) as conn:
+    with connect(env, source) as conn:
         head, body = conn.response(get(host, path, extra))
         if head.status == 403:
             assert body == b"403 Forbidden: access denied\n"
@@ -160,7 +119,7 @@ def handshake(env: Env, host: str, path: str, source: str = "127.0.0.1",
               front_door: bool = True) -> int:
     """The status a WebSocket handshake gets: as its connection's first read (the front door),
     or after a keep-alive request (the HTTP path)."""
-    with Conn(env, source) as conn:
+    with connect(env, source) as conn:
         if not front_door:
             first, _ = conn.response(get(host, "/plain?warm-up"))
             assert first.status in (200, 403)
@@ -183,7 +142,7 @@ def test_denied_get_is_403_and_the_backend_sees_nothing(env: Env) -> None:
 
 def test_a_refusal_keeps_the_connection(env: Env) -> None:
     t = tag()
-    with Conn(env) as conn:
+    with connect(env) as conn:
         head, _ = conn.response(get("deny.test", f"/plain?{t}"))
         assert head.status == 403 and head.get("Connection") == "keep-alive"
         head, body = conn.response(get("bare.test", f"/plain?{t}-after"))
@@ -214,7 +173,7 @@ def test_a_location_list_replaces_the_hosts(env: Env) -> None:
     # The location allows 127.0.0.1 (the backend has no /open/: its 404 says it was reached).
     assert status_of(env, "deny.test", f"/open/{t}") == 404
     assert status_of(env, "deny.test", f"/open/{t}", source="127.0.0.2") == 403  # not on it
-    with Conn(env) as conn:
+    with connect(env) as conn:
         head, _ = conn.response(ws_request(f"/open/{t}-ws", "deny.test"))
         assert head.status == 404
     assert len(seen(env, t)) == 2

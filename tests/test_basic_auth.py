@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import socket
 import subprocess
 import sys
 import urllib.request
@@ -20,6 +21,7 @@ import argon2
 import bcrypt
 import pytest
 from harness import HOST, REPO, Backend, Charon
+from rawconn import RawConn
 from test_websocket_handshake import Head, client_frame, ws_request
 
 FAST_ARGON2 = argon2.PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1)
@@ -86,43 +88,9 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
         ws.stop()
 
 
-class Conn:
+def connect(env: Env, source: str = "127.0.0.1") -> RawConn:
     """One raw keep-alive client connection from a chosen source address."""
-
-    def __init__(self, env: Env, source: str = "127.0.0.1") -> None:
-        import socket
-
-        self.sock = socket.create_connection((HOST, env.charon.port), 10, (source, 0))
-        self.buf = bytearray()
-
-    def __enter__(self) -> Conn:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.sock.close()
-
-    def _fill(self) -> bool:
-        chunk = self.sock.recv(65536)
-        self.buf += chunk
-        return bool(chunk)
-
-    def response(self, request: bytes) -> tuple[Head, bytes]:
-        self.sock.sendall(request)
-        while b"\r\n\r\n" not in self.buf:
-            if not self._fill():
-                raise EOFError(f"closed before a response: {bytes(self.buf)!r}")
-        end = self.buf.index(b"\r\n\r\n") + 4
-        raw = bytes(self.buf[:end])
-        del self.buf[:end]
-        lines = raw[:-4].decode("latin-1").split("\r\n")
-        fields = [(n.strip(), v.strip()) for n, _, v in (x.partition(":") for x in lines[1:])]
-        head = Head(int(lines[0].split(" ")[1]), fields, raw)
-        length = int(head.get("Content-Length") or 0)
-        while len(self.buf) < length and self._fill():
-            pass
-        body = bytes(self.buf[:length])
-        del self.buf[:length]
-        return head, body
+    return RawConn(socket.create_connection((HOST, env.charon.port), 10, (source, 0)))
 
 
 def basic(user: str, password: str) -> bytes:
@@ -136,7 +104,7 @@ def get(host: str, path: str = "/echo", extra: bytes = b"") -> bytes:
 
 def fetch(env: Env, host: str, extra: bytes = b"", source: str = "127.0.0.1",
           path: str = "/echo") -> tuple[Head, bytes]:
-    with Conn(env, source) as conn:
+    with connect(env, source) as conn:
         return conn.response(get(host, path, extra))
 
 
@@ -203,7 +171,7 @@ def test_authorization_is_forwarded_only_when_asked(env: Env) -> None:
 
 def test_repeated_requests_on_one_connection(env: Env) -> None:
     """Verified once, then remembered; a refusal keeps the connection."""
-    with Conn(env) as conn:
+    with connect(env) as conn:
         for _ in range(3):
             head, _ = conn.response(get("bcrypt.test", extra=basic("alice", "alice-pw")))
             assert head.status == 200
@@ -218,7 +186,7 @@ def test_a_post_body_waits_for_the_verification(env: Env) -> None:
     body = b"x" * 100_000
     request = (b"POST /echo HTTP/1.1\r\nHost: bcrypt.test\r\nContent-Length: %d\r\n" % len(body)
                + basic("bob", "bob-pw") + b"\r\n" + body)
-    with Conn(env) as conn:
+    with connect(env) as conn:
         head, answer = conn.response(request)
         assert head.status == 200
         assert json.loads(answer)["body_length"] == len(body)
@@ -230,13 +198,13 @@ def test_a_post_body_waits_for_the_verification(env: Env) -> None:
 
 
 def websocket(env: Env, extra: bytes, after_request: bool, path: str = "/echo") -> Head:
-    with Conn(env) as conn:
+    with connect(env) as conn:
         if after_request:
             conn.response(get("ws.test", "/plain", basic("alice", "alice-pw")))
         head, _ = conn.response(ws_request(path, "ws.test", extra=extra))
         if head.status == 101:
             conn.sock.sendall(client_frame(0x1, b"hello"))
-            while len(conn.buf) < 7 and conn._fill():
+            while len(conn.buf) < 7 and conn.fill():
                 pass
             assert bytes(conn.buf[2:7]) == b"hello"
             conn.sock.sendall(client_frame(0x8, b"\x03\xe8"))
@@ -257,7 +225,7 @@ def test_websocket_handshake(env: Env, after_request: bool) -> None:
 
 def test_failures_past_the_budget_get_429(env: Env) -> None:
     source = "127.0.0.77"  # a client of its own: the budget is per client IP
-    with Conn(env, source) as conn:
+    with connect(env, source) as conn:
         statuses = [conn.response(get("bcrypt.test", extra=basic("alice", f"guess{i}")))[0]
                     for i in range(12)]
         assert [h.status for h in statuses[:10]] == [401] * 10

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import bcrypt
 import pytest
 from harness import HOST, Backend, Charon, free_port
+from rawconn import RawConn
 from test_websocket_handshake import Head, client_frame, ws_request
 
 COPY = '["Remote-User", "remote-groups"]'
@@ -70,41 +71,9 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
             backend.stop()
 
 
-class Conn:
+def connect(env: Env) -> RawConn:
     """One raw keep-alive client connection."""
-
-    def __init__(self, env: Env) -> None:
-        self.sock = socket.create_connection((HOST, env.charon.port), 10)
-        self.buf = bytearray()
-
-    def __enter__(self) -> Conn:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.sock.close()
-
-    def fill(self) -> bool:
-        chunk = self.sock.recv(65536)
-        self.buf += chunk
-        return bool(chunk)
-
-    def response(self, request: bytes) -> tuple[Head, bytes]:
-        self.sock.sendall(request)
-        while b"\r\n\r\n" not in self.buf:
-            if not self.fill():
-                raise EOFError(f"closed before a response: {bytes(self.buf)!r}")
-        end = self.buf.index(b"\r\n\r\n") + 4
-        raw = bytes(self.buf[:end])
-        del self.buf[:end]
-        lines = raw[:-4].decode("latin-1").split("\r\n")
-        fields = [(n.strip(), v.strip()) for n, _, v in (x.partition(":") for x in lines[1:])]
-        head = Head(int(lines[0].split(" ")[1]), fields, raw)
-        length = int(head.get("Content-Length") or 0)
-        while len(self.buf) < length and self.fill():
-            pass
-        body = bytes(self.buf[:length])
-        del self.buf[:length]
-        return head, body
+    return RawConn(socket.create_connection((HOST, env.charon.port), 10))
 
 
 def tag() -> str:
@@ -116,7 +85,7 @@ def get(host: str, target: str, extra: bytes = b"") -> bytes:
 
 
 def fetch(env: Env, host: str, target: str, extra: bytes = b"") -> tuple[Head, bytes]:
-    with Conn(env) as conn:
+    with connect(env) as conn:
         return conn.response(get(host, target, extra))
 
 
@@ -183,7 +152,7 @@ def test_a_redirect_to_the_login_page_is_relayed(env: Env) -> None:
 
 def test_a_refusal_is_relayed_with_its_body_and_the_connection_goes_on(env: Env) -> None:
     t = tag()
-    with Conn(env) as conn:
+    with connect(env) as conn:
         head, body = conn.response(get("app.test", f"/echo?deny-{t}"))
         assert head.status == 401
         assert head.get("WWW-Authenticate") == "Bearer" and head.get("X-Reason") == "nope"
@@ -233,7 +202,7 @@ def test_an_answer_too_large_is_502(env: Env) -> None:
 
 
 def test_websocket_handshake_through_forward_auth(env: Env) -> None:
-    with Conn(env) as conn:
+    with connect(env) as conn:
         head, _ = conn.response(ws_request("/headers?allow", "ws.test",
                                            extra=b"Remote-User: mallory\r\n"))
         assert head.status == 101, head.raw
@@ -248,6 +217,6 @@ def test_websocket_handshake_through_forward_auth(env: Env) -> None:
         seen = fields_of(json.loads(bytes(conn.buf[start:start + size])))
         assert seen["remote-user"] == ["alice"] and seen["remote-groups"] == ["admins"]
         conn.sock.sendall(client_frame(0x8, b"\x03\xe8"))
-    with Conn(env) as conn:
+    with connect(env) as conn:
         head, body = conn.response(ws_request("/echo?deny", "ws.test"))
         assert head.status == 401 and body == b"no entry"
