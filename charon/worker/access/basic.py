@@ -1,12 +1,18 @@
 """Basic authentication (RFC 7617) for routes with `rules.basic_auth`.
 
-A credential verified once is remembered (bounded LRU, 10 minutes), keyed by a keyed BLAKE2b
-of the whole `Authorization` value: the password itself is never kept, and a repeat costs a
-hash and a dict lookup. Anything else is verified off the loop in a small thread pool (bcrypt
-and argon2 release the GIL) through `plan.waits`. An unknown user is verified against a dummy
-hash of the same kind and cost as the route's first user, so the time taken says nothing about
-which names exist. Failures are counted per client IP; past the budget a client gets 429 without
-any verification.
+A credential verified once is remembered (bounded LRU, 10 minutes), keyed by `hash()` of the
+whole `Authorization` value: the password itself is never kept, and a repeat costs a hash and a
+dict lookup. Python hashes bytes with SipHash-1-3 keyed by a random secret drawn when the
+supervisor starts (PEP 456; its workers inherit it). No client sees a hash (even with the
+secret fixed by PYTHONHASHSEED, the remembered values are unknown to it), so another value
+lands on a remembered key only by guessing online: about 2^54 requests for a full cache of
+1,024, and failed logins are budgeted per IP besides. (A keyed BLAKE2b cost 0.6-0.9 µs more
+per request, a sixth of the budget of a guarded request: bench/RESULTS.md, issue 14.)
+
+Anything else is verified off the loop in a small thread pool (bcrypt and argon2 release the
+GIL) through `plan.waits`. An unknown user is verified against a dummy hash of the same kind and
+cost as the route's first user, so the time taken says nothing about which names exist.
+Failures are counted per client IP; past the budget a client gets 429 without any verification.
 """
 
 from __future__ import annotations
@@ -14,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import hashlib
 import math
 import secrets
 import threading
@@ -39,8 +44,6 @@ CACHE_TTL = 600.0  # seconds a verified credential is trusted without verifying 
 THREADS = 2  # verifications at once per worker
 MAX_WAITING = 64  # verifications queued or running per worker; more get 503
 BCRYPT_MAX = 72  # bytes of a password bcrypt looks at (others truncate: so do we)
-
-_KEY = secrets.token_bytes(32)  # per process: a cache key means nothing elsewhere
 
 
 class Verifier:
@@ -156,17 +159,16 @@ class BasicAuthCheck:
     """The check of one route (worker/access/checks.py): admit a remembered credential at once,
     leave any other to a wait; refuse a request without one."""
 
-    __slots__ = ("users", "dummy_of", "realm", "failures", "cache", "_hasher", "_unauthorized")
+    __slots__ = ("users", "dummy_of", "realm", "failures", "cache", "_unauthorized")
 
     def __init__(self, auth: BasicAuth, failures: FailureCounter | None = None) -> None:
         self.users = dict(auth.users)
         self.dummy_of = auth.users[0][1] if auth.users else "$2b$12$"  # (no users: all refused)
         self.realm = auth.realm
         self.failures = failures or failure_counter()
-        self.cache: OrderedDict[bytes, float] = OrderedDict()  # key -> when it expires
-        # Keyed per process, salted per route (one route's credential is not another's);
-        # copied per request: cheaper than keying a new one.
-        self._hasher = hashlib.blake2b(digest_size=16, key=_KEY, salt=secrets.token_bytes(16))
+        # hash(Authorization) -> when it expires (per route: one route's credential is not
+        # another's)
+        self.cache: OrderedDict[int, float] = OrderedDict()
         challenge = f'WWW-Authenticate: Basic realm="{auth.realm}", charset="UTF-8"\r\n'
         self._unauthorized = challenge.encode("ascii")
 
@@ -174,9 +176,7 @@ class BasicAuthCheck:
         value = plan.authorization
         if value is None:
             raise self.unauthorized()
-        hasher = self._hasher.copy()
-        hasher.update(value)
-        key = hasher.digest()
+        key = hash(value)
         cache = self.cache
         expires = cache.get(key)
         if expires is not None:
@@ -215,12 +215,10 @@ class BasicAuthCheck:
         """`value` (an Authorization field) is a credential verified and still remembered."""
         if value is None:
             return False
-        hasher = self._hasher.copy()
-        hasher.update(value)
-        expires = self.cache.get(hasher.digest())
+        expires = self.cache.get(hash(value))
         return expires is not None and expires > time.monotonic()
 
-    def remember(self, key: bytes) -> None:
+    def remember(self, key: int) -> None:
         cache = self.cache
         cache[key] = time.monotonic() + CACHE_TTL
         cache.move_to_end(key)

@@ -54,24 +54,39 @@ class Lease:
 
 
 class _Rate:
-    __slots__ = ("table", "key", "interval", "burst", "by_ip")
+    """One rate limit of a route: its buckets' places remembered by client IP (the same str
+    object for every request of a connection: no encoding, no hashing per request)."""
+
+    __slots__ = ("table", "key", "interval", "tolerance", "by_ip", "_places")
 
     def __init__(self, limit: RateLimit, zone: str, kind: bytes) -> None:
         self.by_ip = limit.by != "host"
         self.table: RateTable = rates.per_ip() if self.by_ip else rates.per_host()
         self.interval = max(1, round(limit.per * 1e6 / limit.requests))
-        self.burst = max(1, limit.burst)
+        burst = max(1, limit.burst)
+        self.tolerance = rates.tolerance(self.interval, burst)
         # `kind`: requests and handshakes never share a bucket, even with equal numbers.
         self.key = b"%s\0%s\0%s\0%d\0%d\0%d\0" % (
             kind, (limit.zone or zone).encode(), limit.by.encode(), limit.requests,
-            round(limit.per * 1000), self.burst,
+            round(limit.per * 1000), burst,
         )
+        self._places: dict[str, tuple[int, int]] = {}
 
-    def take(self, ip: bytes) -> float:
-        return self.table.take(self.key + ip if self.by_ip else self.key, self.interval, self.burst)
+    def take(self, ip: str) -> float:
+        where = self._places.get(ip)
+        if where is None:
+            where = self._place(ip)
+        return self.table.take_at(where, self.interval, self.tolerance)
 
-    def refund(self, ip: bytes) -> None:
-        self.table.refund(self.key + ip if self.by_ip else self.key, self.interval)
+    def refund(self, ip: str) -> None:
+        self.table.refund_at(self._place(ip), self.interval)
+
+    def _place(self, ip: str) -> tuple[int, int]:
+        where = self.table.place(self.key + ip.encode() if self.by_ip else self.key)
+        if len(self._places) >= rates.KNOWN_KEYS:
+            self._places.clear()  # (bounded, as the table's own memory)
+        self._places[ip] = where
+        return where
 
 
 class LimitChecks:
@@ -92,15 +107,13 @@ class LimitChecks:
     def admit(self, plan: RequestPlan, headers: object = None) -> None:
         """Take the plan's counts and tokens, or raise HttpError (503, 429)."""
         websocket = plan.websocket_key is not None
-        ip = plan.client_ip.encode()
-        lease = None
-        if self.counted:
-            lease = self._count(websocket, ip)
+        ip = plan.client_ip
+        lease = self._count(websocket, ip.encode()) if self.counted else None
         limits = self.ws_rates if websocket else self.rates
-        for i, limit in enumerate(limits):
+        for limit in limits:
             wait = limit.take(ip)
             if wait:
-                for taken in limits[:i]:
+                for taken in limits[: limits.index(limit)]:
                     taken.refund(ip)
                 if lease is not None:
                     lease()

@@ -31,18 +31,25 @@ MAX_TOLERANCE = HALF // 2  # burst * interval is capped (50 days): comparisons s
 FINGERPRINTS = (1 << 19) - 1  # fingerprints are 1..2^19-1 (a zero word is an empty one)
 MAX_TRIES = 16
 _SET = struct.Struct(f"{layout.WAYS}q")
-_WORD = struct.Struct("q")
 WAY_MASK = layout.WAYS - 1  # (WAYS is a power of two)
 KNOWN_KEYS = 4096  # keys whose place is remembered per table (hashing costs 1 µs)
 
 
+_monotonic_ns = time.monotonic_ns
+
+
 def now_us() -> int:
-    return (time.monotonic_ns() // 1000) & TIME_MASK
+    return (_monotonic_ns() // 1000) & TIME_MASK
 
 
 def _ahead(a: int, b: int) -> int:
     """a - b for two times modulo 2^44 less than 2^43 apart."""
     return ((a - b + HALF) & TIME_MASK) - HALF
+
+
+def tolerance(interval: int, burst: int) -> int:
+    """How far ahead of now a bucket's TAT may be: burst * interval, capped (MAX_TOLERANCE)."""
+    return min(interval * burst, MAX_TOLERANCE)
 
 
 class RateTable:
@@ -51,11 +58,14 @@ class RateTable:
     def __init__(self, shared: SharedTable, first: int, sets: int) -> None:
         self.shared = shared
         self.map = shared.map
+        self.words = shared.words
         self.first = first
         self.sets = sets
         self._known: dict[bytes, tuple[int, int]] = {}
 
-    def _where(self, key: bytes) -> tuple[int, int]:
+    def place(self, key: bytes) -> tuple[int, int]:
+        """(first word of the set, fingerprint) of `key`'s bucket: remembered for the last
+        KNOWN_KEYS keys (hashing costs a microsecond)."""
         where = self._known.get(key)
         if where is None:
             h = self.shared.hash(key)
@@ -68,15 +78,21 @@ class RateTable:
     def take(self, key: bytes, interval: int, burst: int, now: int | None = None) -> float:
         """One token of `key`'s bucket (`interval` microseconds per token, `burst` tokens):
         0.0 if taken, else the seconds until one comes."""
-        base, fp = self._where(key)
-        tolerance = min(interval * burst, MAX_TOLERANCE)
+        return self.take_at(self.place(key), interval, tolerance(interval, burst), now)
+
+    def take_at(
+        self, where: tuple[int, int], interval: int, tolerance: int, now: int | None = None
+    ) -> float:
+        """`take` for a bucket placed by `place`, with the `tolerance` of its burst (a route's
+        limit computes both once, not per request)."""
+        base, fp = where
         mark = fp << TIME_BITS
         shared = self.map
         # The usual case first: the key's bucket in its home way (one word read, one CAS).
         home = base + (fp & WAY_MASK)
-        word = _WORD.unpack_from(shared, home * layout.WORD)[0]
+        word = self.words[home]
         if word >> TIME_BITS == fp:
-            t = now_us() if now is None else now
+            t = (_monotonic_ns() // 1000) & TIME_MASK if now is None else now
             ahead = ((word - t + HALF) & TIME_MASK) - HALF
             new_ahead = ahead + interval if ahead > 0 else interval
             if new_ahead > tolerance:
@@ -115,7 +131,10 @@ class RateTable:
 
     def refund(self, key: bytes, interval: int) -> None:
         """Give back a token taken by `take` (a later limit of the same request refused it)."""
-        base, fp = self._where(key)
+        self.refund_at(self.place(key), interval)
+
+    def refund_at(self, where: tuple[int, int], interval: int) -> None:
+        base, fp = where
         for _ in range(MAX_TRIES):
             words = _SET.unpack_from(self.map, base * layout.WORD)
             for i, word in enumerate(words):
