@@ -379,3 +379,55 @@ def test_verification_slots_are_bounded_and_given_back() -> None:
         assert pool.reserve()
 
     asyncio.run(run())
+
+
+def test_requests_with_one_credential_share_its_verification() -> None:
+    """Eight requests carrying the same credential before it is verified (a client's first
+    burst, a browser's parallel connections) take one verification slot and all get through;
+    a wrong password's waiters are all refused; when every waiter of a queued verification
+    leaves, it is cancelled and its slot given back."""
+    from test_access_checks import plan, router
+
+    from charon.config.rules import BasicAuth, Rules
+    from charon.worker.access import basic as basic_module
+    from charon.worker.http.errors import HttpError
+
+    hashed = bcrypt.hashpw(b"pw", bcrypt.gensalt(8)).decode()
+    r = router(Rules(basic_auth=BasicAuth("r", (("ann", hashed),))))
+
+    def waits(password: str, peer: str = "127.0.0.1") -> list:  # type: ignore[type-arg]
+        token = base64.b64encode(f"ann:{password}".encode())
+        p = plan(r, peer=peer, extra=[(b"Authorization", b"Basic " + token)])
+        assert p.waits is not None and len(p.waits) == 1
+        return [p, p.waits[0]]
+
+    async def run() -> None:
+        pool = basic_module.verifier()
+        right = [waits("pw") for _ in range(8)]
+        wrong = [waits("nope", "127.0.0.9") for _ in range(3)]
+        tasks = [asyncio.ensure_future(w(p)) for p, w in right + wrong]
+        await asyncio.sleep(0.01)
+        assert pool.waiting == 2  # one verification per credential, not eleven
+        results = await asyncio.gather(*tasks)
+        assert results[:8] == [None] * 8
+        assert all(isinstance(e, HttpError) and e.status == 401 for e in results[8:])
+        assert pool.waiting == 0
+        plan(r, extra=[(b"Authorization", b"Basic " + base64.b64encode(b"ann:pw"))])  # cached
+
+        # Every waiter leaves while the verification is queued behind a busy pool.
+        slow = bcrypt.hashpw(b"pw", bcrypt.gensalt(11)).decode()
+        assert all(pool.reserve() for _ in range(pool.threads))
+        busy = [asyncio.ensure_future(pool.check(b"x", slow, slow)) for _ in range(pool.threads)]
+        await asyncio.sleep(0.01)
+        left = [asyncio.ensure_future(w(p)) for p, w in [waits("other") for _ in range(3)]]
+        await asyncio.sleep(0.01)
+        assert pool.waiting == pool.threads + 1
+        for task in left:
+            task.cancel()
+        await asyncio.gather(*left, return_exceptions=True)
+        await asyncio.sleep(0.01)
+        assert pool.waiting == pool.threads  # the queued one was dropped
+        await asyncio.gather(*busy)
+        assert pool.waiting == 0
+
+    asyncio.run(run())

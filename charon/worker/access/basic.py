@@ -25,8 +25,10 @@ import secrets
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Coroutine
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING
+from functools import partial
+from typing import TYPE_CHECKING, Any
 
 import argon2
 import bcrypt
@@ -159,7 +161,8 @@ class BasicAuthCheck:
     """The check of one route (worker/access/checks.py): admit a remembered credential at once,
     leave any other to a wait; refuse a request without one."""
 
-    __slots__ = ("users", "dummy_of", "realm", "failures", "cache", "_unauthorized")
+    __slots__ = ("users", "dummy_of", "realm", "failures", "cache", "verifying",
+                 "_unauthorized")
 
     def __init__(self, auth: BasicAuth, failures: FailureCounter | None = None) -> None:
         self.users = dict(auth.users)
@@ -169,6 +172,10 @@ class BasicAuthCheck:
         # hash(Authorization) -> when it expires (per route: one route's credential is not
         # another's)
         self.cache: OrderedDict[int, float] = OrderedDict()
+        # The verifications running, by the same key: requests carrying a credential being
+        # verified wait for that verification (a browser's parallel connections, a client's
+        # first burst cost one bcrypt, not one each). At most MAX_WAITING per worker.
+        self.verifying: dict[int, _Verification] = {}
         challenge = f'WWW-Authenticate: Basic realm="{auth.realm}", charset="UTF-8"\r\n'
         self._unauthorized = challenge.encode("ascii")
 
@@ -195,13 +202,17 @@ class BasicAuthCheck:
         hashed = self.users.get(user)
 
         async def check(plan: RequestPlan) -> HttpError | None:
-            pool = verifier()
-            if not pool.reserve():
-                return HttpError(503, close=False, fields=b"Retry-After: 1\r\n",
-                                 body=b"503 Service Unavailable: too many logins at once\n",
-                                 denied="auth")
-            if await pool.check(password, hashed, self.dummy_of):
-                self.remember(key)
+            verification = self.verifying.get(key)
+            if verification is None:
+                pool = verifier()
+                if not pool.reserve():
+                    return HttpError(503, close=False, fields=b"Retry-After: 1\r\n",
+                                     body=b"503 Service Unavailable: too many logins at once\n",
+                                     denied="auth")
+                verification = _Verification(pool.check(password, hashed, self.dummy_of))
+                self.verifying[key] = verification
+                verification.verdict.add_done_callback(partial(self._verified, key))
+            if await verification.wait():
                 return None
             self.failures.take(plan.client_ip)
             return self.unauthorized()
@@ -218,6 +229,12 @@ class BasicAuthCheck:
         expires = self.cache.get(hash(value))
         return expires is not None and expires > time.monotonic()
 
+    def _verified(self, key: int, verdict: asyncio.Future[bool]) -> None:
+        if self.verifying.get(key) is not None and self.verifying[key].verdict is verdict:
+            del self.verifying[key]
+        if not verdict.cancelled() and verdict.exception() is None and verdict.result():
+            self.remember(key)
+
     def remember(self, key: int) -> None:
         cache = self.cache
         cache[key] = time.monotonic() + CACHE_TTL
@@ -228,6 +245,26 @@ class BasicAuthCheck:
     def unauthorized(self) -> HttpError:
         return HttpError(401, close=False, fields=self._unauthorized,
                          body=b"401 Unauthorized: authentication required\n", denied="auth")
+
+
+class _Verification:
+    """One verification and the requests waiting for it; cancelled (a slot given back if it
+    is still queued) when the last of them leaves."""
+
+    __slots__ = ("verdict", "waiters")
+
+    def __init__(self, check: Coroutine[Any, Any, bool]) -> None:
+        self.verdict: asyncio.Future[bool] = asyncio.ensure_future(check)
+        self.waiters = 0
+
+    async def wait(self) -> bool:
+        self.waiters += 1
+        try:
+            return await asyncio.shield(self.verdict)
+        finally:
+            self.waiters -= 1
+            if not self.waiters and not self.verdict.done():
+                self.verdict.cancel()
 
 
 def too_many(wait: float) -> HttpError:
