@@ -431,3 +431,38 @@ def test_requests_with_one_credential_share_its_verification() -> None:
         assert pool.waiting == 0
 
     asyncio.run(run())
+
+
+def test_a_respawned_worker_reads_no_htpasswd_file(tmp_path: Path) -> None:
+    """Workers start on the config the supervisor checked: an htpasswd file emptied after the
+    start does not lock its users out of a worker that replaces a killed one (it would, were
+    workers to read the file again), and the supervisor still serves the users it read."""
+    import os
+    import signal
+
+    from harness import running_charon, wait_until
+
+    htpasswd = tmp_path / "users.htpasswd"
+    htpasswd.write_text(f"carol:{_bcrypt('carol-pw')}\n")
+    http = Backend("http_backend.py")
+    try:
+        hosts = f"""
+            [[hosts]]
+            domains = ["file.test"]
+            upstream = "{http.url}"
+            basic_auth = {{ htpasswd = "{htpasswd}" }}
+            """
+        with running_charon(tmp_path, hosts) as charon:
+            [first] = charon.worker_pids()
+            htpasswd.write_text("")  # (a reload would now refuse: "no users")
+            os.kill(first, signal.SIGKILL)
+            wait_until(lambda: charon.worker_pids() not in ([], [first]), 20,
+                       what="a new worker")
+            charon.wait_ready()
+            with RawConn(socket.create_connection((HOST, charon.port), 10)) as conn:
+                head, _ = conn.response(get("file.test", extra=basic("carol", "carol-pw")))
+                assert head.status == 200, head.raw
+                head, body = conn.response(get("file.test", extra=basic("carol", "wrong")))
+                assert_refused(head, body, 'Basic realm="Restricted", charset="UTF-8"')
+    finally:
+        http.stop()

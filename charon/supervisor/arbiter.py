@@ -226,12 +226,12 @@ class Arbiter:
         for slot in self.slots:
             if slot.process is None and now >= slot.respawn_at:
                 slot.process = self._spawn(
-                    slot.worker_id, self.config, self.config_text, self.generation, len(self.slots)
+                    slot.worker_id, self.config, self.generation, len(self.slots)
                 )
                 self._show_versions()
 
     def _spawn(
-        self, worker_id: int, config: Config, text: str, generation: int, size: int,
+        self, worker_id: int, config: Config, generation: int, size: int,
         version: int = 0,
     ) -> WorkerProcess:
         assert self.receiver is not None
@@ -240,7 +240,7 @@ class Arbiter:
         if ledger >= 0:
             self.ledgers.add(ledger)
         proc = WorkerProcess(
-            worker_id, text, config.path, fds, self.receiver.endpoint, self.log_format,
+            worker_id, config, fds, self.receiver.endpoint, self.log_format,
             self.balance_fd, generation, max(size, worker_id + 1), version or self.config_version,
             self.limits_fd, ledger,
         )

@@ -89,7 +89,7 @@ async def start_generation(arbiter: Arbiter, config: Config, text: str) -> None:
         arbiter.listeners.update(added)
         size = config.server.workers
         new = [
-            arbiter._spawn(i, config, text, generation, size, arbiter.config_version + 1)
+            arbiter._spawn(i, config, generation, size, arbiter.config_version + 1)
             for i in range(size)
         ]
         await arbiter._wait_ready(new)

@@ -94,13 +94,13 @@ async def reload_in_place(arbiter: Arbiter, config: Config, text: str) -> None:
         slot = arbiter.slots[proc.worker_id]
         arbiter._retire(proc)
         slot.process = arbiter._spawn(
-            slot.worker_id, config, text, arbiter.generation, len(arbiter.slots)
+            slot.worker_id, config, arbiter.generation, len(arbiter.slots)
         )
     added = []
     while len(arbiter.slots) < size:  # growing: new workers on the new config
         slot = Slot(len(arbiter.slots))
         arbiter.slots.append(slot)
-        slot.process = arbiter._spawn(slot.worker_id, config, text, arbiter.generation, size)
+        slot.process = arbiter._spawn(slot.worker_id, config, arbiter.generation, size)
         added.append(slot.process)
     log.info(
         "reloaded in place: config version %d applied by %d of %d workers in %.1f ms; "

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import pickle
 import secrets
 import signal
 import socket
@@ -16,6 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from charon.config import Config
+from charon.config.sharing import share_equal
 from charon.worker.control import HEALTH, MessageReader, decode_health
 
 log = logging.getLogger("charon.supervisor")
@@ -34,8 +37,7 @@ class WorkerProcess:
     def __init__(
         self,
         worker_id: int,
-        config_text: str,
-        config_path: str,
+        config: Config,
         fds: list[int],
         events_endpoint: str,
         log_format: str = "text",
@@ -70,7 +72,7 @@ class WorkerProcess:
             "--heartbeat-fd",
             str(write_fd),
             "--config-path",
-            config_path,
+            config.path,
             "--worker-id",
             str(worker_id),
             "--events",
@@ -109,7 +111,11 @@ class WorkerProcess:
             child_control.close()
         assert self.process.stdin is not None
         try:
-            self.process.stdin.write(config_text.encode("utf-8"))
+            # The config as the supervisor checked it (the form reloads in place send): a
+            # worker parses no config or htpasswd file of its own.
+            self.process.stdin.write(
+                pickle.dumps(share_equal(config), pickle.HIGHEST_PROTOCOL)
+            )
             self.process.stdin.close()
         except BrokenPipeError:
             pass  # it died at once; the supervisor's loop sees the exit

@@ -20,6 +20,7 @@ import gc
 import itertools
 import logging
 import os
+import pickle
 import resource
 import signal
 import sys
@@ -29,7 +30,7 @@ from functools import partial
 import uvloop
 
 from charon import logsetup
-from charon.config import Config, load_config_text
+from charon.config import Config
 from charon.events.publisher import EventPublisher
 from charon.worker import door
 from charon.worker.accesslog import AccessLog
@@ -274,11 +275,10 @@ def main(argv: list[str] | None = None) -> None:
     # USR1 reopens the access log; a worker without one (or not serving yet) ignores it.
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     logsetup.setup(f"worker-{args.worker_id}", args.log_format)
-    # The supervisor checked the certificate files; one replaced or expired since must not
-    # stop a respawned worker (it serves what it can read, tlsserver.py).
-    config = load_config_text(
-        sys.stdin.buffer.read().decode("utf-8"), args.config_path, check_files=False
-    )
+    # The config the supervisor checked, as it pickled it (workers.py): no config or htpasswd
+    # file is parsed again here. (Certificates are loaded by tlsserver.py, which serves what
+    # it can read: one replaced or expired since must not stop a respawned worker.)
+    config: Config = pickle.loads(sys.stdin.buffer.read())
     fds = [int(fd) for fd in args.listen_fds.split(",") if fd]
     os.set_blocking(args.heartbeat_fd, False)
     _raise_fd_limit()
