@@ -198,8 +198,8 @@ def password_hash(value: str) -> str:
 
 def _read_htpasswd(table: Table, path: str) -> dict[str, str]:
     """USER:HASH lines (comments and blank lines allowed). With check_files off (a config
-    looked at without its files, as the docs tests do) a file that cannot be read or a bad line is skipped: its
-    users are refused, nothing else stops."""
+    looked at without its files, as the docs tests do) a file that cannot be read or a bad
+    line is skipped: its users are refused, nothing else stops."""
     strict = table.source.check_files
     try:
         with open(path, encoding="utf-8") as file:
