@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import math
 import socket
 import time
 import urllib.request
@@ -68,10 +69,16 @@ def _target_requests(charon: Charon, host: str) -> dict[str, float]:
 
 
 def _within(counts: Counter[str], n: int) -> None:
+    """Each target's share within 10% of its weight's, or within 4.5 standard deviations of
+    a binomial draw where the policy picks at random (random_two): 10% of 250 in 1,000 is 1.8
+    of them, and a fresh-clone run failed on 279. Weights ignored (333 each) are still 83 and
+    167 away."""
     total = sum(WEIGHTS.values())
     for name, weight in WEIGHTS.items():
-        ideal = n * weight / total
-        assert abs(counts[name] - ideal) <= 0.1 * ideal, counts
+        share = weight / total
+        ideal = n * share
+        slack = max(0.1 * ideal, 4.5 * math.sqrt(n * share * (1 - share)))
+        assert abs(counts[name] - ideal) <= slack, counts
 
 
 POLICIES = {
