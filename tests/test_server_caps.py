@@ -11,10 +11,11 @@ import http.client
 import os
 import signal
 import socket
+import ssl
 from pathlib import Path
 
 import pytest
-from harness import HOST, Backend, Charon, wait_until
+from harness import HOST, Backend, Charon, free_port, wait_until
 from test_proxy_protocol import v1, v2
 from test_reload import metric, metrics
 
@@ -23,6 +24,7 @@ pytestmark = pytest.mark.timeout(90)
 APP = "app.test"
 GET = f"GET /echo HTTP/1.1\r\nHost: {APP}\r\n\r\n".encode()
 REFUSED = 0  # closed without an answer
+HANDSHAKE_REFUSED = -1  # a TLS connection closed before its handshake completed
 
 
 def hosts(url: str) -> str:
@@ -179,3 +181,64 @@ def test_counts_given_back_after_workers_are_killed(tmp_path: Path) -> None:
             close_all(held)
         charon.stop()
         backend.stop()
+
+
+def _tls_get(port: int, ctx: ssl.SSLContext) -> tuple[ssl.SSLSocket | None, int]:
+    """A TLS connection that sent a keep-alive request: (the socket, kept open, and the
+    status), or (None, REFUSED) when the proxy closed it unanswered."""
+    raw = socket.create_connection((HOST, port), timeout=10)
+    try:
+        tls = ctx.wrap_socket(raw, server_hostname=APP)
+    except (ssl.SSLError, ConnectionError, OSError):
+        raw.close()
+        return None, HANDSHAKE_REFUSED
+    try:
+        tls.sendall(GET)
+        response = http.client.HTTPResponse(tls)  # type: ignore[arg-type]
+        response.begin()
+        response.read()
+        return tls, response.status
+    except (ssl.SSLError, ConnectionError, http.client.RemoteDisconnected, OSError):
+        raw.close()
+        return None, REFUSED
+
+
+def test_max_connections_on_a_tls_listener(tmp_path: Path) -> None:
+    """Past the cap a TLS connection is closed unanswered where the cap is decided, at its
+    first request bytes (after the handshake: not before it, HANDSHAKE_REFUSED); counted as
+    denied; plain connections share the count; a place given back serves TLS again."""
+    from tlsca import TestCA
+    from tlsenv import client_context
+
+    ca = TestCA(tmp_path / "ca")
+    leaf = ca.issue([APP])
+    ctx = client_context(ca)
+    backend = Backend("http_backend.py")
+    tls_port = free_port()
+    host = (hosts(backend.url)
+            + f'tls = {{ cert = "{leaf.cert_path}", key = "{leaf.key_path}" }}\n')
+    charon = Charon(tmp_path, host, workers=2,
+                    server_toml=f'tls_listen = ["{HOST}:{tls_port}"]\nmax_connections = 3')
+    held: list[ssl.SSLSocket] = []
+    try:
+        charon.start()
+        results = [_tls_get(tls_port, ctx) for _ in range(5)]
+        held = [sock for sock, _ in results if sock is not None]
+        assert [status for _, status in results] == [200] * 3 + [REFUSED] * 2
+        wait_until(lambda: denied(charon) == 2, 10, what="2 denied TLS connections counted")
+        # Plain connections share the server-wide count.
+        assert Held(charon.port).status == 503
+        held.pop().close()
+        wait_until(lambda: _tls_served(tls_port, ctx, held), 10, what="a TLS place given back")
+    finally:
+        for sock in held:
+            sock.close()
+        charon.stop()
+        backend.stop()
+
+
+def _tls_served(port: int, ctx: ssl.SSLContext, held: list[ssl.SSLSocket]) -> bool:
+    sock, status = _tls_get(port, ctx)
+    if sock is not None:
+        held.append(sock)
+    return status == 200
