@@ -11,6 +11,7 @@ import urllib.request
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import bcrypt
 import pytest
@@ -220,3 +221,52 @@ def test_websocket_handshake_through_forward_auth(env: Env) -> None:
     with connect(env) as conn:
         head, body = conn.response(ws_request("/echo?deny", "ws.test"))
         assert head.status == 401 and body == b"no entry"
+
+
+def test_an_https_auth_service_with_a_private_ca(tmp_path: Path) -> None:
+    """`forward_auth = { url = "https://...", tls_ca }`: the service's certificate is verified
+    against that bundle (copied fields arrive); without the bundle, the same service's
+    certificate is not trusted and the client gets 502, never the backend's answer."""
+    from harness import running_charon
+    from tlsca import TestCA
+
+    ca = TestCA(tmp_path / "ca")
+    leaf = ca.issue([HOST])
+    auth = Backend("auth_backend.py", "--tls-cert", str(leaf.cert_path),
+                   "--tls-key", str(leaf.key_path))
+    http = Backend("http_backend.py")
+    verify = f"https://{HOST}:{auth.port}/api/verify"
+    hosts = f"""
+        [[hosts]]
+        domains = ["private-ca.test"]
+        upstream = "{http.url}"
+        forward_auth = {{ url = "{verify}", copy_headers = {COPY}, tls_ca = "{ca.cert_path}" }}
+
+        [[hosts]]
+        domains = ["system-ca.test"]
+        upstream = "{http.url}"
+        forward_auth = {{ url = "{verify}", copy_headers = {COPY} }}
+        """
+    try:
+        with running_charon(tmp_path, hosts) as charon, \
+                RawConn(socket.create_connection((HOST, charon.port), 10)) as conn:
+            head, body = conn.response(get("private-ca.test", "/echo?allow"))
+            assert head.status == 200, head.raw
+            assert fields_of(json.loads(body)["headers"])["remote-user"] == ["alice"]
+            head, body = conn.response(get("private-ca.test", "/echo?deny"))
+            assert head.status == 401, head.raw  # (the service's own answer, relayed)
+            head, body = conn.response(get("system-ca.test", "/echo?allow"))
+            assert head.status == 502, head.raw
+            assert b"alice" not in body
+    finally:
+        auth.stop()
+        http.stop()
+
+
+def test_tls_ca_needs_an_https_url(tmp_path: Path) -> None:
+    from charon.config import ConfigError, load_config_text
+
+    text = ('[[hosts]]\ndomains = ["a.test"]\nupstream = "http://127.0.0.1:9"\n'
+            'forward_auth = { url = "http://127.0.0.1:9/v", tls_ca = "ca.pem" }\n')
+    with pytest.raises(ConfigError, match="tls_ca.*needs an https:// url"):
+        load_config_text(text, str(tmp_path / "c.toml"))

@@ -8,6 +8,7 @@ workers verify them. The supervisor reads htpasswd files when it loads the confi
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from typing import Any
 
@@ -17,10 +18,11 @@ from charon.config import backends, values
 from charon.config.model import IPNetwork
 from charon.config.rules import AccessList, BasicAuth, ForwardAuth
 from charon.config.table import ConfigError, InlineTable, Table, array_of, boolean
+from charon.config.tls import ca_file, file_name
 
 KEYS = ("access", "allow", "deny", "basic_auth", "forward_auth")
 _BASIC_KEYS = ("realm", "users", "htpasswd", "forward_authorization")
-_FORWARD_KEYS = ("url", "copy_headers", "timeout")
+_FORWARD_KEYS = ("url", "copy_headers", "timeout", "tls_ca")
 DEFAULT_REALM = "Restricted"
 _BCRYPT = re.compile(r"\$2[aby]\$(\d\d)\$[./A-Za-z0-9]{53}")
 _ARGON2 = ("$argon2id$", "$argon2i$", "$argon2d$")
@@ -236,7 +238,7 @@ def _read_htpasswd(table: Table, path: str) -> dict[str, str]:
 
 
 def forward_auth(table: Table, inherited: ForwardAuth | None) -> ForwardAuth | None:
-    """`{ url, copy_headers, timeout }`, or false: none."""
+    """`{ url, copy_headers, timeout, tls_ca }`, or false: none."""
     raw = table.table_or_false("forward_auth", '{ url = "http://127.0.0.1:9091/api/verify" }')
     if raw is None:
         return inherited
@@ -245,6 +247,11 @@ def forward_auth(table: Table, inherited: ForwardAuth | None) -> ForwardAuth | N
     sub = InlineTable(table, "forward_auth", raw)
     sub.check_keys(_FORWARD_KEYS)
     url, upstream, path = sub.require("url", _auth_url)
+    if "tls_ca" in sub.data:  # an auth service with a certificate of a private CA
+        if not upstream.tls:
+            raise sub.error("tls_ca", "needs an https:// url")
+        name = sub.parse("tls_ca", lambda v: file_name(v, "a file path"))
+        upstream = dataclasses.replace(upstream, tls_ca=ca_file(sub, "tls_ca", name))
     names: list[Any] = sub.get("copy_headers", array_of("header names"), [])
     copy = sub.elements("copy_headers", names, lambda v: _field_name(v))
     return ForwardAuth(

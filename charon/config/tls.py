@@ -86,10 +86,10 @@ def overlaps(a: ListenAddress, b: ListenAddress) -> bool:
 def tls_config(table: Table, server: ServerConfig) -> TlsConfig:
     table.check_keys(_TLS_KEYS)
     default = TlsConfig()
-    state_dir = table.get("state_dir", lambda v: _file_name(v, "a directory path"), None)
-    bundle = table.get("acme_ca_bundle", lambda v: _file_name(v, "a file path"), None)
+    state_dir = table.get("state_dir", lambda v: file_name(v, "a directory path"), None)
+    bundle = table.get("acme_ca_bundle", lambda v: file_name(v, "a file path"), None)
     if bundle is not None:
-        bundle = _ca_file(table, "acme_ca_bundle", bundle)
+        bundle = ca_file(table, "acme_ca_bundle", bundle)
     default_certificate = None
     if "default_certificate" in table.data:
         _need_listener(table, "default_certificate", server, "a default certificate")
@@ -125,7 +125,7 @@ def certificate_files(table: Table, key: str, domains: Sequence[str]) -> Certifi
     files = []
     for name in ("cert", "key"):
         try:
-            files.append(table.resolve(_file_name(raw[name], "a file path")))
+            files.append(table.resolve(file_name(raw[name], "a file path")))
         except ValueError as err:
             raise table.error(key, f"{name}: {err}") from None
     cert, private = files
@@ -212,8 +212,8 @@ def backend_tls(table: Table, inherited: BackendTls) -> BackendTls:
     if "tls_ca" in table.data:
         if table.data.get("tls_verify") is False:
             raise table.error("tls_ca", "has no effect with tls_verify = false")
-        name = table.parse("tls_ca", lambda v: _file_name(v, "a file path"))
-        ca = _ca_file(table, "tls_ca", name)
+        name = table.parse("tls_ca", lambda v: file_name(v, "a file path"))
+        ca = ca_file(table, "tls_ca", name)
     return BackendTls(verify, ca if verify else None)
 
 
@@ -235,14 +235,15 @@ def check_backend_tls_used(table: Table, upstreams: Sequence[Upstream]) -> None:
 # -- values ------------------------------------------------------------------------------------
 
 
-def _file_name(value: Any, what: str) -> str:
+def file_name(value: Any, what: str) -> str:
     name = values.string(value, what + " string")
     if not name:
         raise ValueError("must not be empty")
     return name
 
 
-def _ca_file(table: Table, key: str, name: str) -> str:
+def ca_file(table: Table, key: str, name: str) -> str:
+    """The path of the CA bundle `name` (checked to hold PEM certificates when files are)."""
     path = table.resolve(name)
     if table.source.check_files:
         from charon.tls import certs

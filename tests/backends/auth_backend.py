@@ -1,7 +1,7 @@
 """A small forward-auth service (aiohttp) for the forward-auth tests; binds 127.0.0.1 only,
 exits on SIGTERM.
 
-    python tests/backends/auth_backend.py --port PORT
+    python tests/backends/auth_backend.py --port PORT [--tls-cert CHAIN.pem --tls-key KEY.pem]
 
 It answers any path; what it answers is chosen by the word that follows the proxied
 request's X-Forwarded-Uri `?` (the client's own query):
@@ -21,6 +21,7 @@ import argparse
 import asyncio
 import json
 import signal
+import ssl
 
 from aiohttp import web
 
@@ -56,12 +57,12 @@ async def handle(request: web.Request) -> web.StreamResponse:
     return web.Response(status=403, text="unknown")
 
 
-async def _main(port: int) -> None:
+async def _main(port: int, tls: ssl.SSLContext | None) -> None:
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", handle)
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
     await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
+    await web.TCPSite(runner, "127.0.0.1", port, ssl_context=tls).start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
@@ -73,7 +74,14 @@ async def _main(port: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, required=True)
-    asyncio.run(_main(parser.parse_args().port))
+    parser.add_argument("--tls-cert", help="serve https with this chain (and --tls-key)")
+    parser.add_argument("--tls-key")
+    args = parser.parse_args()
+    tls = None
+    if args.tls_cert:
+        tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        tls.load_cert_chain(args.tls_cert, args.tls_key)
+    asyncio.run(_main(args.port, tls))
 
 
 if __name__ == "__main__":

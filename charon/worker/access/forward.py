@@ -44,14 +44,16 @@ _NOT_RELAYED = frozenset({
     b"upgrade", b"proxy-authenticate", b"proxy-authorization", b"content-length",
 })
 
-_tls_context: ssl.SSLContext | None = None
+_tls_contexts: dict[str | None, ssl.SSLContext] = {}
 
 
-def tls_context() -> ssl.SSLContext:
-    global _tls_context
-    if _tls_context is None:
-        _tls_context = ssl.create_default_context()
-    return _tls_context
+def tls_context(ca: str | None = None) -> ssl.SSLContext:
+    """A verifying client context: the system's CAs, or the bundle `ca` (forward_auth's
+    tls_ca); made once per bundle."""
+    context = _tls_contexts.get(ca)
+    if context is None:
+        context = _tls_contexts[ca] = ssl.create_default_context(cafile=ca)
+    return context
 
 
 class ForwardAuthCheck:
@@ -185,7 +187,8 @@ async def _exchange(auth: ForwardAuth, question: bytes) -> _Answer:
     upstream = auth.upstream
     if upstream.tls:
         reader, writer = await asyncio.open_connection(
-            upstream.host, upstream.port, ssl=tls_context(), server_hostname=upstream.host
+            upstream.host, upstream.port, ssl=tls_context(upstream.tls_ca),
+            server_hostname=upstream.host,
         )
     else:
         reader, writer = await asyncio.open_connection(upstream.host, upstream.port)
