@@ -4,9 +4,11 @@ http_backend.py (which echoes the head it received) or ws_backend.py (WebSocket)
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import socket
+import time
 import urllib.request
 import uuid
 from collections.abc import Iterator
@@ -270,3 +272,75 @@ def test_tls_ca_needs_an_https_url(tmp_path: Path) -> None:
             'forward_auth = { url = "http://127.0.0.1:9/v", tls_ca = "ca.pem" }\n')
     with pytest.raises(ConfigError, match="tls_ca.*needs an https:// url"):
         load_config_text(text, str(tmp_path / "c.toml"))
+
+
+def test_questions_reuse_a_kept_alive_connection(env: Env) -> None:
+    """Successive questions from one worker go on one connection to the service, not one
+    each (a handshake and a TIME_WAIT socket per request)."""
+    t = tag()
+    with connect(env) as conn:  # (one client connection: one worker asks every question)
+        for i in range(4):
+            head, _ = conn.response(get("app.test", f"/echo?allow-{t}-{i}"))
+            assert head.status == 200, head.raw
+    ports = {question["peer_port"] for question in asked(env, t)}
+    assert len(asked(env, t)) == 4
+    assert len(ports) == 1, ports
+
+
+def test_a_connection_the_service_closed_is_not_reused(tmp_path: Path) -> None:
+    """The service closes idle connections after 0.3 s: the next question, 1 s later, is
+    answered on a new connection (the closed one is noticed, or asked again), never a 502."""
+    from harness import running_charon
+
+    auth = Backend("auth_backend.py", "--keepalive", "0.3")
+    http = Backend("http_backend.py")
+    hosts = f"""
+        [[hosts]]
+        domains = ["app.test"]
+        upstream = "{http.url}"
+        forward_auth = {{ url = "{auth.url}/v", copy_headers = {COPY} }}
+        """
+    try:
+        with running_charon(tmp_path, hosts) as charon, \
+                RawConn(socket.create_connection((HOST, charon.port), 10)) as conn:
+            t = tag()
+            for i in range(3):
+                head, _ = conn.response(get("app.test", f"/echo?allow-{t}-{i}"))
+                assert head.status == 200, head.raw
+                time.sleep(1.0)
+            with urllib.request.urlopen(f"{auth.url}/seen", timeout=5) as r:
+                ports = {e["peer_port"] for e in json.loads(r.read())}
+            assert len(ports) == 3, ports
+    finally:
+        auth.stop()
+        http.stop()
+
+
+def test_idle_connections_are_bounded_and_expire() -> None:
+    from charon.config.model import Upstream
+    from charon.worker.access.authconns import AuthConnections
+
+    async def run() -> None:
+        accepted: list[object] = []  # (the service's ends, kept open)
+        server = await asyncio.start_server(lambda r, w: accepted.append(w), HOST, 0)
+        port = server.sockets[0].getsockname()[1]
+        service = Upstream(f"http://{HOST}:{port}", HOST, port)
+        pool = AuthConnections(max_idle=2, idle_timeout=60.0)
+        made = [await asyncio.open_connection(HOST, port) for _ in range(3)]
+        for connection in made:
+            pool.give_back(service, connection)
+        assert pool.idle_count(service) == 2
+        assert made[0][1].transport.is_closing()  # the oldest went
+        assert pool.take(service) == made[2]  # the most recently used first
+        made[1][1].transport.abort()  # (the service closed it)
+        await asyncio.sleep(0)
+        assert pool.take(service) is None and pool.idle_count(service) == 0
+        expiring = AuthConnections(idle_timeout=0.0)
+        connection = await asyncio.open_connection(HOST, port)
+        expiring.give_back(service, connection)
+        await asyncio.sleep(0.01)
+        assert expiring.take(service) is None
+        assert connection[1].transport.is_closing()
+        server.close()
+
+    asyncio.run(run())

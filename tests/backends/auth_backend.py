@@ -2,6 +2,7 @@
 exits on SIGTERM.
 
     python tests/backends/auth_backend.py --port PORT [--tls-cert CHAIN.pem --tls-key KEY.pem]
+        [--keepalive SECONDS]
 
 It answers any path; what it answers is chosen by the word that follows the proxied
 request's X-Forwarded-Uri `?` (the client's own query):
@@ -31,7 +32,9 @@ _seen: list[dict[str, object]] = []
 async def handle(request: web.Request) -> web.StreamResponse:
     if request.path == "/seen":
         return web.Response(text=json.dumps(_seen), content_type="application/json")
+    peer = request.transport.get_extra_info("peername") if request.transport else None
     _seen.append({"path": request.path_qs, "method": request.method,
+                  "peer_port": peer[1] if peer else None,
                   "headers": [[k, v] for k, v in request.headers.items()]})
     uri = request.headers.get("X-Forwarded-Uri", "")
     word = uri.partition("?")[2]
@@ -57,10 +60,11 @@ async def handle(request: web.Request) -> web.StreamResponse:
     return web.Response(status=403, text="unknown")
 
 
-async def _main(port: int, tls: ssl.SSLContext | None) -> None:
+async def _main(port: int, tls: ssl.SSLContext | None, keepalive: float) -> None:
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", handle)
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5,
+                           keepalive_timeout=keepalive)
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", port, ssl_context=tls).start()
     stop = asyncio.Event()
@@ -76,12 +80,14 @@ def main() -> None:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--tls-cert", help="serve https with this chain (and --tls-key)")
     parser.add_argument("--tls-key")
+    parser.add_argument("--keepalive", type=float, default=75.0,
+                        help="seconds an idle connection is kept (aiohttp's default: 75)")
     args = parser.parse_args()
     tls = None
     if args.tls_cert:
         tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         tls.load_cert_chain(args.tls_cert, args.tls_key)
-    asyncio.run(_main(args.port, tls))
+    asyncio.run(_main(args.port, tls, args.keepalive))
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """Forward authentication: ask an auth service (Authelia, Authentik, oauth2-proxy style) about
 each request before it is proxied, as a `plan.waits` entry.
 
-The question is a GET to the configured URL on a connection of its own (closed after the
-answer: nothing is pooled or shared with the data path), carrying the client's head fields
+The question is a GET to the configured URL on a connection kept alive for the next question to
+the same service (authconns.py; never shared with the data path), carrying the client's head fields
 except hop-by-hop and framing ones, its Host replaced by the auth server's, and
 X-Forwarded-Method/Proto/Host/Uri/For. The answer is parsed by llhttp (httptools). A 2xx lets
 the request through, each `copy_headers` field of the answer replacing any of that name the
@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 import httptools
 
+from charon.worker.access.authconns import Connection, auth_connections
 from charon.worker.http.errors import HttpError
 
 if TYPE_CHECKING:
@@ -105,7 +106,7 @@ class ForwardAuthCheck:
             b"\r\nX-Forwarded-Host: ", host,
             b"\r\nX-Forwarded-Uri: ", plan.path,
             b"\r\nX-Forwarded-For: ", plan.client_ip.encode("latin-1"),
-            b"\r\nConnection: close\r\n\r\n",
+            b"\r\n\r\n",  # (kept alive: authconns.py)
         )
         return b"".join(out)
 
@@ -140,6 +141,7 @@ class _Answer:
         self.head_size = 0
         self.head_done = False
         self.done = False
+        self.keep_alive = False  # the connection may carry another question
         self.parser = httptools.HttpResponseParser(self)
 
     def on_header(self, name: bytes, value: bytes) -> None:
@@ -162,9 +164,15 @@ class _Answer:
             raise _BadAnswer("the auth service's answer is too large")
         self.body.append(data)
 
+    def on_message_begin(self) -> None:
+        if self.done:  # (a second answer to one question: the connection is not trusted)
+            raise _BadAnswer("the auth service sent more than one answer")
+
     def on_message_complete(self) -> None:
         if self.head_done:
             self.done = True
+            # (Asked here: once the message is complete llhttp starts afresh and says False.)
+            self.keep_alive = self.parser.should_keep_alive()
 
     def delimited(self) -> bool:
         """The body has its own end (else it runs until the connection closes)."""
@@ -183,20 +191,48 @@ class _Answer:
                          denied="auth")
 
 
+class _Stale(Exception):
+    """A reused connection failed before any byte of its answer: ask on a new one."""
+
+
 async def _exchange(auth: ForwardAuth, question: bytes) -> _Answer:
+    pool = auth_connections()
     upstream = auth.upstream
+    connection = pool.take(upstream)
+    if connection is not None:
+        try:
+            return await _ask_on(auth, connection, question, reused=True)
+        except _Stale:
+            pass
     if upstream.tls:
-        reader, writer = await asyncio.open_connection(
+        connection = await asyncio.open_connection(
             upstream.host, upstream.port, ssl=tls_context(upstream.tls_ca),
             server_hostname=upstream.host,
         )
     else:
-        reader, writer = await asyncio.open_connection(upstream.host, upstream.port)
+        connection = await asyncio.open_connection(upstream.host, upstream.port)
+    return await _ask_on(auth, connection, question, reused=False)
+
+
+async def _ask_on(
+    auth: ForwardAuth, connection: Connection, question: bytes, reused: bool
+) -> _Answer:
+    """The answer to `question` on `connection`, which goes back to the pool if the answer
+    was complete and kept alive (else it is aborted)."""
+    reader, writer = connection
+    kept = False
     try:
-        writer.write(question)
         answer = _Answer()
-        while not answer.done:
+        try:
+            writer.write(question)
             data = await reader.read(65536)
+        except (ConnectionError, OSError):
+            if reused:
+                raise _Stale from None
+            raise
+        if not data and reused:
+            raise _Stale
+        while True:
             if not data:
                 if answer.head_done and not answer.delimited():
                     break  # a body that ends with the connection
@@ -209,11 +245,18 @@ async def _exchange(auth: ForwardAuth, question: bytes) -> _Answer:
                 if isinstance(exc.__context__, _BadAnswer):
                     raise exc.__context__ from None
                 raise _BadAnswer("the auth service sent an invalid answer") from None
+            if answer.done:
+                break
+            data = await reader.read(65536)
+        kept = answer.done and answer.keep_alive
         return answer
     finally:
-        writer.transport.abort()  # (no orderly close to wait for: the answer is read)
-        with contextlib.suppress(Exception):
-            await writer.wait_closed()
+        if kept:
+            auth_connections().give_back(auth.upstream, connection)
+        else:
+            writer.transport.abort()  # (no orderly close to wait for: the answer is read)
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
 
 
 def with_fields(head: bytes, names: tuple[bytes, ...], fields: list[tuple[bytes, bytes]]) -> bytes:
