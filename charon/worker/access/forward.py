@@ -22,6 +22,7 @@ import httptools
 
 from charon.worker.access.authconns import Connection, auth_connections
 from charon.worker.http.errors import HttpError
+from charon.worker.upstreams.tls import client_context
 
 if TYPE_CHECKING:
     from charon.config.rules import ForwardAuth
@@ -44,18 +45,6 @@ _NOT_RELAYED = frozenset({
     b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"transfer-encoding",
     b"upgrade", b"proxy-authenticate", b"proxy-authorization", b"content-length",
 })
-
-_tls_contexts: dict[str | None, ssl.SSLContext] = {}
-
-
-def tls_context(ca: str | None = None) -> ssl.SSLContext:
-    """A verifying client context: the system's CAs, or the bundle `ca` (forward_auth's
-    tls_ca); made once per bundle."""
-    context = _tls_contexts.get(ca)
-    if context is None:
-        context = _tls_contexts[ca] = ssl.create_default_context(cafile=ca)
-    return context
-
 
 class ForwardAuthCheck:
     """The check of one route: leaves the question to the auth service in `plan.waits`."""
@@ -206,7 +195,7 @@ async def _exchange(auth: ForwardAuth, question: bytes) -> _Answer:
             pass
     if upstream.tls:
         connection = await asyncio.open_connection(
-            upstream.host, upstream.port, ssl=tls_context(upstream.tls_ca),
+            upstream.host, upstream.port, ssl=client_context(upstream.tls_verify, upstream.tls_ca),
             server_hostname=upstream.host,
         )
     else:
