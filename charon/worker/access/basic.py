@@ -230,7 +230,8 @@ class BasicAuthCheck:
         return expires is not None and expires > time.monotonic()
 
     def _verified(self, key: int, verdict: asyncio.Future[bool]) -> None:
-        if self.verifying.get(key) is not None and self.verifying[key].verdict is verdict:
+        running = self.verifying.get(key)
+        if running is not None and running.verdict is verdict:
             del self.verifying[key]
         if not verdict.cancelled() and verdict.exception() is None and verdict.result():
             self.remember(key)

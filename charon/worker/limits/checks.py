@@ -79,7 +79,7 @@ class _Rate:
         return self.table.take_at(where, self.interval, self.tolerance)
 
     def refund(self, ip: str) -> None:
-        self.table.refund_at(self._place(ip), self.interval)
+        self.table.refund_at(self._places.get(ip) or self._place(ip), self.interval)
 
     def _place(self, ip: str) -> tuple[int, int]:
         where = self.table.place(self.key + ip.encode() if self.by_ip else self.key)
