@@ -8,6 +8,7 @@ unpickles in 1.9 ms (bench/reload_apply.py).
 
 from __future__ import annotations
 
+import pickle
 from dataclasses import replace
 from typing import TypeVar
 
@@ -48,3 +49,16 @@ def share_equal(config: Config) -> Config:
 
     hosts = tuple(host(h) for h in config.hosts)
     return replace(config, timeouts=one(config.timeouts), hosts=hosts)
+
+
+_last: tuple[Config, bytes] | None = None
+
+
+def pickled(config: Config) -> bytes:
+    """`config` shared and pickled, as workers receive it (on stdin at start, over the control
+    socket on a reload in place). The last one is kept: a generation of N workers, or a
+    respawn on the same config, pickles it once."""
+    global _last
+    if _last is None or _last[0] is not config:
+        _last = (config, pickle.dumps(share_equal(config), pickle.HIGHEST_PROTOCOL))
+    return _last[1]

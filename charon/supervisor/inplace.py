@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import pickle
 import time
 from typing import TYPE_CHECKING
 
 from charon.admin.server import AdminServer
 from charon.config import Config
-from charon.config.sharing import share_equal
+from charon.config.sharing import pickled
 from charon.supervisor.workers import Slot, WorkerProcess
 from charon.worker.control import encode
 
@@ -44,7 +43,7 @@ async def apply_everywhere(
 ) -> list[tuple[WorkerProcess, str]]:
     """Send config `version` to every worker and wait for their answers: the workers that did
     not apply it, each with the reason."""
-    message = encode(version, pickle.dumps(share_equal(config), pickle.HIGHEST_PROTOCOL))
+    message = encode(version, pickled(config))
     deadline = time.monotonic() + timeout
     failed: list[tuple[WorkerProcess, str]] = []
     waiting: list[WorkerProcess] = []

@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import pickle
 import secrets
 import signal
 import socket
@@ -18,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from charon.config import Config
-from charon.config.sharing import share_equal
+from charon.config.sharing import pickled
 from charon.worker.control import HEALTH, MessageReader, decode_health
 
 log = logging.getLogger("charon.supervisor")
@@ -113,9 +112,7 @@ class WorkerProcess:
         try:
             # The config as the supervisor checked it (the form reloads in place send): a
             # worker parses no config or htpasswd file of its own.
-            self.process.stdin.write(
-                pickle.dumps(share_equal(config), pickle.HIGHEST_PROTOCOL)
-            )
+            self.process.stdin.write(pickled(config))
             self.process.stdin.close()
         except BrokenPipeError:
             pass  # it died at once; the supervisor's loop sees the exit
